@@ -1,0 +1,709 @@
+"""The typed configuration tree, loaded from params.yaml and validated once at entry.
+
+Sections follow DINOv2's own `ssl_default_config.yaml` (model, dino, ibot, teacher, optim, crops, train) plus one
+section per pipeline stage. Every field carries a docstring; params.yaml repeats it as a comment. A config is frozen:
+code reads it and derives values with pure functions (`scaled_lr`, `total_iterations`), never writes it.
+
+Errors name the key and the value: `load_config` turns pydantic's report into lines such as
+`params.yaml: optim.base_lr = -1: Input should be greater than 0`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used: unknown key, wrong type or invalid value."""
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are frozen, docstrings document fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data and the embedded synthetic world
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class DataConfig(Section):
+    raw: str = "data/synthetic"
+    """Root of the raw image layout (pool/, seeds/<set>/, eval/<task>/...): a local folder or s3://bucket/prefix."""
+    extra_pool: tuple[str, ...] = ()
+    """More pool sources: local folders (recursive), s3://bucket/prefix, or .tar shards (local or s3://)."""
+
+
+class SyntheticConfig(Section):
+    num_classes: int = Field(8, ge=2, le=64)
+    """K object classes; each is a (shape, texture, colour) triple."""
+    image_size: int = Field(128, ge=32, le=1024)
+    """Side of the rendered images, in pixels."""
+    pool_size: int = Field(1200, ge=0)
+    """Uncurated pool images rendered before planting duplicates and bad files."""
+    duplicate_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    """Share of pool images that get a planted near-duplicate (crop, re-encode, colour shift or resize)."""
+    leak_per_class: int = Field(2, ge=0)
+    """Near-copies of evaluation images planted in the pool per class (curation must remove them)."""
+    seed_per_class: int = Field(6, ge=1)
+    """Images per class in the curated seed set used for retrieval."""
+    eval_train_per_class: int = Field(24, ge=1)
+    """Labelled evaluation images per class, train split (kNN memory bank, probe training)."""
+    eval_val_per_class: int = Field(6, ge=1)
+    """Labelled evaluation images per class, val split (probe model selection)."""
+    eval_test_per_class: int = Field(12, ge=1)
+    """Labelled evaluation images per class, test split (reported metrics)."""
+    num_places: int = Field(12, ge=2)
+    """Places rendered from several viewpoints, for retrieval and place recognition."""
+    views_per_place: int = Field(4, ge=2)
+    """Viewpoints per place: the first is the query, the others go to the database."""
+    bad_files: bool = True
+    """Plant corrupt and hostile files in the pool (truncated, empty, not an image, too small, huge header)."""
+
+
+class PrepareConfig(Section):
+    min_side: int = Field(32, ge=1)
+    """Images whose shorter side is below this are rejected (reason `too_small`)."""
+    max_pixels: int = Field(40_000_000, ge=1)
+    """Images whose header claims more pixels are rejected before decoding (reason `too_large`)."""
+    num_workers: int = Field(2, ge=0)
+    """Decoding processes (0: decode in the main process)."""
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+    """File suffixes considered images; other files are listed in rejects as `not_an_image_suffix`."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DINOv2 sections (as in dinov2/configs/ssl_default_config.yaml; `model` plays the role of `student`)
+# --------------------------------------------------------------------------------------------------------------------
+
+Arch = Literal["vit_test", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"]
+
+
+class ModelConfig(Section):
+    arch: Arch = "vit_tiny"
+    """Backbone preset pretrained by the pipeline (student and teacher)."""
+    patch_size: int = Field(14, ge=2, le=32)
+    """Side of a patch in pixels (14 as released; 16 allowed)."""
+    num_register_tokens: int = Field(0, ge=0, le=16)
+    """Register tokens between the CLS token and the patch tokens (Darcet et al. 2024)."""
+    ffn_layer: Literal["preset", "mlp", "swiglu"] = "preset"
+    """Feed-forward type; `preset` keeps the preset's (SwiGLU for vit_giant2, MLP otherwise)."""
+    img_size: int = Field(518, ge=32)
+    """Image side for which the position-embedding grid is learned (518 px: 37 x 37 patches of 14)."""
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0)
+    """Stochastic depth rate; above 0.1 the residual branch runs only on the kept samples."""
+    layerscale_init: float = Field(1.0e-5, gt=0.0)
+    """Initial LayerScale gamma."""
+    interpolate_antialias: bool = False
+    """Antialias when resizing the position grid (True for the released register models)."""
+    interpolate_offset: float = Field(0.1, ge=0.0, le=1.0)
+    """Offset added to the grid size when resizing positions (0.1 for models without registers, 0 with them)."""
+    pretrained_weights: str | None = None
+    """Official-layout backbone (.pth or .safetensors, local or s3://) to start pretraining from; null: random init."""
+
+
+class DinoConfig(Section):
+    loss_weight: float = Field(1.0, ge=0.0)
+    """Weight of the image-level DINO loss."""
+    head_n_prototypes: int = Field(65536, ge=2)
+    """K, the number of prototypes of the DINO head."""
+    head_bottleneck_dim: int = Field(256, ge=8)
+    """Dimension of the L2-normalised bottleneck before the prototypes."""
+    head_hidden_dim: int = Field(2048, ge=8)
+    """Hidden width of the head's MLP."""
+    head_nlayers: int = Field(3, ge=1)
+    """Layers of the head's MLP."""
+    koleo_loss_weight: float = Field(0.1, ge=0.0)
+    """Weight of the KoLeo regulariser on the student's CLS features."""
+    koleo_distributed: bool = False
+    """Nearest neighbours over the global batch (all ranks); False: within each rank's batch, as released."""
+
+
+class IbotConfig(Section):
+    loss_weight: float = Field(1.0, ge=0.0)
+    """Weight of the patch-level iBOT loss."""
+    mask_sample_probability: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of global crops that receive a mask."""
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    """Masking ratios of the masked crops, spread linearly over this range."""
+    separate_head: bool = False
+    """Give iBOT its own head; False ties it to the DINO head."""
+    head_n_prototypes: int = Field(65536, ge=2)
+    """Prototypes of the separate iBOT head."""
+    head_bottleneck_dim: int = Field(256, ge=8)
+    """Bottleneck of the separate iBOT head."""
+    head_hidden_dim: int = Field(2048, ge=8)
+    """Hidden width of the separate iBOT head."""
+    head_nlayers: int = Field(3, ge=1)
+    """Layers of the separate iBOT head."""
+
+    @field_validator("mask_ratio_min_max")
+    @classmethod
+    def _ordered_ratios(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] <= v[1] < 1.0:
+            raise ValueError("needs 0 <= min <= max < 1")
+        return v
+
+
+class TeacherConfig(Section):
+    momentum_teacher: float = Field(0.992, ge=0.0, le=1.0)
+    """EMA momentum of the teacher at the start of training."""
+    final_momentum_teacher: float = Field(1.0, ge=0.0, le=1.0)
+    """EMA momentum at the end (cosine schedule)."""
+    warmup_teacher_temp: float = Field(0.04, gt=0.0)
+    """Teacher softmax temperature at the start of the warm-up."""
+    teacher_temp: float = Field(0.07, gt=0.0)
+    """Teacher temperature after the warm-up."""
+    warmup_teacher_temp_epochs: int = Field(30, ge=0)
+    """Epochs of the linear temperature warm-up."""
+    centering: Literal["softmax", "sinkhorn_knopp"] = "sinkhorn_knopp"
+    """Centring of the teacher's outputs: EMA centre then softmax, or Sinkhorn-Knopp (3 iterations)."""
+    center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """EMA momentum of the softmax centre (unused by Sinkhorn-Knopp)."""
+
+    @model_validator(mode="after")
+    def _momentum_rises(self) -> TeacherConfig:
+        if self.final_momentum_teacher < self.momentum_teacher:
+            raise ValueError(
+                f"final_momentum_teacher ({self.final_momentum_teacher}) is below momentum_teacher "
+                f"({self.momentum_teacher})"
+            )
+        return self
+
+
+class OptimConfig(Section):
+    epochs: int = Field(100, ge=1)
+    """Training length in epochs of `epoch_length` iterations."""
+    epoch_length: int = Field(1250, ge=1)
+    """Iterations per epoch (DINOv2's OFFICIAL_EPOCH_LENGTH); schedules are expressed in epochs."""
+    base_lr: float = Field(0.004, gt=0.0)
+    """Learning rate for a global batch of 1024, scaled by `scaling_rule`."""
+    scaling_rule: Literal["sqrt_wrt_1024", "linear_wrt_1024", "none"] = "sqrt_wrt_1024"
+    """How the base learning rate scales with the global batch size."""
+    warmup_epochs: int = Field(10, ge=0)
+    """Linear learning-rate warm-up."""
+    min_lr: float = Field(1.0e-6, ge=0.0)
+    """Final learning rate of the cosine schedule."""
+    weight_decay: float = Field(0.04, ge=0.0)
+    """Weight decay at the start (cosine schedule)."""
+    weight_decay_end: float = Field(0.4, ge=0.0)
+    """Weight decay at the end."""
+    clip_grad: float = Field(3.0, ge=0.0)
+    """Gradient-norm clipping threshold (0 disables)."""
+    freeze_last_layer_epochs: int = Field(1, ge=0)
+    """Epochs during which the heads' last (prototype) layer is not updated."""
+    layerwise_decay: float = Field(0.9, gt=0.0, le=1.0)
+    """Layer-wise lr decay: block i gets decay^(L + 1 - i); embeddings count as layer 0."""
+    patch_embed_lr_mult: float = Field(0.2, ge=0.0)
+    """Learning-rate multiplier of the patch embedding."""
+    adamw_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    """AdamW beta1."""
+    adamw_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    """AdamW beta2."""
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> OptimConfig:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        return self
+
+
+class CropsConfig(Section):
+    global_crops_scale: tuple[float, float] = (0.32, 1.0)
+    """Area range of the 2 global crops, as a share of the image."""
+    local_crops_number: int = Field(8, ge=0)
+    """N, the number of local crops."""
+    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    """Area range of the local crops."""
+    global_crops_size: int = Field(224, ge=16)
+    """Side of the global crops in pixels."""
+    local_crops_size: int = Field(98, ge=8)
+    """Side of the local crops in pixels (98 for patch 14, 96 for patch 16)."""
+
+    @field_validator("global_crops_scale", "local_crops_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError("needs 0 < min <= max <= 1")
+        return v
+
+
+class TrainConfig(Section):
+    batch_size_per_gpu: int = Field(64, ge=1)
+    """Images per rank per optimizer step (before gradient accumulation)."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute precision: auto is bf16 on GPUs and fp32 on the CPU."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in the backward pass to save memory."""
+    num_workers: int = Field(2, ge=0)
+    """Data-loading processes per rank."""
+    checkpoint_period: int = Field(500, ge=1)
+    """Iterations between checkpoints."""
+    keep_last: int = Field(3, ge=1)
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    max_nonfinite_steps: int = Field(5, ge=1)
+    """Consecutive non-finite steps (skipped) after which the run stops with an error."""
+    nproc_per_node: int = Field(1, ge=1)
+    """Processes per node; above 1 the stage relaunches itself under torchrun."""
+    log_period: int = Field(10, ge=1)
+    """Iterations between metric logs."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: auto picks CUDA when a GPU is visible, else the CPU."""
+    cpu_threads: int = Field(0, ge=0)
+    """Intra-op threads per rank on the CPU; 0: the cores left per rank after its data workers (at least 1)."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint of the same configuration when one exists."""
+    compile: bool = False
+    """torch.compile each transformer block (ZeRO stage 0-2 only)."""
+    knn_eval_period: int = Field(0, ge=0)
+    """Iterations between kNN evaluations of the teacher (0: off)."""
+    knn_eval_root: str | None = None
+    """Labelled folder `<root>/{train,val}/<class>/*` for the periodic kNN evaluation."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.compile and self.zero_stage == 3:
+            raise ValueError("compile = true needs zero_stage 0, 1 or 2 (ZeRO-3 gathers parameters in hooks)")
+        if self.knn_eval_period and not self.knn_eval_root:
+            raise ValueError(f"knn_eval_period = {self.knn_eval_period} needs knn_eval_root")
+        return self
+
+
+class HighresConfig(Section):
+    iterations: int = Field(10000, ge=1)
+    """Length of the high-resolution adaptation phase (paper, appendix B.2: a short final phase at 518 px)."""
+    global_crops_size: int = Field(518, ge=16)
+    """Global crop side during the adaptation (518 px: the full 37 x 37 position grid)."""
+    local_crops_size: int = Field(98, ge=8)
+    """Local crop side during the adaptation."""
+    batch_size_per_gpu: int = Field(16, ge=1)
+    """Images per rank per step (smaller than pretraining: 5x the tokens per global crop)."""
+    base_lr: float = Field(4.0e-4, gt=0.0)
+    """Learning rate for a global batch of 1024 (scaled like optim.base_lr); lower than pretraining."""
+    warmup_iterations: int = Field(1000, ge=0)
+    """Linear lr warm-up, in iterations (the compressed schedule)."""
+    momentum_teacher: float = Field(0.994, ge=0.0, le=1.0)
+    """Teacher EMA momentum at the start of the phase (cosine to teacher.final_momentum_teacher)."""
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> HighresConfig:
+        if self.warmup_iterations > self.iterations:
+            raise ValueError(f"warmup_iterations ({self.warmup_iterations}) exceeds iterations ({self.iterations})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stage sections
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class EmbedConfig(Section):
+    arch: Arch = "vit_tiny"
+    """Backbone preset that embeds images for curation."""
+    weights: str | None = None
+    """Official-layout backbone file (local or s3://); null: the preset at a seeded random init (smoke runs only)."""
+    patch_size: int = Field(14, ge=2, le=32)
+    """Patch size of the embedding backbone."""
+    num_register_tokens: int = Field(0, ge=0, le=16)
+    """Register tokens of the embedding backbone (4 for the released *_reg models)."""
+    image_size: int = Field(112, ge=16)
+    """Images are resized (shorter side) and centre-cropped to this side."""
+    batch_size: int = Field(64, ge=1)
+    """Images per forward pass."""
+    num_workers: int = Field(2, ge=0)
+    """Data-loading processes."""
+    shard_size: int = Field(4096, ge=1)
+    """Embeddings per .npy shard; finished shards are skipped when the stage resumes."""
+    mean_patch: bool = False
+    """Concatenate the mean patch token to the CLS token before normalising."""
+
+
+class CurateConfig(Section):
+    dedup_k: int = Field(64, ge=1)
+    """Neighbours searched per pool image for self-deduplication."""
+    dedup_threshold: float = Field(0.6, ge=-1.0, le=1.0)
+    """Cosine similarity above which two pool images are copies (an edge of the duplicate graph)."""
+    eval_threshold: float = Field(0.45, ge=-1.0, le=1.0)
+    """Cosine similarity above which a pool image is a copy of an evaluation image and is removed."""
+    max_images: int | None = Field(None, ge=1)
+    """Cap on the curated set's size; null keeps every image that survives deduplication."""
+
+
+class DistillConfig(Section):
+    students: tuple[Arch, ...] = ("vit_test",)
+    """Student presets trained together against one frozen teacher."""
+    teacher_weights: str | None = None
+    """Official-layout teacher backbone; null: the pretrain stage's exported teacher."""
+    teacher_arch: Arch | None = None
+    """Preset of `teacher_weights`; null: the `model` section's preset."""
+    epochs: int = Field(100, ge=1)
+    """Distillation length in epochs of `optim.epoch_length` iterations."""
+    base_lr: float = Field(0.004, gt=0.0)
+    """Students' learning rate for a global batch of 1024 (scaled like optim.base_lr)."""
+
+
+EvalTask = Literal["knn", "linear", "logreg", "retrieval", "segmentation", "depth", "robustness"]
+Corruption = Literal[
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "snow",
+    "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+]  # fmt: skip
+ALL_EVAL_TASKS: tuple[EvalTask, ...] = ("knn", "linear", "logreg", "retrieval", "segmentation", "depth", "robustness")
+ALL_CORRUPTIONS: tuple[Corruption, ...] = Corruption.__args__  # type: ignore[attr-defined]
+PAPER_LINEAR_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+
+
+class EvaluateConfig(Section):
+    """Frozen-feature benchmarks (docs/evaluation.md). Defaults are the paper's protocols; params.yaml lightens them."""
+
+    tasks: tuple[EvalTask, ...] = ALL_EVAL_TASKS
+    """Benchmarks to run: knn, linear, logreg, retrieval, segmentation, depth, robustness."""
+    image_size: int = Field(224, ge=14, le=1024)
+    """Classification/retrieval crop side in px (resize to side x 256/224, centre crop); rounded down to the patch size."""
+    dense_image_size: int | None = Field(None, ge=14, le=2048)
+    """Side of the square segmentation and depth inputs in px; null: `image_size`."""
+    batch_size: int = Field(64, ge=1)
+    """Images per forward pass of the backbone."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the backbones run; auto: CUDA when available (bf16 autocast), else the CPU (fp32)."""
+    num_workers: int = Field(2, ge=0, le=64)
+    """Processes that render the corrupted images (0: in the stage's own process)."""
+    random_baseline: bool = True
+    """Also evaluate a seeded random initialisation of the teacher's preset (the `random_init` row)."""
+    extra_models: tuple[str, ...] = ()
+    """More backbones: paths to model.json descriptors, or `<arch>=<weights>` for official checkpoints."""
+    knn_k: tuple[int, ...] = (10, 20, 100, 200)
+    """k values of the kNN classifier (clipped to the memory-bank size); the headline is k = 20."""
+    knn_temperature: float = Field(0.07, gt=0.0)
+    """Temperature of the similarity-weighted kNN vote."""
+    knn_few_shot: tuple[int, ...] = ()
+    """Few-shot kNN: train images kept per class (each value one experiment)."""
+    knn_few_shot_tries: int = Field(5, ge=1, le=100)
+    """Random draws per few-shot setting, averaged."""
+    linear_lrs: tuple[float, ...] = PAPER_LINEAR_LRS
+    """Learning-rate grid of the linear probes (scaled by batch / 256), all trained together."""
+    linear_n_blocks: tuple[int, ...] = (1, 4)
+    """Feature variants: CLS tokens of the last n blocks."""
+    linear_avgpool: tuple[bool, ...] = (False, True)
+    """Feature variants: with and/or without the average-pooled patch tokens."""
+    linear_epochs: int = Field(100, ge=1, le=10000)
+    """Passes over the cached train features."""
+    linear_batch_size: int = Field(128, ge=1)
+    """Mini-batch of the linear probes."""
+    logreg_num_c: int = Field(45, ge=1, le=200)
+    """Values of the regularisation C swept over 10^[-6, 5] by the logistic regression."""
+    logreg_max_iter: int = Field(1000, ge=1)
+    """L-BFGS iterations per logistic-regression fit."""
+    retrieval_ks: tuple[int, ...] = (1, 5, 10)
+    """k of Recall@k."""
+    retrieval_scales: tuple[float, ...] = (1.0,)
+    """Image scales whose features are averaged for retrieval (DINO's multi-scale: 1, 0.707, 0.5)."""
+    retrieval_positive_distance: float | None = Field(None, gt=0.0)
+    """With eval/retrieval/positions.csv: database images within this distance are positives (25 m in Pitts30k)."""
+    segmentation_variants: tuple[Literal["linear", "ms"], ...] = ("linear", "ms")
+    """Segmentation heads: `linear` (last block) and `ms` (the paper's +ms: last 4 blocks, multi-scale, flip)."""
+    segmentation_ms_scales: tuple[float, ...] = (1.0, 1.32, 1.73, 2.28, 3.0)
+    """Test-time scales of the +ms variant."""
+    segmentation_epochs: int = Field(20, ge=1, le=10000)
+    """Passes over the cached train features for the segmentation heads."""
+    segmentation_lr: float = Field(1e-3, gt=0.0)
+    """AdamW learning rate of the segmentation heads."""
+    depth_heads: tuple[Literal["linear", "linear4", "dpt"], ...] = ("linear", "linear4", "dpt")
+    """Depth heads: DINOv2's linear head on the last 1 or 4 blocks (256 bins), and the DPT decoder."""
+    depth_bins: int = Field(256, ge=2, le=4096)
+    """Depth bins of the linear heads (uniform on [depth_min, depth_max])."""
+    depth_min: float = Field(1e-3, gt=0.0)
+    """Smallest valid and predicted depth in metres (eval/depth/meta.json's min_depth wins)."""
+    depth_max: float | None = Field(None, gt=0.0)
+    """Depth cap in metres (10 for NYU, 80 for KITTI); null: meta.json's max_depth, else the train maps' maximum."""
+    depth_epochs: int = Field(20, ge=1, le=10000)
+    """Passes over the cached train features for the depth heads."""
+    depth_lr: float = Field(1e-3, gt=0.0)
+    """AdamW learning rate of the depth heads."""
+    dpt_features: int = Field(256, ge=8, le=1024)
+    """Channels of the DPT decoder's fusion stages."""
+    head_batch_size: int = Field(16, ge=2)
+    """Mini-batch of the segmentation and depth heads."""
+    corruptions: tuple[Corruption, ...] = ALL_CORRUPTIONS
+    """ImageNet-C corruptions applied to the classification test images."""
+    corruption_severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    """Severities (1 to 5) of each corruption."""
+    robustness_images_per_class: int | None = Field(None, ge=1)
+    """Test images per class that are corrupted; null: the whole test split."""
+    robustness_classifier: Literal["linear", "knn"] = "linear"
+    """Classifier of the corrupted images: the selected linear probe (the paper's) or kNN at the headline k."""
+    robustness_baseline: str = "random_init"
+    """mCE normaliser: the name of an evaluated model, or a JSON file {corruption: [error at each severity]}."""
+    num_figure_samples: int = Field(4, ge=0, le=32)
+    """Images per figure (PCA of patch features, retrieval, segmentation, depth) saved for the report."""
+
+    @field_validator("knn_k", "knn_few_shot", "linear_n_blocks", "retrieval_ks")
+    @classmethod
+    def _positive_ints(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(k < 1 for k in v) or len(set(v)) != len(v):
+            raise ValueError("needs distinct values >= 1")
+        return v
+
+    @field_validator("linear_lrs", "retrieval_scales", "segmentation_ms_scales")
+    @classmethod
+    def _positive_floats(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0.0 < x < math.inf for x in v):
+            raise ValueError("needs at least one value, all > 0")
+        return v
+
+    @field_validator("corruption_severities")
+    @classmethod
+    def _severities(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(s not in (1, 2, 3, 4, 5) for s in v) or len(set(v)) != len(v):
+            raise ValueError("needs distinct severities from 1 to 5")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluateConfig:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"evaluate.tasks lists a task twice: {list(self.tasks)}")
+        for key in ("knn_k", "linear_n_blocks", "linear_avgpool", "retrieval_ks", "corruptions"):
+            if not getattr(self, key):
+                raise ValueError(f"evaluate.{key} is empty")
+        if "segmentation" in self.tasks and not self.segmentation_variants:
+            raise ValueError("evaluate.segmentation_variants is empty while segmentation is a task")
+        if "depth" in self.tasks and not self.depth_heads:
+            raise ValueError("evaluate.depth_heads is empty while depth is a task")
+        if "robustness" in self.tasks and self.robustness_classifier == "linear" and "linear" not in self.tasks:
+            raise ValueError("evaluate.robustness_classifier = 'linear' needs 'linear' in evaluate.tasks")
+        if self.depth_max is not None and self.depth_max <= self.depth_min:
+            raise ValueError(f"evaluate.depth_max = {self.depth_max} must exceed depth_min = {self.depth_min}")
+        return self
+
+
+class ReportConfig(Section):
+    """Comparison table, figures, quality gate and Model Registry entry (docs/evaluation.md, "Report")."""
+
+    gate_metric: str = "knn.top1"
+    """Metric that ranks the models and that the quality gate reads, as `<task>.<metric>` (e.g. linear.top1)."""
+    gate_min: float = 0.0
+    """The gate passes when the best candidate's `gate_metric` reaches this (or stays below it for an error)."""
+    require_beats_baseline: bool = True
+    """The gate also requires the best candidate to beat `baseline_model` on every task's headline metric."""
+    baseline_model: str = "random_init"
+    """Model the candidates must beat (the random-init row by default)."""
+    candidate_roles: tuple[str, ...] = ("teacher", "student")
+    """Roles (from model.json) that may be registered; baselines and official checkpoints are compared only."""
+    registered_model: str = Field("dinov2-backbone", min_length=1)
+    """MLflow Model Registry name under which the best backbone is registered."""
+    champion_alias: str = "champion"
+    """Registry alias moved to the new version only when the gate passes."""
+    fail_on_gate: bool = False
+    """A failed quality gate fails the stage (and the pipeline); false: reported, registered, alias not moved."""
+    figures: bool = True
+    """Render the figures (PCA of patch features, retrieval, segmentation, depth, robustness)."""
+
+    @field_validator("gate_metric")
+    @classmethod
+    def _task_metric(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9_]+\.[A-Za-z0-9_@]+", v):
+            raise ValueError("expected <task>.<metric>, e.g. knn.top1, linear.top1, depth_linear.rmse")
+        return v
+
+    @field_validator("champion_alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        # MLflow refuses `latest` and version-like aliases (v1, V2, ...).
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", v) or v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v):
+            raise ValueError("an alias is letters, digits, '_' or '-', not 'latest' nor v<digits>")
+        return v
+
+
+class TrackingConfig(Section):
+    experiment: str = "dinov2"
+    """MLflow experiment of every run (the tracking URI comes from MLFLOW_TRACKING_URI, else ./mlflow.db)."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class PipelineConfig(Section):
+    seed: int = Field(0, ge=0)
+    """Seed of everything random: the synthetic world, initialisation, crops, masks, data order."""
+    data: DataConfig = DataConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    embed: EmbedConfig = EmbedConfig()
+    curate: CurateConfig = CurateConfig()
+    model: ModelConfig = ModelConfig()
+    dino: DinoConfig = DinoConfig()
+    ibot: IbotConfig = IbotConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    optim: OptimConfig = OptimConfig()
+    crops: CropsConfig = CropsConfig()
+    train: TrainConfig = TrainConfig()
+    highres: HighresConfig = HighresConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        crops, patch = self.crops, self.model.patch_size
+        for key, size in (("global_crops_size", crops.global_crops_size), ("local_crops_size", crops.local_crops_size)):
+            if size % patch:
+                raise ValueError(f"crops.{key} = {size} is not a multiple of model.patch_size = {patch}")
+        if self.teacher.warmup_teacher_temp_epochs > self.optim.epochs:
+            raise ValueError(
+                f"teacher.warmup_teacher_temp_epochs = {self.teacher.warmup_teacher_temp_epochs} exceeds "
+                f"optim.epochs = {self.optim.epochs}"
+            )
+        if self.optim.freeze_last_layer_epochs > self.optim.epochs:
+            raise ValueError(
+                f"optim.freeze_last_layer_epochs = {self.optim.freeze_last_layer_epochs} exceeds "
+                f"optim.epochs = {self.optim.epochs}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _highres_fits(self) -> PipelineConfig:
+        highres, patch = self.highres, self.model.patch_size
+        for key, size in (
+            ("global_crops_size", highres.global_crops_size),
+            ("local_crops_size", highres.local_crops_size),
+        ):
+            if size % patch:
+                raise ValueError(f"highres.{key} = {size} is not a multiple of model.patch_size = {patch}")
+        if self.highres.momentum_teacher > self.teacher.final_momentum_teacher:
+            raise ValueError(
+                f"highres.momentum_teacher = {highres.momentum_teacher} exceeds "
+                f"teacher.final_momentum_teacher = {self.teacher.final_momentum_teacher}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading, overrides, derived values
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _format_errors(err: ValidationError, source: str, raw: dict[str, Any]) -> str:
+    lines = [f"{source}: invalid configuration ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (value {e['input']!r})")
+        elif e["type"] == "value_error" and not e["loc"]:
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        else:
+            value = _lookup(raw, e["loc"])
+            lines.append(f"  {key} = {value!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _lookup(tree: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        found = part in tree if isinstance(tree, dict) else isinstance(part, int) and 0 <= part < len(tree)
+        if not isinstance(tree, dict | list | tuple) or not found:
+            return "<missing>"
+        tree = tree[part]
+    return tree
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parses `key.path=value` (the value read as YAML, as `dvc exp run -S` does)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    key, value = item.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Returns a copy of `raw` with dotted-key overrides set; unknown keys are caught by validation later."""
+    tree = json.loads(json.dumps(raw))
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: {part} is not a section")
+            node = child
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return tree
+
+
+def validate_config(raw: dict[str, Any], source: str = DEFAULT_PARAMS) -> PipelineConfig:
+    """Validates a raw mapping; raises ConfigError naming every bad key and value."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source, raw)) from None
+
+
+def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Reads params.yaml as a plain mapping (an empty file is an empty mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return raw
+
+
+def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Loads and validates params.yaml, with optional dotted-key overrides applied first."""
+    raw = read_params(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate_config(raw, source=str(path))
+
+
+def save_resolved(cfg: PipelineConfig, path: str | Path) -> Path:
+    """Writes the full resolved config (defaults filled in) as YAML beside a run's outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def flatten(tree: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flattens a config (or a section) to dotted keys, for MLflow params."""
+    items = tree.model_dump(mode="json") if isinstance(tree, BaseModel) else tree
+    flat: dict[str, Any] = {}
+    for key, value in items.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:
+    """The learning rate for a global batch, scaled from a batch of 1024 as DINOv2 does."""
+    if rule == "sqrt_wrt_1024":
+        return base_lr * math.sqrt(global_batch / 1024.0)
+    if rule == "linear_wrt_1024":
+        return base_lr * global_batch / 1024.0
+    return base_lr
+
+
+def total_iterations(optim: OptimConfig) -> int:
+    """Optimizer steps of a pretraining run."""
+    return optim.epochs * optim.epoch_length

@@ -1,0 +1,318 @@
+"""Prefect flows over the DVC pipeline: one task per dvc.yaml stage, in dvc.yaml's order.
+
+Run the whole pipeline:     python -m flows.pipeline            (what `make demo` runs)
+One stage (and what it needs): python -m flows.pipeline --stage evaluate
+From the Prefect UI:        the deployments in prefect.yaml (`prefect deploy --all`, then "Run" on a deployment).
+
+Each task runs `dvc repro --single-item <stage>` through DVC's Python API, so DVC alone decides whether a stage is
+stale and records what ran in dvc.lock; a second run of an unchanged pipeline skips every stage. The flow opens one
+MLflow parent run, hands its id to the stage processes through the environment (each stage opens a nested run), and
+tags each stage's run with the DVC hashes of its inputs and outputs once the stage is locked. Parameter overrides from
+the UI are validated first, then written to params.yaml as `dvc exp run -S` would, so dvc.lock records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+
+from components.cli import EXIT_CONFIG_ERROR, EXIT_GATE_FAILED
+from components.config import DEFAULT_PARAMS, ConfigError, load_config, parse_override
+from components.tracking import (
+    FLOW_RUN_ENV,
+    PARENT_RUN_ENV,
+    dvc_lock_hashes,
+    ensure_experiment,
+    git_commit,
+    mlflow_client,
+    tracking_enabled,
+)
+
+SUMMARY_PATH = Path("reports/pipeline_summary.json")
+NETWORK_STAGES = frozenset({"prepare", "embed", "report"})
+"""Stages that may read S3 or talk to a registry: retried on failures other than bad input."""
+EXIT_BAD_INPUT = (EXIT_CONFIG_ERROR, EXIT_GATE_FAILED)
+"""Exit codes of `python -m components` for bad input and a failed gate: retrying cannot help."""
+
+
+def stage_order(root: Path) -> list[str]:
+    """Stage names in dvc.yaml's order."""
+    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+
+
+def upstream_of(root: Path, stage: str) -> list[str]:
+    """`stage` and the stages it depends on, in pipeline order (DVC's graph decides)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        (target,) = repo.stage.collect(stage)
+        graph = repo.index.graph
+        import networkx as nx
+
+        needed = {s.name for s in nx.dfs_postorder_nodes(graph, target)}
+    return [s for s in stage_order(root) if s in needed]
+
+
+def _write_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
+    """Sets dotted keys in params.yaml, keeping its comments (as `dvc exp run -S` does)."""
+    from ruamel.yaml import YAML
+
+    ry = YAML()
+    ry.preserve_quotes = True
+    doc = ry.load(params_path.read_text())
+    for dotted, value in overrides.items():
+        node = doc
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    with params_path.open("w") as fh:
+        ry.dump(doc, fh)
+
+
+def collect_overrides(
+    arch: str | None,
+    epochs: int | None,
+    epoch_length: int | None,
+    raw: str | None,
+    extra_pool: list[str] | None,
+    overrides: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The flow's typed parameters as dotted params.yaml keys (the free-form `overrides` win)."""
+    typed = {
+        "model.arch": arch,
+        "optim.epochs": epochs,
+        "optim.epoch_length": epoch_length,
+        "data.raw": raw,
+        "data.extra_pool": extra_pool,
+    }
+    merged = {k: v for k, v in typed.items() if v is not None}
+    merged.update(overrides or {})
+    return merged
+
+
+def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Retries a network stage unless it failed on bad input (config error or failed gate)."""
+    try:
+        state.result()
+    except Exception as err:  # noqa: BLE001 - we only inspect the message
+        return not any(f"exited with {code}" in str(err) for code in EXIT_BAD_INPUT)
+    return False
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@task(task_run_name="{stage}", retry_delay_seconds=10)
+def run_stage(stage: str, root: str) -> dict[str, Any]:
+    """Reproduces one stage through DVC and returns its outcome for the pipeline summary."""
+    from dvc.repo import Repo
+
+    logger = get_run_logger()
+    start = time.monotonic()
+    metrics_path = Path(root) / "metrics" / f"{stage}.json"
+    with Repo(root) as repo:
+        ran = repo.reproduce(stage, single_item=True)
+    duration = time.monotonic() - start
+    status = "completed" if ran else "skipped"
+    report = _read_json(metrics_path)
+    if ran and report.get("mlflow_run_id") and tracking_enabled():
+        client = mlflow_client(Path(root))
+        for key, value in dvc_lock_hashes(stage, Path(root) / "dvc.lock").items():
+            client.set_tag(report["mlflow_run_id"], key, value)
+    logger.info("stage %s %s in %.1f s", stage, status, duration)
+    return {
+        "stage": stage,
+        "status": status,
+        "duration_s": round(duration, 2),
+        "compute_s": report.get("timing", {}).get("compute_s", 0.0) if ran else 0.0,
+        "headline": report.get("headline") or {},
+    }
+
+
+@contextmanager
+def _parent_run(root: Path, experiment: str, name: str, params: dict[str, Any]) -> Iterator[str | None]:
+    """The pipeline's MLflow parent run; its id reaches the stage processes through the environment."""
+    if not tracking_enabled():
+        yield None
+        return
+    client = mlflow_client(root)
+    exp_id = ensure_experiment(client, experiment, root)
+    run = client.create_run(exp_id, run_name=name, tags={"mlflow.runName": name, "kind": "pipeline"})
+    run_id = run.info.run_id
+    flow_run_id = flow_run.get_id()
+    for key, value in {"git_commit": git_commit(root), "prefect_flow_run_id": flow_run_id}.items():
+        if value:
+            client.set_tag(run_id, key, value)
+    for key, value in params.items():
+        client.log_param(run_id, f"override.{key}", str(value))
+    saved = {k: os.environ.get(k) for k in (PARENT_RUN_ENV, FLOW_RUN_ENV)}
+    os.environ[PARENT_RUN_ENV] = run_id
+    os.environ[FLOW_RUN_ENV] = str(flow_run_id or "")
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        client.set_terminated(run_id, status=status)
+
+
+def _summarize(outcomes: list[dict[str, Any]], stages: list[str], parent_run_id: str | None) -> dict[str, Any]:
+    wall = time.time() - psutil.Process().create_time()
+    compute = sum(o["compute_s"] for o in outcomes)
+    by_stage = {o["stage"]: o for o in outcomes}
+    return {
+        "stages": {
+            s: by_stage.get(s, {"status": "not run", "duration_s": 0.0, "compute_s": 0.0, "headline": {}})
+            for s in stages
+        },
+        "mlflow_parent_run_id": parent_run_id,
+        "pipeline_wall_s": round(wall, 2),
+        "stages_compute_s": round(compute, 2),
+        "orchestration_overhead_s": round(wall - compute, 2),
+        "orchestration_overhead_pct": round(100.0 * (wall - compute) / wall, 1) if wall else 0.0,
+    }
+
+
+def _flow_run_name() -> str:
+    params = flow_run.get_parameters()
+    stage = params.get("stage") or "pipeline"
+    parts = [stage, params.get("arch") or "", f"{params['epochs']}ep" if params.get("epochs") else ""]
+    return "-".join(p for p in parts if p)
+
+
+@flow(name="dinov2-pipeline", flow_run_name=_flow_run_name, log_prints=True)
+def pipeline(
+    stage: str | None = None,
+    arch: str | None = None,
+    epochs: int | None = None,
+    epoch_length: int | None = None,
+    raw: str | None = None,
+    extra_pool: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    workdir: str = ".",
+) -> dict[str, Any]:
+    """The DINOv2 pipeline: synth, prepare, embed, curate, pretrain, distill, evaluate, report.
+
+    Args:
+        stage: Run only this stage and the stages it depends on (each skipped by DVC when up to date); None runs all.
+        arch: Backbone preset to pretrain (params `model.arch`), e.g. vit_small, vit_large, vit_giant2.
+        epochs: Pretraining length in epochs (params `optim.epochs`).
+        epoch_length: Iterations per epoch (params `optim.epoch_length`).
+        raw: Root of the raw image layout, a folder or s3://bucket/prefix (params `data.raw`).
+        extra_pool: More pool sources: folders, s3:// prefixes, .tar shards (params `data.extra_pool`).
+        overrides: Any other params.yaml keys as dotted names, e.g. {"train.batch_size_per_gpu": 64}.
+        workdir: The project checkout holding dvc.yaml and params.yaml.
+    """
+    root = Path(workdir).resolve()
+    params_path = root / DEFAULT_PARAMS
+    changes = collect_overrides(arch, epochs, epoch_length, raw, extra_pool, overrides)
+    cfg = load_config(params_path, overrides=changes)  # fails here, before any stage, on a bad key or value
+    if changes:
+        _write_overrides(params_path, changes)
+    order = stage_order(root)
+    if stage is not None and stage not in order:
+        raise ConfigError(f"stage {stage!r} is not in dvc.yaml (stages: {', '.join(order)})")
+    stages = upstream_of(root, stage) if stage else order
+    outcomes: list[dict[str, Any]] = []
+    with _parent_run(root, cfg.tracking.experiment, _flow_run_name(), changes) as parent_run_id:
+        for name in stages:
+            options = {"retries": 2} if name in NETWORK_STAGES else {}
+            runner = run_stage.with_options(retry_condition_fn=_retry_unless_bad_input, **options)
+            outcomes.append(runner(name, str(root)))
+    summary = _summarize(outcomes, stages, parent_run_id)
+    out = root / SUMMARY_PATH
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def stage_flow(stage: str) -> Any:
+    """A flow that runs one stage (and its stale upstream), for a deployment per stage."""
+
+    @flow(name=f"dinov2-{stage}", flow_run_name=f"{stage}-{{arch}}", log_prints=True)
+    def one_stage(
+        arch: str | None = None,
+        epochs: int | None = None,
+        overrides: dict[str, Any] | None = None,
+        workdir: str = ".",
+    ) -> dict[str, Any]:
+        return pipeline.fn(stage=stage, arch=arch, epochs=epochs, overrides=overrides, workdir=workdir)
+
+    one_stage.__doc__ = f"Runs the `{stage}` stage of the DINOv2 pipeline (DVC skips it when up to date)."
+    return one_stage
+
+
+synth_flow = stage_flow("synth")
+prepare_flow = stage_flow("prepare")
+embed_flow = stage_flow("embed")
+curate_flow = stage_flow("curate")
+pretrain_flow = stage_flow("pretrain")
+distill_flow = stage_flow("distill")
+evaluate_flow = stage_flow("evaluate")
+report_flow = stage_flow("report")
+
+
+def format_summary(summary: dict[str, Any], root: Path) -> str:
+    """The table `make demo` prints at the end, and the commands to open the UIs."""
+    lines = [f"{'stage':<10} {'status':<10} {'duration':>9}  headline metric", "-" * 60]
+    for name, s in summary["stages"].items():
+        head = s.get("headline") or {}
+        metric = f"{head['name']} = {head['value']:.4g}" if head.get("name") else ""
+        lines.append(f"{name:<10} {s['status']:<10} {s['duration_s']:>8.1f}s  {metric}")
+    lines += [
+        "-" * 60,
+        f"pipeline {summary['pipeline_wall_s']:.1f} s, stages' own compute {summary['stages_compute_s']:.1f} s, "
+        f"orchestration overhead {summary['orchestration_overhead_s']:.1f} s "
+        f"({summary['orchestration_overhead_pct']:.1f}%)",
+        f"MLflow parent run: {summary['mlflow_parent_run_id']}",
+        f"summary written to {SUMMARY_PATH}",
+        "",
+        "Open the results:",
+        f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'} --port 5000",
+        "              then http://127.0.0.1:5000",
+        "  Prefect UI: .venv/bin/prefect server start   then http://127.0.0.1:4200",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", help="run only this stage (and what it needs)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params.yaml override")
+    parser.add_argument("--workdir", default=".", help="project checkout (default: .)")
+    args = parser.parse_args(argv)
+    try:
+        overrides = dict(parse_override(item) for item in args.set)
+        load_config(Path(args.workdir) / DEFAULT_PARAMS, overrides=overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = pipeline(stage=args.stage, overrides=overrides or None, workdir=args.workdir)
+    print(format_summary(summary, Path(args.workdir).resolve()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,9 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import multiprocessing
 import os
-import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -61,6 +59,7 @@ from tqdm import tqdm
 from components import storage
 from components.config import PrepareConfig
 from components.log import get_logger
+from components.parallel import adopt_environ, mp_context
 
 log = get_logger(__name__)
 
@@ -186,27 +185,10 @@ def _check_uri(args: tuple[str, int, int]) -> Check:
     return check_image(data, min_side=min_side, max_pixels=max_pixels)
 
 
-def _init_worker(environ: dict[str, str]) -> None:
-    # A forkserver child inherits the environment of the server's start, not the caller's current one (which may
-    # since point AWS_ENDPOINT_URL or credentials elsewhere): take the caller's.
-    os.environ.clear()
-    os.environ.update(environ)
-
-
-def _mp_context() -> multiprocessing.context.BaseContext:
-    """fork when this process runs one thread (cheap, nothing re-imported); forkserver when it runs several
-    (Prefect's task threads, MLflow's): forking a threaded process can copy a lock another thread holds."""
-    if threading.active_count() == 1:
-        return multiprocessing.get_context("fork")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
 def _check_all(inputs: Sequence[Input], cfg: PrepareConfig, num_workers: int) -> Iterator[Check]:
     args = [(item.uri, cfg.min_side, cfg.max_pixels) for item in inputs]
     parallel = num_workers > 0 and len(args) > 1
-    ctx = _mp_context() if parallel else None  # before tqdm, whose monitor thread would count
+    ctx = mp_context(preload=[__name__]) if parallel else None  # before tqdm, whose monitor thread would count
     bar = tqdm(total=len(args), desc="prepare: decoding", unit="file", mininterval=1.0, smoothing=0.1)
     with bar:
         if ctx is None:
@@ -216,7 +198,8 @@ def _check_all(inputs: Sequence[Input], cfg: PrepareConfig, num_workers: int) ->
             return
         workers = min(num_workers, len(args))
         chunk = max(1, min(64, len(args) // (workers * 8)))
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(dict(os.environ),)) as ex:
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=adopt_environ, initargs=(dict(os.environ),))
+        with pool as ex:
             for check in ex.map(_check_uri, args, chunksize=chunk):
                 yield check
                 bar.update()

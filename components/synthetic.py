@@ -28,11 +28,9 @@ import colorsys
 import io
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import struct
-import threading
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -45,6 +43,7 @@ from PIL import Image
 
 from components.config import SyntheticConfig
 from components.log import get_logger
+from components.parallel import mp_context
 
 log = get_logger(__name__)
 
@@ -622,16 +621,6 @@ def render_world(cfg: SyntheticConfig, seed: int, out_dir: str | Path, *, num_wo
     return truth
 
 
-def _mp_context() -> multiprocessing.context.BaseContext:
-    """fork when this process runs one thread (cheap, nothing re-imported); forkserver when it runs several
-    (Prefect's task threads, MLflow's): forking a threaded process can copy a lock another thread holds."""
-    if threading.active_count() == 1:
-        return multiprocessing.get_context("fork")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
 def _counts(truth: dict[str, Any]) -> dict[str, int]:
     """Input files per part of the world (targets, meta.json and ground_truth.json are not inputs)."""
     places = truth["retrieval"]["places"].values()
@@ -658,7 +647,7 @@ def _run_jobs(
         for a in args:
             _run_job(a)
         return
-    ctx = _mp_context()
+    ctx = mp_context(preload=[__name__])
     chunk = max(1, min(32, len(args) // (num_workers * 4)))
     with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
         for _ in pool.map(_run_job, args, chunksize=chunk):

@@ -1,0 +1,501 @@
+"""The core of the `embed` stage: every prepared image through a backbone, written as float16 shards with ids.
+
+Run: `python -m components embed` (the stage wrapper in components/stages/embed.py); on several GPUs or nodes,
+`torchrun --nproc_per_node 8 -m components embed` (each rank embeds every world_size-th shard).
+
+Features (DINOv2 appendix A.3-A.4 compare images by the cosine similarity of one global vector): the backbone's
+normalised CLS token, optionally concatenated with the mean of its normalised patch tokens (each half L2-normalised
+first, so neither dominates), then L2-normalised. Preprocessing is the preset's: bicubic resize of the shorter side to
+`image_size * 256 / 224`, centre crop, the preset's mean and std.
+
+Layout of the output folder:
+```
+<out>/<part>/shard-00000.npy           float16, (n, D), L2-normalised rows; written last, so its presence marks
+                                       the shard complete
+<out>/<part>/shard-00000.ids.parquet   `id` (the manifest uri) of each row, and the run's `fingerprint`
+<out>/<part>/shard-00000.failures.parquet  `id`, `error` of the shard's images that could not be read or decoded
+<out>/meta.json                        arch, weights, dim, normalized, fingerprint, counts, shard list
+```
+Parts: `pool`, `seeds`, `eval` (so the huge pool can be read on its own). Shard i of a part holds the part's manifest
+rows [i * shard_size, (i + 1) * shard_size) in manifest order.
+
+Resuming: a shard is complete once its .npy is renamed into place; a re-run skips complete shards whose ids file
+records the same fingerprint (a hash of the embed config, the seed, the weights' bytes and the shard's manifest
+rows), and recomputes any other. Shards of an older, larger plan are deleted when the stage finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from components import storage
+from components.config import EmbedConfig
+from components.log import get_logger
+from components.parallel import mp_context
+
+log = get_logger(__name__)
+
+PARTS = ("pool", "seeds", "eval")
+SHARD_PATTERN = "shard-{index:05d}"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+
+def part_of(source: str) -> str:
+    """The output part of a manifest `source`: pool, seeds (seeds/<set>) or eval (eval/<task>)."""
+    if source == "pool":
+        return "pool"
+    if source.startswith("seeds/"):
+        return "seeds"
+    if source.startswith("eval/"):
+        return "eval"
+    raise ValueError(f"unknown manifest source {source!r}: expected pool, seeds/<set> or eval/<task>")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Plan: shards, their manifest rows, their fingerprints
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One output shard: a slice of one part of the manifest."""
+
+    part: str
+    index: int
+    ids: tuple[str, ...]
+    """Manifest uris, in order."""
+    fingerprint: str
+
+    @property
+    def stem(self) -> str:
+        return f"{self.part}/{SHARD_PATTERN.format(index=self.index)}"
+
+    def paths(self, out_dir: Path) -> tuple[Path, Path, Path]:
+        """(.npy, .ids.parquet, .failures.parquet) under `out_dir`."""
+        base = out_dir / self.stem
+        return base.with_suffix(".npy"), Path(f"{base}.ids.parquet"), Path(f"{base}.failures.parquet")
+
+
+def run_fingerprint(cfg: EmbedConfig, seed: int, weights_digest: str) -> str:
+    """Hash of everything that changes the features of an image: the embed config, the seed, the weights' bytes.
+
+    `batch_size`, `num_workers` and `shard_size` change how the work is cut, not the features, but shard_size does
+    change which rows a shard holds; it is part of each shard's fingerprint through its ids.
+    """
+    relevant = cfg.model_dump(mode="json", exclude={"batch_size", "num_workers", "device"})
+    payload = json.dumps(
+        {"cfg": relevant, "seed": seed, "weights": weights_digest, "v": FORMAT_VERSION}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def plan_shards(manifest: pd.DataFrame, shard_size: int, run_fp: str) -> list[Shard]:
+    """Cuts every part of the manifest into shards of `shard_size` rows (manifest order kept)."""
+    if manifest.empty:
+        return []
+    parts = manifest["source"].astype(str).map(part_of)
+    shards = []
+    for part in PARTS:
+        uris = manifest.loc[parts == part, "uri"].astype(str).tolist()
+        for index, start in enumerate(range(0, len(uris), shard_size)):
+            ids = tuple(uris[start : start + shard_size])
+            digest = hashlib.sha256((run_fp + "\n" + "\n".join(ids)).encode()).hexdigest()[:16]
+            shards.append(Shard(part, index, ids, digest))
+    return shards
+
+
+def read_shard_fingerprint(ids_path: Path) -> str | None:
+    """The fingerprint recorded in a shard's ids file (parquet schema metadata), or None if unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(ids_path).metadata or {}
+    except Exception:  # a truncated or foreign file: the shard is recomputed
+        return None
+    value = metadata.get(b"fingerprint")
+    return value.decode() if value else None
+
+
+def shard_is_complete(shard: Shard, out_dir: Path) -> bool:
+    """True when the shard's .npy is in place and its ids file records this shard's fingerprint."""
+    npy, ids_path, _ = shard.paths(out_dir)
+    return npy.is_file() and ids_path.is_file() and read_shard_fingerprint(ids_path) == shard.fingerprint
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Backbone
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Embedder:
+    """A backbone in eval mode with its preprocessing and the feature recipe."""
+
+    model: torch.nn.Module
+    transform: Any
+    device: torch.device
+    mean_patch: bool
+    amp: bool
+    dim: int
+    weights_digest: str
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, D) float32 L2-normalised features."""
+        images = images.to(self.device, non_blocking=True)
+        use_amp = self.amp and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = self.model.forward_features(images)
+        cls = out["x_norm_clstoken"].float()  # (B, D)
+        if not self.mean_patch:
+            return F.normalize(cls, dim=-1)
+        patch = out["x_norm_patchtokens"].float().mean(dim=1)  # (B, N, D) -> (B, D)
+        return F.normalize(torch.cat([F.normalize(cls, dim=-1), F.normalize(patch, dim=-1)], dim=-1), dim=-1)
+
+
+def resolve_device(cfg: EmbedConfig) -> torch.device:
+    """The rank's GPU (LOCAL_RANK) when CUDA is available and allowed, else the CPU."""
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("embed.device = cuda but CUDA is not available")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def read_weights(uri: str) -> tuple[dict[str, torch.Tensor], str]:
+    """A checkpoint (local path or s3://, .pth or .safetensors) as a state dict, and the sha256 of its bytes."""
+    data = storage.read_bytes(uri)
+    digest = hashlib.sha256(data).hexdigest()
+    if uri.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        return load(data), digest
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), digest
+
+
+def build_embedder(cfg: EmbedConfig, seed: int) -> Embedder:
+    """The configured backbone, with official or own weights, or a seeded random initialisation."""
+    from components.model import build_backbone, eval_transform, get_preset, load_official_weights
+
+    preset = get_preset(cfg.arch)
+    torch.manual_seed(seed)  # the random init (weights null) is the same on every rank and every run
+    model = build_backbone(cfg.arch, patch_size=cfg.patch_size, num_register_tokens=cfg.num_register_tokens)
+    if cfg.weights:
+        state, digest = read_weights(cfg.weights)
+        load_official_weights(model, state)
+    else:
+        digest = f"random-init:{cfg.arch}:{seed}"
+        log.warning("embed.weights is null: %s at a seeded random init (smoke runs only)", cfg.arch)
+    device = resolve_device(cfg)
+    model = model.eval().to(device)
+    width = model.cls_token.shape[-1] if hasattr(model, "cls_token") else preset.config.embed_dim
+    return Embedder(
+        model=model,
+        transform=eval_transform(cfg.image_size, mean=preset.mean, std=preset.std),
+        device=device,
+        mean_patch=cfg.mean_patch,
+        amp=cfg.amp,
+        dim=int(width) * (2 if cfg.mean_patch else 1),
+        weights_digest=digest,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class ImageDataset(Dataset):
+    """Images by URI through `storage.read_bytes`; an unreadable image yields zeros and its error, not an exception."""
+
+    def __init__(self, uris: Sequence[str], transform: Any, image_size: int) -> None:
+        self.uris = list(uris)
+        self.transform = transform
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(storage.read_bytes(self.uris[index]))) as image:
+                return self.transform(image.convert("RGB")), index, ""
+        except Exception as err:  # deleted, truncated or unreadable since prepare: reported per image
+            return torch.zeros(3, self.image_size, self.image_size), index, f"{type(err).__name__}: {err}"[:500]
+
+
+def _worker_init(_: int) -> None:
+    # Decoding workers need one thread each; more only fight the forward pass for the same cores.
+    torch.set_num_threads(1)
+
+
+def _batches(uris: Sequence[str], embedder: Embedder, cfg: EmbedConfig) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """(features, errors) per batch, in order; rows with an error have zero features."""
+    dataset = ImageDataset(uris, embedder.transform, cfg.image_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        pin_memory=embedder.device.type == "cuda",
+        multiprocessing_context=mp_context() if cfg.num_workers > 0 else None,
+        worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    batches = iter(loader)  # workers start here, before any progress-bar thread exists (fork stays safe)
+    return ((embedder(images), list(errors)) for images, _, errors in batches)
+
+
+def _cpu_threads(num_workers: int) -> int:
+    """Forward-pass threads on the CPU: the cores the decoding workers leave (at least 1).
+
+    Oversubscribed OpenMP threads spin against each other: on a busy 2-core machine a ViT-Ti forward pass with 2
+    threads beside 2 decoding workers ran 7x slower than with 1.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - num_workers)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Writes through `write(tmp_path)` then renames: readers and re-runs never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_ids(path: Path, ids: Sequence[str], fingerprint: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": pa.array(list(ids), type=pa.string())})
+    pq.write_table(table.replace_schema_metadata({"fingerprint": fingerprint}), path)
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a temporary name
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_shard(shard: Shard, out_dir: Path, features: np.ndarray, errors: Sequence[str]) -> tuple[int, int]:
+    """Writes one shard (failures, ids, then the .npy last); returns (embedded, failed)."""
+    npy, ids_path, failures_path = shard.paths(out_dir)
+    ok = np.array([not e for e in errors], dtype=bool)
+    ids = [i for i, good in zip(shard.ids, ok, strict=True) if good]
+    failed = pd.DataFrame(
+        {"id": [i for i, good in zip(shard.ids, ok, strict=True) if not good], "error": [e for e in errors if e]}
+    )
+    _atomic_write(failures_path, lambda p: failed.to_parquet(p, index=False))
+    _atomic_write(ids_path, lambda p: _write_ids(p, ids, shard.fingerprint))
+    kept = np.ascontiguousarray(features[ok], dtype=np.float16)
+    _atomic_write(npy, lambda p: _write_npy(p, kept))
+    return int(ok.sum()), int((~ok).sum())
+
+
+@dataclass
+class EmbedStats:
+    """What one rank did."""
+
+    shards_total: int = 0
+    shards_skipped: int = 0
+    shards_written: int = 0
+    images_embedded: int = 0
+    images_failed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+def embed_shards(
+    shards: Sequence[Shard],
+    embedder: Embedder,
+    cfg: EmbedConfig,
+    out_dir: str | Path,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> EmbedStats:
+    """Embeds this rank's incomplete shards (every world_size-th, from `rank`) and writes them.
+
+    One DataLoader streams all pending images of the rank in order; shards are cut from the stream and written as
+    soon as they fill, so a crash loses at most the shard being filled.
+    """
+    out_dir = Path(out_dir)
+    mine = [s for i, s in enumerate(shards) if i % world_size == rank]
+    pending = [s for s in mine if not shard_is_complete(s, out_dir)]
+    stats = EmbedStats(shards_total=len(mine), shards_skipped=len(mine) - len(pending))
+    if stats.shards_skipped:
+        log.info("embed: %d of %d shards already complete, skipped", stats.shards_skipped, len(mine))
+    if not pending:
+        return stats
+    uris = [uri for s in pending for uri in s.ids]
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    if embedder.device.type == "cpu":
+        torch.set_num_threads(_cpu_threads(cfg.num_workers))
+    try:
+        _embed_stream(pending, uris, embedder, cfg, out_dir, stats, progress and rank == 0)
+    finally:
+        torch.set_num_threads(threads)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _embed_stream(
+    pending: Sequence[Shard],
+    uris: Sequence[str],
+    embedder: Embedder,
+    cfg: EmbedConfig,
+    out_dir: Path,
+    stats: EmbedStats,
+    progress: bool,
+) -> None:
+    from tqdm import tqdm
+
+    stream = _batches(uris, embedder, cfg)
+    bar = tqdm(total=len(uris), unit="images", desc="embed", disable=not progress, smoothing=0.1)  # shows images/s
+    queue = iter(pending)
+    shard = next(queue)
+    buf: list[np.ndarray] = []
+    errs: list[str] = []
+    filled = 0
+    for feats, errors in stream:
+        feats_np = feats.cpu().numpy()
+        offset = 0
+        while offset < len(errors):
+            take = min(len(shard.ids) - filled, len(errors) - offset)
+            buf.append(feats_np[offset : offset + take])
+            errs.extend(errors[offset : offset + take])
+            filled += take
+            offset += take
+            if filled == len(shard.ids):
+                done, failed = write_shard(shard, out_dir, np.concatenate(buf), errs)
+                stats.shards_written += 1
+                stats.images_embedded += done
+                stats.images_failed += failed
+                for uri, err in zip(shard.ids, errs, strict=True):
+                    if err:
+                        log.warning("embed: %s not embedded: %s", uri, err)
+                buf, errs, filled = [], [], 0
+                shard = next(queue, None)
+                if shard is None:
+                    break
+        bar.update(len(errors))
+    bar.close()
+
+
+def finalize(
+    shards: Sequence[Shard], embedder: Embedder, cfg: EmbedConfig, out_dir: str | Path, run_fp: str
+) -> dict[str, Any]:
+    """After every rank finished: delete stale shards, write meta.json, return it."""
+    out_dir = Path(out_dir)
+    wanted = {
+        str(out_dir / f"{s.stem}{suffix}") for s in shards for suffix in (".npy", ".ids.parquet", ".failures.parquet")
+    }
+    for part in PARTS:
+        folder = out_dir / part
+        # Shards of an older, larger plan, and temporary files of a run that was killed mid-write.
+        stale = [*folder.glob("shard-*"), *folder.glob(".shard-*.tmp-*")] if folder.is_dir() else []
+        for path in stale:
+            if str(path) not in wanted:
+                path.unlink()
+    entries, counts, failed = [], {p: 0 for p in PARTS}, 0
+    for s in shards:
+        npy, ids_path, failures_path = s.paths(out_dir)
+        if not shard_is_complete(s, out_dir):
+            raise RuntimeError(f"shard {s.stem} is not complete after every rank finished")
+        num = len(pd.read_parquet(ids_path, columns=["id"]))
+        num_failed = len(pd.read_parquet(failures_path)) if failures_path.is_file() else 0
+        counts[s.part] += num
+        failed += num_failed
+        entries.append({"part": s.part, "index": s.index, "file": f"{s.stem}.npy", "num": num, "failed": num_failed})
+    meta = {
+        "version": FORMAT_VERSION,
+        "arch": cfg.arch,
+        "weights": cfg.weights,
+        "weights_digest": embedder.weights_digest,
+        "image_size": cfg.image_size,
+        "mean_patch": cfg.mean_patch,
+        "dim": embedder.dim,
+        "dtype": "float16",
+        "normalized": True,
+        "fingerprint": run_fp,
+        "counts": counts,
+        "failed": failed,
+        "shards": entries,
+    }
+    _atomic_write(out_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_meta(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no embeddings here (run the embed stage first)")
+    return json.loads(path.read_text())
+
+
+def load_embeddings(out_dir: str | Path, parts: Sequence[str] = PARTS) -> tuple[list[str], np.ndarray]:
+    """(ids, N-by-D float16 array) of the given parts, in shard order, read through memory maps."""
+    out_dir = Path(out_dir)
+    meta = read_meta(out_dir)
+    ids: list[str] = []
+    arrays: list[np.ndarray] = []
+    for entry in meta["shards"]:
+        if entry["part"] not in parts:
+            continue
+        npy = out_dir / entry["file"]
+        arrays.append(np.load(npy, mmap_mode="r"))
+        ids.extend(pd.read_parquet(out_dir / entry["file"].replace(".npy", ".ids.parquet"))["id"].tolist())
+    dim = int(meta["dim"])
+    x = np.concatenate(arrays, axis=0) if arrays else np.zeros((0, dim), np.float16)
+    if len(ids) != len(x):
+        raise ValueError(f"{out_dir}: {len(ids)} ids for {len(x)} embeddings")
+    return ids, x
+
+
+def load_failures(out_dir: str | Path) -> pd.DataFrame:
+    """Every image the embed stage could not read, with the error (`id`, `error`)."""
+    out_dir = Path(out_dir)
+    meta = read_meta(out_dir)
+    frames = [
+        pd.read_parquet(out_dir / entry["file"].replace(".npy", ".failures.parquet"))
+        for entry in meta["shards"]
+        if entry.get("failed")
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"id": [], "error": []})

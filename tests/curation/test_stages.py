@@ -1,0 +1,166 @@
+"""The embed and curate stages on the tiny synthetic world: shards, resume, fingerprints, gates and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+from components.config import PipelineConfig, load_config
+from components.embedding import load_embeddings, read_meta
+from components.gates import GateFailed
+from components.prepare import prepare
+from components.stages.curate import run_curate
+from components.stages.embed import run_embed
+
+FAST = {
+    "embed.arch": "vit_test",
+    "embed.image_size": 28,
+    "embed.num_workers": 0,
+    "embed.batch_size": 16,
+    "embed.shard_size": 16,
+    "curate.num_clusters": 4,
+    "curate.source_share_bounds": {},
+}
+
+
+def config(**overrides: Any) -> PipelineConfig:
+    return load_config(ROOT / "params.yaml", overrides={**FAST, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DINOV2_TRACKING", "off")
+
+
+def _prepare(source: Path, tmp: Path) -> tuple[Path, Path]:
+    world = tmp / "world"
+    shutil.copytree(source, world)
+    manifest, _ = prepare(raw=str(world), cfg=config().prepare, num_workers=0)
+    out = tmp / "prepared"
+    out.mkdir()
+    manifest.to_parquet(out / "manifest.parquet", index=False)
+    return world, out
+
+
+@pytest.fixture
+def prepared(tiny_world: tuple[Path, dict], tmp_path: Path) -> tuple[Path, Path]:
+    """(world copy, prepared folder) in tmp_path: the copy may be modified by the test."""
+    return _prepare(tiny_world[0], tmp_path)
+
+
+@pytest.fixture(scope="module")
+def embedded(tiny_world: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(prepared folder, embeddings folder) shared by the tests that only read them (copy before modifying)."""
+    with pytest.MonkeyPatch.context() as env:  # module scope: the function-scoped monkeypatch is not available
+        env.setenv("DINOV2_TRACKING", "off")
+        tmp = tmp_path_factory.mktemp("embedded")
+        _, prep = _prepare(tiny_world[0], tmp)
+        embed(config(), prep, tmp)
+    return prep, tmp / "emb"
+
+
+def embed(cfg: PipelineConfig, prepared: Path, tmp: Path) -> dict:
+    run_embed(cfg, prepared=str(prepared), out=str(tmp / "emb"), metrics=str(tmp / "embed.json"))
+    return json.loads((tmp / "embed.json").read_text())
+
+
+def test_embed_shards_resume_and_fingerprint(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    _, prep = prepared
+    manifest = pd.read_parquet(prep / "manifest.parquet")
+    first = embed(config(), prep, tmp_path)
+    meta = read_meta(tmp_path / "emb")
+    assert meta["dim"] == 128 and meta["normalized"] and meta["mean_patch"]  # vit_test: 64 CLS + 64 mean patch
+    assert sum(meta["counts"].values()) == len(manifest) == first["counts"]["total"]
+    assert first["shards"]["written"] == first["shards"]["total"] > 3  # several shards per part
+    ids, x = load_embeddings(tmp_path / "emb")
+    assert sorted(ids) == sorted(manifest["uri"]) and x.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(x.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+    again = embed(config(), prep, tmp_path)  # resumed: every shard complete and of this fingerprint
+    assert again["shards"]["skipped"] == again["shards"]["total"] and again["shards"]["written"] == 0
+    _, x_again = load_embeddings(tmp_path / "emb")
+    np.testing.assert_array_equal(x, x_again)
+
+    changed = embed(config(**{"embed.mean_patch": False}), prep, tmp_path)  # another model: nothing reused
+    assert changed["shards"]["written"] == changed["shards"]["total"]
+    assert read_meta(tmp_path / "emb")["dim"] == 64
+
+
+def test_curate_stage_outputs(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    _, prep = prepared
+    cfg = config()
+    embed(cfg, prep, tmp_path)
+    out = tmp_path / "curated"
+    run_curate(
+        cfg, prepared=str(prep), embeddings=str(tmp_path / "emb"), out=str(out), metrics=str(tmp_path / "c.json")
+    )
+    curated = pd.read_parquet(out / "manifest.parquet")
+    report = json.loads((out / "report.json").read_text())
+    assert {"curation", "seed_set", "seed_uri", "cluster", "max_eval_similarity", "dup_group_size"} <= set(curated)
+    assert (curated["dup_group_size"] == 1).all()
+    assert (curated["max_eval_similarity"] < cfg.curate.eval_threshold).all()
+    assert report["counts"]["curated"] == len(curated) > 0
+    for key in ("dedup", "eval_dedup", "retrieval", "per_source", "per_cluster", "verification"):
+        assert key in report
+    assert (out / "gates" / "curated_manifest.json").is_file()
+    assert not (tmp_path / "curated.partial").exists()
+    metrics = json.loads((tmp_path / "c.json").read_text())
+    assert metrics["headline"] == {"name": "curated_images", "value": float(len(curated))}
+
+
+def test_deleted_file_is_reported_not_a_crash(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    world, prep = prepared
+    manifest = pd.read_parquet(prep / "manifest.parquet")
+    victim = manifest.loc[manifest["source"] == "pool", "uri"].iloc[0]
+    Path(victim).unlink()  # deleted after prepare listed it
+    cfg = config()
+    result = embed(cfg, prep, tmp_path)
+    assert result["counts"]["failed"] == 1
+    failures = pd.read_parquet(tmp_path / "emb" / "failures.parquet")
+    assert failures["id"].tolist() == [victim] and "no such file" in failures["error"].iloc[0]
+    out = tmp_path / "curated"
+    run_curate(
+        cfg, prepared=str(prep), embeddings=str(tmp_path / "emb"), out=str(out), metrics=str(tmp_path / "c.json")
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["missing_embedding"] == 1
+    assert pd.read_parquet(out / "missing.parquet")["uri"].tolist() == [victim]
+    assert victim not in set(pd.read_parquet(out / "manifest.parquet")["uri"])
+
+
+def test_nan_embeddings_are_rejected_by_the_gate(embedded: tuple[Path, Path], tmp_path: Path) -> None:
+    prep, emb = embedded
+    cfg = config()
+    shutil.copytree(emb, tmp_path / "emb")
+    meta = read_meta(tmp_path / "emb")
+    shard = tmp_path / "emb" / meta["shards"][0]["file"]
+    x = np.load(shard)
+    x[1] = np.nan
+    np.save(shard, x)
+    bad_id = pd.read_parquet(str(shard).replace(".npy", ".ids.parquet"))["id"].iloc[1]
+    out = tmp_path / "curated"
+    with pytest.raises(GateFailed) as err:
+        run_curate(cfg, prepared=str(prep), embeddings=str(tmp_path / "emb"), out=str(out), metrics=str(tmp_path / "c"))
+    assert "num_nonfinite" in str(err.value)
+    offending = {i for failure in err.value.result.failures for i in failure.ids}
+    assert offending == {bad_id}  # the report names the row (long ids are shortened in the message itself)
+    assert not out.exists()  # a failed run leaves no manifest that looks complete
+
+
+def test_empty_pool_runs(embedded: tuple[Path, Path], tmp_path: Path) -> None:
+    prep, emb = embedded
+    manifest = pd.read_parquet(prep / "manifest.parquet")
+    (tmp_path / "prep").mkdir()
+    manifest[manifest["source"] != "pool"].to_parquet(tmp_path / "prep" / "manifest.parquet", index=False)
+    cfg = config(**{"curate.include_seeds": True})
+    out = tmp_path / "curated"
+    run_curate(cfg, prepared=str(tmp_path / "prep"), embeddings=str(emb), out=str(out), metrics=str(tmp_path / "c"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["pool"] == 0 and report["counts"]["curated"] == report["per_source"]["seeds/synthetic"]

@@ -1,0 +1,207 @@
+"""Training checkpoints: atomic, pruned, rank-independent, and exactly resumable.
+
+A checkpoint is a folder `<root>/step_<NNNNNNNN>/` holding `state.pt` and `meta.json`. It is written by rank 0 into
+`<root>/.tmp-step_<N>/` and renamed into place, so a folder with the final name is always complete (a crash during
+the write leaves only a `.tmp-` folder, removed at the next save). `state.pt` holds:
+
+- `model`: the full state dict of the `TrainModule` (student, teacher, heads, loss centres), per parameter name;
+- `optimizer`: AdamW's moments per parameter name and its step count (`TrainEngine.full_optimizer_state`);
+- `loop`: step, samples seen (the data position), skipped-step and decode-failure counters;
+- `rng`: every rank's torch / CUDA / Python / NumPy generator states;
+- `fingerprint` and `config`: the configuration it belongs to.
+
+Because weights and moments are stored per parameter, whole, a checkpoint loads on any number of ranks and any ZeRO
+stage (the consolidation route; DeepSpeed's own per-rank files would tie a resume to the world size that saved
+them). On the same world size, a resume reproduces the uninterrupted run bit for bit: the data stream is positional,
+the schedules are functions of the step, and the generators are restored. With another world size each new rank
+takes a seeded generator state.
+
+Only checkpoints of the same configuration are resumed (`config_fingerprint`: the sections that change what is
+computed; run mechanics such as workers, logging or the checkpoint period are left out). A checkpoint of another
+configuration is ignored, and removed when the new run saves its first checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from components.config import PipelineConfig
+from components.log import get_logger
+
+log = get_logger(__name__)
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+FORMAT = 1
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+FINGERPRINT_SECTIONS = ("seed", "model", "dino", "ibot", "teacher", "optim", "crops")
+"""Config sections whose values decide what a run computes (train mechanics excluded, except the batch)."""
+
+
+def config_fingerprint(cfg: PipelineConfig) -> str:
+    """A short hash of the sections a checkpoint depends on, plus the per-rank batch and accumulation."""
+    dumped = cfg.model_dump(mode="json")
+    keys = {s: dumped[s] for s in FINGERPRINT_SECTIONS}
+    keys["batch"] = [cfg.train.batch_size_per_gpu, cfg.train.grad_accum_steps]
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LoopState:
+    """Where a run is: the next step to run and the counters that survive a resume."""
+
+    step: int = 0
+    samples_seen: int = 0
+    """Stream position reached: the data position a resume starts from."""
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    decode_failures: int = 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generator states
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states, in types that `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+def restore_rng(states: list[dict[str, Any]], rank: int, seed: int, step: int) -> None:
+    """Restores this rank's saved generators; a rank the checkpoint did not have is seeded from (seed, step, rank)."""
+    if rank < len(states):
+        set_rng_state(states[rank])
+        return
+    mixed = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    torch.manual_seed(mixed)
+    random.seed(mixed)
+    np.random.seed(mixed)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The folder of checkpoints
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Saves, finds, loads and prunes the checkpoints of one run configuration under `root`.
+
+    Args:
+        root: the checkpoints folder (dvc.yaml keeps it across runs: `persist: true`).
+        keep_last: complete checkpoints of this configuration kept after each save.
+        fingerprint: `config_fingerprint` of the run.
+    """
+
+    def __init__(self, root: str | Path, *, keep_last: int, fingerprint: str) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.fingerprint = fingerprint
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints (any configuration), oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for d in self.root.iterdir():
+            m = _STEP_DIR.match(d.name)
+            if m and (d / STATE_FILE).is_file() and (d / META_FILE).is_file():
+                found.append((int(m.group(1)), d))
+        return sorted(found)
+
+    def _meta(self, path: Path) -> dict[str, Any]:
+        try:
+            return json.loads((path / META_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint of this configuration, or None."""
+        mine = [p for _, p in self.complete() if self._meta(p).get("fingerprint") == self.fingerprint]
+        others = len(self.complete()) - len(mine)
+        if others:
+            log.warning("%d checkpoint(s) in %s belong to another configuration: not resumed", others, self.root)
+        return mine[-1] if mine else None
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        """Writes `state` as the checkpoint of `step` atomically, then prunes (rank 0 only)."""
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save({**state, "format": FORMAT, "fingerprint": self.fingerprint}, tmp / STATE_FILE)
+        meta = {"format": FORMAT, "fingerprint": self.fingerprint, "step": step, "loop": state.get("loop")}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _fsync_dir_files(tmp)
+        if final.exists():  # a re-run that reaches the same step again: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(self.root)
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        """Keeps the newest `keep_last` checkpoints of this configuration; removes the others and stale temp folders."""
+        mine = [p for _, p in self.complete() if self._meta(p).get("fingerprint") == self.fingerprint]
+        doomed = [p for _, p in self.complete() if p not in mine[-self.keep_last :]]
+        doomed += [d for d in self.root.iterdir() if d.name.startswith(".tmp-")]
+        for d in doomed:
+            shutil.rmtree(d, ignore_errors=True)
+
+    @staticmethod
+    def load(path: str | Path) -> dict[str, Any]:
+        """Reads a checkpoint's state on the CPU (tensors, numbers and strings only: `weights_only=True`)."""
+        state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+        if state.get("format") != FORMAT:
+            raise ValueError(f"{path}: checkpoint format {state.get('format')} is not {FORMAT}")
+        return state
+
+
+def loop_state_from(state: dict[str, Any]) -> LoopState:
+    return LoopState(**state["loop"])
+
+
+def loop_state_dict(loop: LoopState) -> dict[str, int]:
+    return asdict(loop)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir_files(folder: Path) -> None:
+    for f in folder.iterdir():
+        _fsync(f)
+    _fsync(folder)

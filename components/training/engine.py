@@ -1,0 +1,502 @@
+"""The training engine: any `TrainModule` under DeepSpeed ZeRO. The only module of the project that imports DeepSpeed.
+
+What it owns, so that models, losses and the loop do not:
+
+- **Distribution.** `init_distributed` starts the process group (NCCL on GPUs, gloo on the CPU); a plain
+  `python -m components pretrain` is a world of one. ZeRO stage 0-3 comes from `train.zero_stage` and the
+  matching `infra/deepspeed/zero<stage>.json` template, whose `"auto"` values are filled from params.yaml.
+- **Precision.** Parameters, gradients and optimizer states stay float32; on GPUs the forward runs under bfloat16
+  autocast (DeepSpeed's `torch_autocast`, which also reduces the linear layers' gradients in bfloat16). Keeping the
+  weights in float32 is what makes the teacher EMA exact: an update of (1 - 0.9995) x (student - teacher) would
+  vanish in bfloat16 weights.
+- **The EMA under every stage.** The teacher lives inside the same DeepSpeed module as the student, so ZeRO-3
+  partitions it exactly like the student (same shapes, same ranks); the EMA runs on each rank's local shards
+  (`ds_tensor`), with no communication. Under stages 0-2 every rank holds full, identical copies and updates them
+  in place.
+- **The step.** Per-step lr / weight decay / last-layer lr on the param groups (layer-wise decay, patch-embedding
+  multiplier and last-layer freeze are group multipliers), gradient accumulation, clipping (`optim.clip_grad`),
+  optional activation checkpointing and `torch.compile`.
+- **The numerical guard.** A non-finite loss on any rank is all-reduced before the backward pass and poisons every
+  rank's gradients; a non-finite gradient norm (over all ranks) then skips the optimizer step everywhere: stage 0
+  drops the gradients before `step()`, ZeRO 1-3 skip in DeepSpeed's own overflow check (verified after each step).
+  The EMA is not applied on a skipped step, so nothing non-finite reaches student or teacher.
+- **Rank-independent state.** `full_model_state` / `full_optimizer_state` gather the training state into plain,
+  per-parameter tensors on rank 0 (the same layout whatever the stage and world size); `TrainEngine(...,
+  initial_state=...)` loads such a state on any number of ranks and any stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from components.config import PipelineConfig
+from components.log import get_logger
+from components.training.module import LossOutput, TrainModule
+
+log = get_logger(__name__)
+
+DEEPSPEED_CONFIG_ENV = "DINOV2_DEEPSPEED_CONFIGS"
+"""Environment variable naming a folder of `zero<stage>.json` templates (default: `infra/deepspeed`)."""
+
+
+def deepspeed_config_dir() -> Path | None:
+    """The templates folder: `$DINOV2_DEEPSPEED_CONFIGS`, else `infra/deepspeed` of the working directory (where
+    DVC runs stages) or of the checkout holding this package; None when there is none (an installed package)."""
+    candidates = [
+        os.environ.get(DEEPSPEED_CONFIG_ENV),
+        "infra/deepspeed",
+        Path(__file__).parents[2] / "infra/deepspeed",
+    ]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Settings (pure)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything the engine needs, resolved from the config (see `from_config`)."""
+
+    zero_stage: int
+    device: str
+    """`cpu` or `cuda`."""
+    precision: str
+    """`bf16` (autocast, float32 weights) or `fp32`."""
+    micro_batch_size: int
+    grad_accum_steps: int
+    clip_grad: float
+    betas: tuple[float, float]
+    layerwise_decay: float
+    patch_embed_lr_mult: float
+    activation_checkpointing: bool = False
+    compile: bool = False
+    config_dir: Path | None = None
+    """Folder of the `zero<stage>.json` templates; None: `deepspeed_config_dir()`."""
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig, **overrides: Any) -> EngineSettings:
+        train, optim = cfg.train, cfg.optim
+        device = resolve_device(train.device)
+        values = {
+            "zero_stage": train.zero_stage,
+            "device": device,
+            "precision": resolve_precision(train.precision, device),
+            "micro_batch_size": train.batch_size_per_gpu,
+            "grad_accum_steps": train.grad_accum_steps,
+            "clip_grad": optim.clip_grad,
+            "betas": (optim.adamw_beta1, optim.adamw_beta2),
+            "layerwise_decay": optim.layerwise_decay,
+            "patch_embed_lr_mult": optim.patch_embed_lr_mult,
+            "activation_checkpointing": train.activation_checkpointing,
+            "compile": train.compile,
+        }
+        return cls(**{**values, **overrides})
+
+
+def resolve_device(choice: str) -> str:
+    """`auto` -> `cuda` when a GPU is visible, else `cpu`; an explicit `cuda` without a GPU is an error."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device = cuda but no CUDA device is visible")
+    return choice
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` -> bf16 on GPUs, fp32 on the CPU (CPU bf16 autocast is slower than fp32 on most CPUs)."""
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return precision
+
+
+_BUILT_IN_TEMPLATE: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "steps_per_print": 10**9,
+    "wall_clock_breakdown": False,
+}
+
+
+def deepspeed_config(settings: EngineSettings, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config: `infra/deepspeed/zero<stage>.json` with its `"auto"` values filled in.
+
+    Raises:
+        ValueError: the template's ZeRO stage is not the requested one, or a value is left `"auto"`.
+    """
+    folder = settings.config_dir or deepspeed_config_dir()
+    path = (folder or Path("<built-in>")) / f"zero{settings.zero_stage}.json"
+    if path.is_file():
+        template = json.loads(path.read_text())
+    else:  # the templates only tune performance (buckets, overlap); the math does not depend on them
+        log.warning("%s not found: DeepSpeed's defaults for ZeRO stage %d", path, settings.zero_stage)
+        template = {**_BUILT_IN_TEMPLATE, "zero_optimization": {"stage": settings.zero_stage}}
+    filled = {
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+        "gradient_accumulation_steps": settings.grad_accum_steps,
+        "train_batch_size": settings.micro_batch_size * settings.grad_accum_steps * world_size,
+        # Stage 0 clips in `TrainEngine` (after its guard; DeepSpeed's stage-0 clip cannot skip a step).
+        "gradient_clipping": settings.clip_grad if settings.zero_stage else 0.0,
+    }
+    config = {k: filled.get(k, v) if v == "auto" else v for k, v in template.items()}
+    config["torch_autocast"] = {"enabled": settings.precision == "bf16", "dtype": "bfloat16"}
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage != settings.zero_stage:
+        raise ValueError(f"{path}: zero_optimization.stage = {stage}, expected {settings.zero_stage}")
+    left = [k for k, v in config.items() if v == "auto"]
+    if left:
+        raise ValueError(f"{path}: no value for {left}")
+    return config
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Distribution
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _deepspeed(device: str) -> Any:
+    """Imports DeepSpeed for `device`, quietly.
+
+    On the CPU, DeepSpeed would JIT-compile a shared-memory all-reduce kernel (about 2 minutes, a C++ compiler
+    needed) that only its inference path uses; training all-reduces through gloo, so the kernel is marked
+    unavailable. `DINOV2_DS_SHM_COMM=1` keeps DeepSpeed's default.
+    """
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    if device == "cpu" and os.environ.get("DINOV2_DS_SHM_COMM") != "1":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    ds_logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Starts the process group once per process and returns (rank, world size).
+
+    Under torchrun or the DeepSpeed launcher the environment names the rank and the rendezvous; a plain process
+    becomes a world of one on a free local port.
+    """
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        _deepspeed(device).init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """Mean over ranks (in place), identity on one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def all_reduce_max(t: Tensor) -> Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step: this rank's mean loss terms over the micro-batches, the global gradient norm (before
+    clipping; inf when non-finite) and whether the step was skipped by the guard."""
+
+    terms: dict[str, Tensor]
+    grad_norm: float
+    skipped: bool
+
+
+def _checkpoint_activations(block: nn.Module) -> None:
+    """Recomputes `block`'s activations in the backward pass (state-dict keys unchanged; RNG replayed)."""
+    forward = block.forward
+
+    @functools.wraps(forward)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    block.forward = wrapped
+
+
+class TrainEngine:
+    """Wraps a `TrainModule` in a DeepSpeed engine and runs guarded optimizer steps.
+
+    Args:
+        module: what is trained (plain torch, on the CPU).
+        settings: see `EngineSettings.from_config`.
+        initial_state: a state from `full_model_state` / `full_optimizer_state` (as saved by `checkpoint`), loaded
+            on any number of ranks: `{"model": ..., "optimizer": ...}`; None starts fresh.
+    """
+
+    def __init__(
+        self, module: TrainModule, settings: EngineSettings, *, initial_state: Mapping[str, Any] | None = None
+    ) -> None:
+        self.settings = settings
+        self.rank, self.world_size = init_distributed(settings.device)
+        deepspeed = _deepspeed(settings.device)
+        if initial_state is not None:
+            module.load_state_dict(initial_state["model"], strict=True)  # before ZeRO copies or partitions it
+        if settings.activation_checkpointing:
+            for block in module.checkpointed_blocks():
+                _checkpoint_activations(block)
+        if settings.compile:
+            for block in module.compiled_blocks():
+                block.compile()
+        groups = module.optim_param_groups(
+            layerwise_decay=settings.layerwise_decay, patch_embed_lr_mult=settings.patch_embed_lr_mult
+        )
+        self.group_meta = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) for g in groups]
+        torch_groups = [{"params": g["params"], "lr": 0.0, "weight_decay": 0.0} for g in groups]
+        fused = settings.device == "cuda"
+        optimizer = torch.optim.AdamW(torch_groups, lr=0.0, betas=settings.betas, fused=fused or None)
+        self.trained = [p for g in groups for p in g["params"]]
+        names = {id(p): n for n, p in module.named_parameters()}
+        self.trained_names = [names[id(p)] for p in self.trained]
+        module.to(settings.device)
+        ds_config = deepspeed_config(settings, self.world_size)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+        self.module: TrainModule = self.ds.module
+        self.stage = settings.zero_stage
+        self._ema = [(list(s.parameters()), list(t.parameters())) for s, t in self.module.ema_pairs()]
+        self._check_ema_shards()
+        self._loss_nonfinite = torch.zeros((), device=self.device)
+        if initial_state is not None and initial_state.get("optimizer"):
+            self.load_optimizer_state(initial_state["optimizer"])
+        log.info(
+            "engine: ZeRO %d, %s, %s, %d rank(s), micro-batch %d x %d accumulation, %d param groups",
+            self.stage, settings.precision, settings.device, self.world_size, settings.micro_batch_size,
+            settings.grad_accum_steps, len(groups),
+        )  # fmt: skip
+
+    # -- properties ------------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return (
+            torch.device(self.settings.device, torch.cuda.current_device())
+            if self.settings.device == "cuda"
+            else torch.device("cpu")
+        )
+
+    @property
+    def global_batch_size(self) -> int:
+        """Images per optimizer step over all ranks."""
+        return self.settings.micro_batch_size * self.settings.grad_accum_steps * self.world_size
+
+    # -- the step --------------------------------------------------------------------------------------------------
+
+    def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def _forward_backward(self, batch: Mapping[str, Any], values: Mapping[str, float]) -> LossOutput:
+        out: LossOutput = self.ds(self.to_device(batch), values)
+        loss = out["loss"]
+        # Every rank learns whether any rank's loss is non-finite before the backward pass; if so, all of them
+        # back-propagate NaN, so the gradient check below sees it on every rank and the step is skipped everywhere.
+        bad = all_reduce_max((~torch.isfinite(loss.detach())).float())
+        self._loss_nonfinite = torch.maximum(self._loss_nonfinite, bad)
+        self.ds.backward(loss * torch.where(bad > 0, torch.nan, 1.0))
+        return {k: v.detach() for k, v in out.items()}
+
+    def train_step(self, micro_batches: Sequence[Mapping[str, Any]], values: Mapping[str, float]) -> StepOutput:
+        """One optimizer step over `grad_accum_steps` micro-batches, guarded; then the EMA with `values["momentum"]`.
+
+        Args:
+            micro_batches: collated batches (on the CPU), one per accumulation step.
+            values: this step's schedule values: lr, last_layer_lr, weight_decay, momentum, teacher_temp.
+        """
+        if len(micro_batches) != self.settings.grad_accum_steps:
+            raise ValueError(f"got {len(micro_batches)} micro-batches, expected {self.settings.grad_accum_steps}")
+        self.apply_schedules(values)
+        sums: dict[str, Tensor] = {}
+        for i, batch in enumerate(micro_batches):
+            out = self._forward_backward(batch, values)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v.float()
+            if i < len(micro_batches) - 1:
+                self.ds.step()  # DeepSpeed counts micro-steps; it updates only at the accumulation boundary
+        grad_norm, skipped = self._guarded_step()
+        if not skipped:
+            self.ema_update(values["momentum"])
+        terms = {k: v / len(micro_batches) for k, v in sums.items()}
+        return StepOutput(terms=terms, grad_norm=grad_norm, skipped=skipped)
+
+    def _guarded_step(self) -> tuple[float, bool]:
+        loss_bad = bool(self._loss_nonfinite.item())
+        self._loss_nonfinite.zero_()
+        if self.stage == 0:
+            # Gradients are full and already averaged over ranks; the flag is reduced anyway, for certainty.
+            grads = [p.grad for p in self.trained if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+            bad = all_reduce_max((~torch.isfinite(norm)).float().to(self.device)).item() > 0 or loss_bad
+            if bad:
+                for p in self.trained:
+                    p.grad = None  # AdamW leaves parameters without gradients (and their moments) untouched
+            elif self.settings.clip_grad and float(norm) > self.settings.clip_grad:
+                torch._foreach_mul_(grads, self.settings.clip_grad / (float(norm) + 1e-6))  # DeepSpeed's formula
+            self.ds.step()
+            return (math.inf if bad else float(norm)), bad
+        self.ds.step()
+        skipped = bool(getattr(self.ds.optimizer, "overflow", False))
+        if loss_bad and not skipped:  # an invariant of the guard, not a hypothetical: fail loudly
+            raise RuntimeError("a non-finite loss reached a ZeRO step that DeepSpeed did not skip")
+        norm = self.ds.get_global_grad_norm()
+        return (math.inf if skipped or norm is None else float(norm)), skipped
+
+    def apply_schedules(self, values: Mapping[str, float]) -> None:
+        """Sets each group's lr and weight decay: base value x the group's multiplier (the last layer follows
+        `last_layer_lr`, 0 while frozen, as the release freezes it)."""
+        for group, (lr_mult, wd_mult, is_last) in zip(self.optimizer.param_groups, self.group_meta, strict=True):
+            group["lr"] = (values["last_layer_lr"] if is_last else values["lr"]) * lr_mult
+            group["weight_decay"] = values["weight_decay"] * wd_mult
+
+    @torch.no_grad()
+    def ema_update(self, momentum: float) -> None:
+        """target <- m target + (1 - m) source for every EMA pair; on local shards under ZeRO-3."""
+        for src, tgt in self._ema:
+            if self.stage == 3:
+                src, tgt = [p.ds_tensor for p in src], [p.ds_tensor for p in tgt]
+            torch._foreach_mul_(tgt, momentum)
+            torch._foreach_add_(tgt, src, alpha=1.0 - momentum)
+
+    def _check_ema_shards(self) -> None:
+        for src, tgt in self._ema:
+            if len(src) != len(tgt):
+                raise ValueError(f"EMA pair with {len(src)} source and {len(tgt)} target parameters")
+            for s, t in zip(src, tgt, strict=True):
+                a, b = (s.ds_tensor, t.ds_tensor) if self.stage == 3 else (s, t)
+                if a.shape != b.shape:
+                    raise ValueError(f"EMA pair shards differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+
+    # -- rank-independent state ------------------------------------------------------------------------------------
+
+    def full_model_state(self) -> dict[str, Tensor]:
+        """The module's full state dict on the CPU, on rank 0 ({} elsewhere). Collective under ZeRO-3."""
+        self.module.sync_state()
+        if self.stage != 3:
+            if self.rank:
+                return {}
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        GatheredParameters = _deepspeed(self.settings.device).zero.GatheredParameters
+
+        params = dict(self.module.named_parameters())
+        out: dict[str, Tensor] = {}
+        for key, value in self.module.state_dict(keep_vars=True).items():
+            if key in params:
+                with GatheredParameters([params[key]], modifier_rank=None):
+                    if self.rank == 0:
+                        out[key] = params[key].detach().to("cpu", copy=True)
+            elif self.rank == 0:
+                out[key] = value.detach().to("cpu", copy=True)
+        return out
+
+    def full_optimizer_state(self) -> dict[str, Any]:
+        """AdamW's state per trained parameter name, full-size, on rank 0 ({} elsewhere). Collective under ZeRO."""
+        exp_avg: dict[str, Tensor] = {}
+        exp_avg_sq: dict[str, Tensor] = {}
+        if self.stage == 0:
+            steps = []
+            for name, p in zip(self.trained_names, self.trained, strict=True):
+                st = self.optimizer.state.get(p, {})
+                if st:
+                    exp_avg[name], exp_avg_sq[name] = st["exp_avg"].cpu().clone(), st["exp_avg_sq"].cpu().clone()
+                    steps.append(float(st["step"]))
+            step = max(steps, default=0.0)
+        else:
+            from deepspeed.utils import safe_get_full_optimizer_state
+
+            self._prime_zero_optimizer_state()
+            for name, p in zip(self.trained_names, self.trained, strict=True):
+                avg, sq = safe_get_full_optimizer_state(p, "exp_avg"), safe_get_full_optimizer_state(p, "exp_avg_sq")
+                if self.rank == 0:
+                    exp_avg[name], exp_avg_sq[name] = avg.float().cpu().clone(), sq.float().cpu().clone()
+            step = max((float(st["step"]) for st in self.optimizer.optimizer.state.values() if st), default=0.0)
+        if self.rank:
+            return {}
+        return {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "betas": list(self.settings.betas)}
+
+    def load_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        """Loads a `full_optimizer_state` (from any stage and world size); parameters it lacks start fresh."""
+        unknown = set(state["exp_avg"]) - set(self.trained_names)
+        if unknown:
+            raise ValueError(f"optimizer state holds parameters this module does not train: {sorted(unknown)[:5]}")
+        step = float(state["step"])
+        if self.stage == 0:
+            sd = self.optimizer.state_dict()
+            for index, name in enumerate(self.trained_names):
+                if name in state["exp_avg"]:
+                    sd["state"][index] = {
+                        "step": torch.tensor(step),
+                        "exp_avg": state["exp_avg"][name].clone(),  # never alias (and later update) the caller's
+                        "exp_avg_sq": state["exp_avg_sq"][name].clone(),
+                    }
+            self.optimizer.load_state_dict(sd)  # moves and casts to each parameter
+            return
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        self._prime_zero_optimizer_state()
+        for name, p in zip(self.trained_names, self.trained, strict=True):
+            if name in state["exp_avg"]:
+                safe_set_full_optimizer_state(p, state["exp_avg"][name].to(self.device), "exp_avg")
+                safe_set_full_optimizer_state(p, state["exp_avg_sq"][name].to(self.device), "exp_avg_sq")
+        for st in self.optimizer.optimizer.state.values():
+            st["step"].fill_(step)
+
+    def _prime_zero_optimizer_state(self) -> None:
+        """Creates AdamW's (lazily built) state on ZeRO's flat partitions and links DeepSpeed's per-parameter views
+        of it, as the first `step()` would, so that state can be read or written before any step."""
+        inner = self.optimizer.optimizer
+        # ZeRO-3 hands its flat fp32 partitions to the optimizer only inside step(); ZeRO 1/2 keep them in the groups.
+        flats = getattr(self.optimizer, "fp32_partitioned_groups_flat", None)
+        if flats is None:
+            flats = [p for group in inner.param_groups for p in group["params"]]
+        fused = bool(inner.defaults.get("fused"))
+        for p in flats:
+            if not inner.state.get(p):
+                step = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+                inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO 1/2 link their fragments lazily; ZeRO-3 reads the state directly
+            # DeepSpeed links every group after stepping the first one only, so the other groups' views stay empty
+            # (it steps groups one at a time): link again now that every group has its state.
+            self.optimizer._hp_optimizer_states_linked = False
+            link()

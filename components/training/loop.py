@@ -1,0 +1,160 @@
+"""The training loop: schedules, guarded steps, metrics, progress, checkpoints and periodic kNN evaluation.
+
+It knows nothing of what is trained (the `TrainModule` inside the engine) nor of DeepSpeed (the engine): each
+iteration takes `grad_accum_steps` micro-batches from the stream, reads the schedules at the step, lets the engine
+run one guarded optimizer step, and every `log_period` steps reports the mean over ranks of every loss term with
+lr, weight decay, momentum, teacher temperature, gradient norm, images/s and memory. A skipped (non-finite) step is
+counted; `max_nonfinite_steps` of them in a row stop the run with `NonFiniteError`, before any checkpoint is
+written, so the newest checkpoint on disk is the last good one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from components.log import get_logger
+from components.training.checkpoint import LoopState
+from components.training.engine import TrainEngine, all_reduce_mean
+
+log = get_logger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient norm."""
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    total_steps: int
+    log_period: int
+    checkpoint_period: int
+    max_nonfinite_steps: int
+    knn_eval_period: int = 0
+    desc: str = "train"
+
+
+@dataclass
+class LoopResult:
+    state: LoopState
+    history: list[dict[str, float]] = field(default_factory=list)
+    """One row per logged, applied step (what the curve CSV and the training-metrics gate read)."""
+    last_checkpoint: Path | None = None
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's resident memory on the CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def train(
+    engine: TrainEngine,
+    batches: Iterator[Mapping[str, Any]],
+    schedules: Any,
+    state: LoopState,
+    settings: LoopSettings,
+    *,
+    save_checkpoint: Callable[[LoopState], Path | None],
+    log_metrics: Callable[[dict[str, float], int], None],
+    knn_eval: Callable[[], dict[str, float]] | None = None,
+    history: list[dict[str, float]] | None = None,
+) -> LoopResult:
+    """Runs steps `state.step` .. `settings.total_steps - 1`, mutating `state`.
+
+    Args:
+        engine: the engine holding the module.
+        batches: this rank's endless micro-batch stream, positioned at `state.samples_seen`.
+        schedules: `components.model.TrainingSchedules` (anything with `at(step) -> dict`).
+        state: where the run is (fresh or restored from a checkpoint).
+        settings: lengths and periods.
+        save_checkpoint: collective; writes a checkpoint (and exports) for `state`, returns its path on rank 0.
+        log_metrics: called on every rank with (metrics, step); the caller logs on rank 0.
+        knn_eval: collective; returns metrics such as `{"knn_top1": ...}`.
+        history: rows logged before a resume (appended to in place, so that a checkpoint can save it).
+    """
+    result = LoopResult(state=state, history=history if history is not None else [])
+    accum = engine.settings.grad_accum_steps
+    bar = tqdm(
+        total=settings.total_steps, initial=state.step, desc=settings.desc, unit="it", disable=engine.rank != 0,
+        dynamic_ncols=True, mininterval=1.0,
+    )  # fmt: skip
+    window_start, window_steps, failures = time.perf_counter(), 0, 0
+    out = None
+    while state.step < settings.total_steps:
+        micro = [next(batches) for _ in range(accum)]
+        failures += sum(int(b.get("decode_failures", 0)) for b in micro)
+        values = schedules.at(state.step)
+        out = engine.train_step(micro, values)
+        state.step += 1
+        state.samples_seen += engine.global_batch_size
+        window_steps += 1
+        _count(state, out.skipped, settings)
+        bar.update(1)
+        last = state.step == settings.total_steps
+        if state.step % settings.log_period == 0 or last:
+            elapsed = time.perf_counter() - window_start
+            row = _metrics(engine, out, values, state, failures, window_steps * engine.global_batch_size / elapsed)
+            failures, window_steps, window_start = 0, 0, time.perf_counter()
+            if (
+                knn_eval is not None
+                and settings.knn_eval_period
+                and (state.step % settings.knn_eval_period == 0 or last)
+            ):
+                row.update(knn_eval())
+            log_metrics(row, state.step)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+            if not out.skipped:
+                result.history.append({"step": state.step, **row})
+        if (state.step % settings.checkpoint_period == 0 and not out.skipped) or last:
+            result.last_checkpoint = save_checkpoint(state)  # never right after a skipped step, unless the last
+    bar.close()
+    return result
+
+
+def _count(state: LoopState, skipped: bool, settings: LoopSettings) -> None:
+    if not skipped:
+        state.nonfinite_in_a_row = 0
+        return
+    state.skipped_steps += 1
+    state.nonfinite_in_a_row += 1
+    log.warning(
+        "step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, %d in total)",
+        state.step - 1, state.nonfinite_in_a_row, state.skipped_steps,
+    )  # fmt: skip
+    if state.nonfinite_in_a_row >= settings.max_nonfinite_steps:
+        raise NonFiniteError(
+            f"{state.nonfinite_in_a_row} consecutive optimizer steps had a non-finite loss or gradient norm "
+            f"(last at step {state.step - 1}; train.max_nonfinite_steps = {settings.max_nonfinite_steps}); "
+            "no weights were updated by them and the newest checkpoint on disk is the last good one"
+        )
+
+
+def _metrics(
+    engine: TrainEngine, out: Any, values: Mapping[str, float], state: LoopState, failures: int, images_per_s: float
+) -> dict[str, float]:
+    """The logged row: loss terms averaged over ranks, schedules, gradient norm, throughput, memory, counters."""
+    names = sorted(out.terms)
+    packed = torch.stack([out.terms[k].float() for k in names] + [torch.tensor(float(failures), device=engine.device)])
+    packed = all_reduce_mean(packed.to(engine.device)).cpu()
+    row = {k: float(v) for k, v in zip(names, packed[:-1], strict=True)}
+    state.decode_failures += round(float(packed[-1]) * engine.world_size)
+    row.update({k: float(v) for k, v in values.items()})
+    row.update(
+        grad_norm=out.grad_norm if math.isfinite(out.grad_norm) else float("nan"),
+        images_per_s=images_per_s,
+        memory_gib=memory_gib(engine.device),
+        skipped_steps=float(state.skipped_steps),
+        decode_failures=float(state.decode_failures),
+        samples_seen=float(state.samples_seen),
+    )
+    return row

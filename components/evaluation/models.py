@@ -1,0 +1,196 @@
+"""Which backbones to evaluate, and how to build them.
+
+The pretrain and distill stages describe each exported backbone with a small `model.json` beside its weights:
+```
+{"arch": "vit_tiny", "patch_size": 14, "num_register_tokens": 0, "weights": "backbone.pth", "role": "teacher"}
+```
+`arch` is a preset of `components.model`; `weights` is relative to the descriptor's folder (default `backbone.pth`);
+`role` is `teacher`, `student` or anything else (kept as given); an optional `name` names the model in the tables
+(default: `teacher`, `student_<arch>`, or the folder name). Any other key that is a backbone override
+(`patch_size`, `num_register_tokens`, `ffn_layer`, `img_size`, `interpolate_offset`, `interpolate_antialias`,
+`embed_dim`, `depth`, `num_heads`, `mlp_ratio`, `layerscale_init`) is passed to `build_backbone`, as is a nested
+`"overrides": {...}` mapping.
+
+Besides the discovered models, the evaluate stage adds a seeded random initialisation of the teacher's preset (the
+`random_init` baseline) and the user's `evaluate.extra_models`: each entry either a path to a `model.json`, or
+`<arch>=<weights>` for an official checkpoint (e.g. `vit_small=/ckpt/dinov2_vits14_pretrain.pth`; use a descriptor
+for register models, which need `num_register_tokens: 4`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from components import storage
+from components.log import get_logger
+
+log = get_logger(__name__)
+
+DESCRIPTOR = "model.json"
+DEFAULT_WEIGHTS = "backbone.pth"
+BASELINE_NAME = "random_init"
+OVERRIDE_KEYS = (
+    "patch_size",
+    "num_register_tokens",
+    "ffn_layer",
+    "img_size",
+    "interpolate_offset",
+    "interpolate_antialias",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "layerscale_init",
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One backbone to evaluate."""
+
+    name: str
+    """Row name in every table and file name under metrics/eval/ (letters, digits, `_.-`)."""
+    arch: str
+    """Preset of `components.model`."""
+    role: str
+    """teacher, student, baseline, official, ..."""
+    weights: str | None
+    """Official-layout backbone file (local or s3://); None: a seeded random initialisation."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Backbone overrides for `build_backbone`."""
+    descriptor: str | None = None
+    """The model.json it was read from."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "role": self.role,
+            "weights": self.weights,
+            "overrides": self.overrides,
+            "descriptor": self.descriptor,
+        }
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+def _overrides(desc: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: desc[k] for k in OVERRIDE_KEYS if k in desc and desc[k] is not None}
+    nested = desc.get("overrides") or {}
+    unknown = set(nested) - set(OVERRIDE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown backbone overrides {sorted(unknown)}; allowed: {list(OVERRIDE_KEYS)}")
+    return {**out, **nested}
+
+
+def read_descriptor(path: str | Path) -> ModelSpec:
+    """Reads a `model.json` into a spec (weights resolved against its folder)."""
+    path = str(path)
+    try:
+        desc = json.loads(storage.read_bytes(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    if "arch" not in desc:
+        raise ValueError(f"{path}: a model descriptor needs an `arch`")
+    folder = os.path.dirname(path)
+    weights = desc.get("weights", DEFAULT_WEIGHTS)
+    if weights is not None and not storage.is_s3(weights) and not os.path.isabs(weights):
+        weights = storage.join(folder, weights)
+    role = str(desc.get("role", "model"))
+    default_name = {"teacher": "teacher", "student": f"student_{desc['arch']}"}.get(role, os.path.basename(folder))
+    return ModelSpec(
+        name=_safe_name(str(desc.get("name", default_name))),
+        arch=str(desc["arch"]),
+        role=role,
+        weights=weights,
+        overrides=_overrides(desc),
+        descriptor=path,
+    )
+
+
+def discover_models(roots: Sequence[str]) -> list[ModelSpec]:
+    """Every `model.json` under the given folders (recursively, sorted); a missing folder is skipped with a warning."""
+    specs = []
+    for root in roots:
+        try:
+            files = storage.list_files(root, recursive=True)
+        except storage.StorageNotFoundError:
+            log.warning("%s does not exist; no models from there", root)
+            continue
+        specs += [read_descriptor(f) for f in files if storage.basename(f) == DESCRIPTOR]
+    return specs
+
+
+def extra_model(entry: str) -> ModelSpec:
+    """A user-supplied model: a descriptor path, or `<arch>=<weights>` (an official checkpoint)."""
+    if entry.endswith(".json"):
+        spec = read_descriptor(entry)
+        return spec if spec.role != "model" else replace(spec, role="official")
+    arch, sep, weights = entry.partition("=")
+    if not sep or not arch or not weights:
+        raise ValueError(f"extra model {entry!r}: expected a model.json path or <arch>=<weights>")
+    stem = storage.basename(weights).rsplit(".", 1)[0]
+    return ModelSpec(name=_safe_name(stem), arch=arch.strip(), role="official", weights=weights.strip())
+
+
+def random_baseline(reference: ModelSpec | None, arch: str, overrides: Mapping[str, Any]) -> ModelSpec:
+    """The seeded random-init baseline: the teacher's preset and overrides when there is a teacher."""
+    if reference is not None:
+        arch, overrides = reference.arch, reference.overrides
+    return ModelSpec(name=BASELINE_NAME, arch=arch, role="baseline", weights=None, overrides=dict(overrides))
+
+
+def unique_names(specs: Sequence[ModelSpec]) -> list[ModelSpec]:
+    """Renames duplicates `name`, `name_2`, ... so every model has its own files and table row."""
+    seen: dict[str, int] = {}
+    out = []
+    for spec in specs:
+        count = seen.get(spec.name, 0)
+        seen[spec.name] = count + 1
+        out.append(spec if count == 0 else replace(spec, name=f"{spec.name}_{count + 1}"))
+    return out
+
+
+def _read_weights(uri: str) -> Mapping[str, Any]:
+    from components.model import read_state_dict
+
+    with storage.local_copy(uri) as path:
+        return read_state_dict(path)
+
+
+def build_model(spec: ModelSpec, *, seed: int) -> nn.Module:
+    """Builds the backbone (weights loaded strictly, or a random init seeded by `seed`), in eval mode, frozen."""
+    from components.model import build_backbone, load_official_weights
+
+    torch.manual_seed(seed)
+    model = build_backbone(spec.arch, **spec.overrides)
+    if spec.weights is not None:
+        load_official_weights(model, _read_weights(spec.weights))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def preprocessing(spec: ModelSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the preset's weights expect (ImageNet's for every DINOv2 preset)."""
+    try:
+        from components.model import get_preset
+
+        preset = get_preset(spec.arch)
+        return tuple(preset.mean), tuple(preset.std)
+    except (ImportError, KeyError):
+        from components.evaluation.features import IMAGENET_MEAN, IMAGENET_STD
+
+        return IMAGENET_MEAN, IMAGENET_STD

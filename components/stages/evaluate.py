@@ -1,0 +1,188 @@
+"""Stage `evaluate`: every backbone's frozen features on the paper's benchmarks.
+
+Run: `python -m components evaluate --prepared data/prepared --pretrained models/pretrain --distilled models/distill
+--out metrics/eval --metrics metrics/evaluate.json` (what dvc.yaml runs; the tasks and protocols are params.yaml's
+`evaluate` section).
+
+Models: every `model.json` under --pretrained and --distilled (components/evaluation/models.py), a seeded random
+initialisation of the teacher's preset (`random_init`), and `evaluate.extra_models`. Outputs under --out:
+```
+<model>/<task>.json      {"model", "task", "metrics": {...}, "details": {...}, "seconds"}
+metrics.csv              long table: model, task, metric, value, lower, upper (the gate's frame; the report reads it)
+summary.json             {"models": {model: {"<task>.<metric>": value}}, "headline": {...}, "timing": {...}}
+models.json              the evaluated models (name, arch, role, weights, descriptor)
+plots/headline.csv       one row per model, one column per task's headline metric (DVC plots)
+samples/<model>.npz      images, patch tokens and predictions behind the report's figures
+gates/                   the evaluation-metrics gate's result and Data Docs
+config.yaml              the resolved config
+```
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components.config import PipelineConfig
+from components.evaluation.datasets import load_eval_datasets
+from components.evaluation.metrics import HEADLINE_METRICS, metric_spec, mlflow_key
+from components.evaluation.models import (
+    ModelSpec,
+    build_model,
+    discover_models,
+    extra_model,
+    random_baseline,
+    unique_names,
+)
+from components.evaluation.outputs import clear_output, write_json
+from components.evaluation.runner import (
+    ImageCache,
+    ModelResult,
+    evaluate_model,
+    finalize_robustness,
+    long_frame_rows,
+)
+from components.log import get_logger
+from components.stage import stage_run
+
+log = get_logger(__name__)
+
+SECTIONS = ("seed", "model", "distill", "evaluate")
+NOT_OURS = ("baseline", "official")
+"""Roles of models that the pipeline did not train."""
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("evaluate.device = cuda but no CUDA device is available")
+    return device
+
+
+def model_specs(cfg: PipelineConfig, pretrained: str, distilled: str) -> list[ModelSpec]:
+    """The discovered backbones, the random-init baseline and the extra models, with unique names."""
+    specs = discover_models([pretrained, distilled])
+    if cfg.evaluate.random_baseline:
+        teacher = next((s for s in specs if s.role == "teacher"), None)
+        m = cfg.model
+        overrides: dict[str, Any] = {
+            "patch_size": m.patch_size,
+            "num_register_tokens": m.num_register_tokens,
+            "img_size": m.img_size,
+            "interpolate_offset": m.interpolate_offset,
+            "interpolate_antialias": m.interpolate_antialias,
+            "layerscale_init": m.layerscale_init,
+        }
+        if m.ffn_layer != "preset":
+            overrides["ffn_layer"] = m.ffn_layer
+        specs.append(random_baseline(teacher, m.arch, overrides))
+    specs += [extra_model(entry) for entry in cfg.evaluate.extra_models]
+    return unique_names(specs)
+
+
+def write_results(out: Path, results: list[ModelResult]) -> pd.DataFrame:
+    """Writes every output file but the gate's; returns the long metrics frame."""
+    for r in results:
+        for task, t in r.tasks.items():
+            write_json(out / r.spec.name / f"{task}.json", t.to_json(r.spec.name))
+        if r.samples:
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(out / "samples" / f"{r.spec.name}.npz", **r.samples)
+    frame = pd.DataFrame(long_frame_rows(results, metric_spec), columns=["model", "task", "metric", "value", "lower",
+                                                                         "upper"])  # fmt: skip
+    frame.to_csv(out / "metrics.csv", index=False)
+    write_json(out / "models.json", [r.spec.to_json() for r in results])
+    summary = {
+        "models": {
+            r.spec.name: {f"{task}.{m}": v for task, t in r.tasks.items() for m, v in t.metrics.items()}
+            for r in results
+        },  # fmt: skip
+        "headline": headline_table(results),
+        "timing": {r.spec.name: {k: round(v, 3) for k, v in r.timing.items()} for r in results},
+    }
+    write_json(out / "summary.json", summary)
+    plots = pd.DataFrame(
+        [
+            {"model": name, **{k.replace(".", "_"): v for k, v in row.items()}}
+            for name, row in summary["headline"].items()
+        ]
+    )
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    plots.to_csv(out / "plots" / "headline.csv", index=False)
+    return frame
+
+
+def headline_table(results: list[ModelResult]) -> dict[str, dict[str, float]]:
+    """{model: {"<task>.<headline metric>": value}} over the tasks each model has."""
+    return {
+        r.spec.name: {
+            f"{task}.{HEADLINE_METRICS[task]}": t.metrics[HEADLINE_METRICS[task]]
+            for task, t in r.tasks.items()
+            if HEADLINE_METRICS.get(task) in t.metrics
+        }
+        for r in results
+    }
+
+
+def run_evaluate(
+    cfg: PipelineConfig, *, prepared: str, pretrained: str, distilled: str, out: str, metrics: str
+) -> None:
+    """Evaluates every model on every configured task and writes the outputs listed in the module docstring."""
+    from components import gates
+
+    out_dir = Path(out)
+    clear_output(out_dir, markers=("metrics.csv", "models.json", "config.yaml"))
+    with stage_run(
+        "evaluate", cfg, sections=SECTIONS, config_out=out_dir / "config.yaml", metrics_out=Path(metrics)
+    ) as run:
+        manifest_path = Path(prepared) / "manifest.parquet"
+        manifest = pd.read_parquet(manifest_path) if manifest_path.is_file() else None
+        if manifest is None:
+            log.warning("%s not found; listing the evaluation folders under %s instead", manifest_path, cfg.data.raw)
+        data = load_eval_datasets(cfg.data.raw, manifest)
+        specs = model_specs(cfg, pretrained, distilled)
+        if not specs:
+            raise ValueError(f"no model to evaluate: no model.json under {pretrained} or {distilled}, "
+                             "evaluate.random_baseline is false and evaluate.extra_models is empty")  # fmt: skip
+        device = resolve_device(cfg.evaluate.device)
+        log.info("evaluating %d models on %s: %s", len(specs), device, ", ".join(s.name for s in specs))
+        cache = ImageCache(data, cfg.evaluate, cfg.seed)
+        results = []
+        for spec in specs:
+            start = time.perf_counter()
+            model = build_model(spec, seed=cfg.seed).to(device)
+            result = evaluate_model(model, spec, data, cfg.evaluate, cache, seed=cfg.seed, device=device)
+            result.timing["total"] = time.perf_counter() - start
+            log.info("%s (%s, %s) evaluated in %.1f s", spec.name, spec.arch, spec.role, result.timing["total"])
+            results.append(result)
+            del model
+        finalize_robustness(results, cfg.evaluate)
+        frame = write_results(out_dir, results)
+        run.gate(
+            "evaluation_metrics", frame, gates.evaluation_metrics_suite(), out_dir / "gates",
+            id_column=list(gates.EVAL_ID_COLUMNS),
+        )  # fmt: skip
+        run.log_metrics({mlflow_key(f"{r.model}.{r.task}.{r.metric}"): r.value for r in frame.itertuples()})
+        for name in ("metrics.csv", "summary.json", "models.json", "plots", "samples"):
+            if (out_dir / name).exists():
+                run.log_artifact(out_dir / name, artifact_path=f"eval/{name}" if (out_dir / name).is_dir() else "eval")
+        headline = headline_table(results)
+        # The stage's headline: the best kNN top-1 among the pipeline's own models (not baselines, not official).
+        ours = [headline[r.spec.name].get("knn.top1", math.nan) for r in results if r.spec.role not in NOT_OURS]
+        best = max((v for v in ours if math.isfinite(v)), default=math.nan)
+        run.record({
+            "num_models": len(results),
+            "models": headline,
+            "task_s": {r.spec.name: {k: round(v, 3) for k, v in r.timing.items()} for r in results},
+            "corruption_render_s": round(cache.render_s, 3),
+        })  # fmt: skip
+        if math.isfinite(best):
+            run.set_headline("knn_top1", best)

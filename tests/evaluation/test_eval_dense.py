@@ -1,0 +1,72 @@
+"""Segmentation and depth heads: the bin read-out, the losses, learning on features with a known answer, and the
+full protocols on the tiny synthetic world."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from components.evaluation.datasets import load_eval_datasets
+from components.evaluation.depth import DPTHead, LinearDepthHead, bins_to_depth, run_depth, sig_loss
+from components.evaluation.segmentation import run_segmentation, train_seg_head
+
+
+def test_bins_to_depth() -> None:
+    centres = torch.linspace(1.0, 10.0, 4)  # 1, 4, 7, 10
+    uniform = bins_to_depth(torch.zeros(1, 4, 1, 1), centres)
+    assert uniform.item() == pytest.approx(5.5)  # equal weights: the mean of the centres
+    peaked = bins_to_depth(torch.tensor([0.0, 0.0, 1e4, 0.0]).view(1, 4, 1, 1), centres)
+    assert peaked.item() == pytest.approx(7.0, abs=1e-3)  # (ReLU + 0.1): one dominant bin
+    # (ReLU(l) + 0.1) / sum: negative logits count as 0.1 each
+    mixed = bins_to_depth(torch.tensor([-5.0, 0.9, -1.0, -1.0]).view(1, 4, 1, 1), centres)
+    assert mixed.item() == pytest.approx((0.1 * 1 + 1.0 * 4 + 0.1 * 7 + 0.1 * 10) / 1.3)
+
+
+def test_sig_loss_known_values() -> None:
+    gt = torch.rand(1, 1, 4, 4) * 5 + 1
+    valid = gt > 0
+    assert sig_loss(gt, gt, valid).item() == pytest.approx(0.0, abs=1e-6)
+    # A prediction off by a constant factor: g is constant (variance 0), loss = sqrt(0.15) |mean g|.
+    doubled = sig_loss(2 * gt + 1e-3, gt, valid).item()  # +eps inside the logs: log(2 gt + 2 eps) - log(gt + eps)
+    assert doubled == pytest.approx(math.sqrt(0.15) * math.log(2), rel=1e-4)
+
+
+def test_head_shapes() -> None:
+    x = torch.randn(2, 10, 3, 4)
+    assert LinearDepthHead(10, n_bins=8, min_depth=0.1, max_depth=5).forward(x).shape == (2, 1, 12, 16)
+    maps = [(torch.randn(2, 32, 4, 4), torch.randn(2, 32)) for _ in range(4)]
+    out = DPTHead(32, features=16, min_depth=0.1)(maps)
+    assert out.shape == (2, 1, 64, 64) and (out >= 0.1).all()
+
+
+def test_segmentation_head_learns_features_that_encode_the_class() -> None:
+    """Features are one-hot class maps at patch resolution: a linear head must reach perfect pixel accuracy."""
+    rng = np.random.default_rng(0)
+    classes = torch.as_tensor(rng.integers(0, 3, size=(24, 4, 4)))
+    feats = torch.nn.functional.one_hot(classes, 3).permute(0, 3, 1, 2).float() * 3  # (N, 3, 4, 4)
+    targets = classes.repeat_interleave(4, 1).repeat_interleave(4, 2)  # nearest x4 upsampling: (N, 16, 16)
+    head = train_seg_head(feats, targets, num_classes=3, ignore_index=255, epochs=60, lr=0.05, batch_size=8, seed=0)
+    with torch.no_grad():
+        logits = torch.nn.functional.interpolate(head(feats), size=(16, 16), mode="nearest")
+    assert (logits.argmax(1) == targets).float().mean().item() == 1.0
+
+
+def test_dense_protocols_on_the_tiny_world(tiny_world, vit_test) -> None:
+    root, _ = tiny_world
+    data = load_eval_datasets(str(root))
+    kw = dict(side=28, epochs=2, batch_size=4, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_samples=2)
+    seg, samples = run_segmentation(vit_test, data.segmentation, variants=("linear", "ms"), ms_scales=(1.0, 1.5), **kw)
+    assert set(seg) == {"linear", "ms"}
+    for metrics, _details in seg.values():
+        assert 0 <= metrics["miou"] <= 1 and 0 <= metrics["pixel_acc"] <= 1
+    assert seg["ms"][1]["blocks"] == [0, 1] and seg["ms"][1]["flip"] and seg["linear"][1]["blocks"] == [1]
+    assert samples["seg_pred"].shape == samples["seg_gt"].shape == (2, 28, 28)
+    dep, samples = run_depth(vit_test, data.depth, heads=("linear", "linear4", "dpt"), dpt_features=16, **kw)
+    assert set(dep) == {"linear", "linear4", "dpt"}
+    for metrics, details in dep.values():
+        assert metrics["rmse"] > 0 and 0 <= metrics["delta1"] <= 1 and details["num_val_scored"] == 4
+    lo, hi = samples["depth_range"]
+    assert samples["depth_pred"].min() >= lo - 1e-3 and samples["depth_pred"].max() <= hi + 1e-2

@@ -13,20 +13,35 @@ from `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`; boto3 reads both natively), r
 with 5 attempts unless `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` say otherwise. Nothing here runs at import.
 
 Errors are `StorageError` (an `OSError`) whose message starts with the URI; a missing local folder, bucket, prefix or
-object is a `StorageNotFoundError`, also a `FileNotFoundError`.
+object is a `StorageNotFoundError`, also a `FileNotFoundError`; a malformed URI (an S3 key with `..`, `.` or empty
+segments, a leading `/`, control characters; a bad bucket name) is an `InvalidURIError`, also a `ValueError`.
+
+Large files (checkpoints, exported models) move with `upload_file` / `download_file`: multipart in parallel parts, each
+part retried with exponential backoff (an S3 server that restarts mid-transfer costs a pause, not the transfer), the
+object visible under its key only once complete, its sha256 stored in the object's metadata at upload and verified
+after download, the local file renamed into place only once verified. Credentials are never logged.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
+import random
 import re
+import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from components.log import get_logger
 
 S3_SCHEME = "s3://"
 TAR_SUFFIX = ".tar"
@@ -39,6 +54,8 @@ _CONNECT_TIMEOUT_S = 10  # botocore's default of 60 s makes a black-holed endpoi
 _READ_TIMEOUT_S = 60
 _DEFAULT_MAX_ATTEMPTS = 5
 _S3_PAGE_SIZE = 1000  # list_objects_v2's maximum; tests lower it to exercise pagination
+
+log = get_logger(__name__)
 
 
 class StorageError(OSError):
@@ -53,6 +70,10 @@ class StorageNotFoundError(StorageError, FileNotFoundError):
     """A local folder or file, an S3 bucket, prefix or object that does not exist."""
 
 
+class InvalidURIError(StorageError, ValueError):
+    """A URI that must not be used: an unsafe or malformed S3 key, or an invalid bucket name."""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # URIs
 # --------------------------------------------------------------------------------------------------------------------
@@ -63,14 +84,52 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
 
 
+# Bucket names: S3's characters (AWS also wants lower case and 3 to 63 characters; S3-compatible servers and legacy
+# buckets are laxer, so only what could change the meaning of a path is refused here).
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_MAX_KEY_BYTES = 1024
+
+
 def split_s3(uri: str) -> tuple[str, str]:
-    """Splits `s3://bucket/key` into (bucket, key); the key may be empty."""
+    """Splits `s3://bucket/key` into (bucket, key), both validated; the key may be empty or end in `/` (a prefix).
+
+    Raises:
+        InvalidURIError: No or an invalid bucket name, or an unsafe key (see `validate_key`).
+    """
     if not is_s3(uri):
-        raise ValueError(f"{uri}: not an s3:// URI")
+        raise InvalidURIError(uri, "not an s3:// URI")
     bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
     if not bucket:
-        raise ValueError(f"{uri}: no bucket name")
+        raise InvalidURIError(uri, "no bucket name")
+    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise InvalidURIError(uri, f"invalid bucket name {bucket!r} (up to 63 of a-z, 0-9, '.', '-', '_')")
+    validate_key(key, uri)
     return bucket, key
+
+
+def validate_key(key: str, uri: str | None = None) -> str:
+    """Refuses S3 keys that could escape their prefix or be read as another path by an S3 server or a local mirror.
+
+    A key may be empty (the bucket) and may end in one `/` (a prefix); otherwise it has no leading `/` (absolute),
+    no empty, `.` or `..` segment, no control character, and at most 1024 bytes.
+
+    Raises:
+        InvalidURIError: Naming the URI (or the key) and the rule it breaks.
+    """
+    name = uri or key
+    if not key:
+        return key
+    if key.startswith("/"):
+        raise InvalidURIError(name, "S3 key is absolute (starts with '/')")
+    if len(key.encode("utf-8", "surrogatepass")) > _MAX_KEY_BYTES:
+        raise InvalidURIError(name, f"S3 key longer than {_MAX_KEY_BYTES} bytes")
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise InvalidURIError(name, "S3 key contains a control character")
+    segments = key[:-1].split("/") if key.endswith("/") else key.split("/")
+    for segment in segments:
+        if segment in ("", ".", ".."):
+            raise InvalidURIError(name, f"S3 key has an empty, '.' or '..' segment: {key!r}")
+    return key
 
 
 def join(base: str, *parts: str) -> str:
@@ -356,18 +415,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         with _s3_errors(uri):
             s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
-    target = Path(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_file(Path(uri)) as f:
+        f.write(data)
 
 
 def exists(uri: str) -> bool:
@@ -391,3 +440,453 @@ def exists(uri: str) -> bool:
     except StorageNotFoundError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Large files: multipart transfers with retries and verified checksums
+# --------------------------------------------------------------------------------------------------------------------
+
+SHA256_METADATA = "sha256"
+"""Object metadata key (`x-amz-meta-sha256`) holding the hex sha256 of the whole object, written by `upload_file`."""
+MiB = 1024 * 1024
+_STREAM_CHUNK = MiB  # bytes read from a GET's body at a time
+_MAX_PARTS = 10_000  # S3's limit per multipart upload
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How `upload_file` and `download_file` split and retry a transfer.
+
+    The retry budget outlasts a restart of the S3 server: with the defaults a part is tried 10 times over at least
+    ~38 s (each wait is half fixed, half random, doubling from `backoff_base_s` up to `backoff_max_s`).
+
+    Attributes:
+        part_size: Bytes per multipart part and per ranged GET (S3 requires at least 5 MiB for all but the last part).
+        multipart_threshold: Files up to this size move in a single request.
+        max_concurrency: Parts in flight at once.
+        max_attempts: Tries per request (a part, the start or the completion of an upload) before the transfer fails.
+        backoff_base_s: Wait before the second try; doubled for each further try.
+        backoff_max_s: Cap of one wait.
+    """
+
+    part_size: int = 16 * MiB  # measured on SeaweedFS: 8-64 MiB parts are all within noise; 16 keeps a retry cheap
+    multipart_threshold: int = 16 * MiB
+    max_concurrency: int = 8
+    max_attempts: int = 10
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.part_size < 5 * MiB:
+            raise ValueError(f"part_size must be at least 5 MiB (S3's minimum), got {self.part_size}")
+        if self.max_concurrency < 1 or self.max_attempts < 1:
+            raise ValueError("max_concurrency and max_attempts must be at least 1")
+
+
+ProgressCallback = Callable[[int], None]
+"""Called with the number of bytes just transferred (from worker threads: keep it thread-safe and quick)."""
+
+
+def sha256_file(path: str | Path, chunk_size: int = 8 * MiB) -> str:
+    """Hex sha256 of a local file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def upload_file(
+    local: str | Path,
+    uri: str,
+    *,
+    config: TransferConfig | None = None,
+    callback: ProgressCallback | None = None,
+) -> str:
+    """Copies a local file to an S3 object or a local path, atomically, with its sha256 recorded; returns the sha256.
+
+    On S3 a file larger than `config.multipart_threshold` goes up as a multipart upload: parts in parallel, each
+    retried with backoff on connection errors, throttling and server errors; S3 shows the object under its key only
+    when the upload completes, so a reader never sees a partial object, and a failed upload is aborted. The sha256 is
+    stored as object metadata (`x-amz-meta-sha256`) for `download_file` to verify; size and sha256 are checked with a
+    HEAD once the object is complete. The file must not change while it is uploaded (write checkpoints first).
+
+    Args:
+        local: The file to upload.
+        uri: `s3://bucket/key` (the key validated, see `validate_key`) or a local path.
+        config: Part size, concurrency and retry budget.
+        callback: Progress, in bytes.
+
+    Raises:
+        StorageNotFoundError: `local` does not exist or the bucket does not.
+        InvalidURIError: The URI is unsafe or names a prefix.
+        StorageError: The transfer failed after its retries; the key still holds what it held before (nothing, or
+            the previous object), never a part of this file.
+    """
+    config = config or TransferConfig()
+    source = Path(local)
+    if is_tar_member(uri):
+        raise StorageError(uri, "tar members are read-only")
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        if not key or key.endswith("/"):
+            raise InvalidURIError(uri, "an upload needs an object key, not a bucket or prefix")
+    if not source.is_file():
+        raise StorageNotFoundError(str(local), "no such file to upload")
+    sha256 = sha256_file(source)
+    if not is_s3(uri):
+        _copy_local(source, Path(uri), callback)
+        return sha256
+    size = source.stat().st_size
+    if size <= config.multipart_threshold:
+
+        def put() -> None:
+            data = source.read_bytes()
+            s3_client().put_object(
+                Bucket=bucket, Key=key, Body=data, Metadata={SHA256_METADATA: sha256}, ContentMD5=_md5_b64(data)
+            )
+
+        _retrying(uri, put, config)
+        if callback:
+            callback(size)
+    else:
+        _multipart_upload(source, uri, bucket, key, size, sha256, config, callback)
+    head = _retrying(uri, lambda: s3_client().head_object(Bucket=bucket, Key=key), config)
+    if head["ContentLength"] != size or head.get("Metadata", {}).get(SHA256_METADATA) != sha256:
+        raise StorageError(uri, f"uploaded object does not match {source} (size {head['ContentLength']} of {size})")
+    return sha256
+
+
+def download_file(
+    uri: str,
+    local: str | Path,
+    *,
+    config: TransferConfig | None = None,
+    callback: ProgressCallback | None = None,
+    require_checksum: bool = False,
+) -> str:
+    """Copies an S3 object (or a local file) to a local path, verified, atomically; returns the sha256.
+
+    Large objects come down as parallel ranged GETs pinned to the object's ETag (an object replaced mid-download is
+    an error, not a mix of two versions), each retried with backoff. The bytes go to a hidden temporary file beside
+    the target, are checked against the sha256 recorded at upload, and only then renamed over the target.
+
+    Args:
+        uri: `s3://bucket/key` or a local path.
+        local: The file to write (its folder is created).
+        config: Part size, concurrency and retry budget.
+        callback: Progress, in bytes.
+        require_checksum: Refuse objects without a recorded sha256 (not written by `upload_file`); otherwise those
+            are checked for size only.
+
+    Raises:
+        StorageNotFoundError: No such object or file.
+        StorageError: A checksum or size mismatch (nothing is written), or the transfer failed after its retries.
+    """
+    config = config or TransferConfig()
+    target = Path(local)
+    if not is_s3(uri):
+        source = Path(uri)
+        if not source.is_file():
+            raise StorageNotFoundError(uri, "no such file")
+        _copy_local(source, target, callback)
+        return sha256_file(target)
+    bucket, key = split_s3(uri)
+    if not key or key.endswith("/"):
+        raise InvalidURIError(uri, "a download needs an object key, not a bucket or prefix")
+    head = _retrying(uri, lambda: s3_client().head_object(Bucket=bucket, Key=key), config)
+    size, etag = int(head["ContentLength"]), head["ETag"]
+    expected = head.get("Metadata", {}).get(SHA256_METADATA)
+    if expected is None and require_checksum:
+        raise StorageError(uri, f"no sha256 recorded in the object's metadata ({SHA256_METADATA})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.ftruncate(fd, size)
+        ranges = [(start, min(config.part_size, size - start)) for start in range(0, size, config.part_size)]
+
+        def fetch(start: int, length: int) -> None:
+            def get() -> int:
+                # Streamed into place chunk by chunk (memory stays at a chunk per thread); a retry rewrites the range.
+                body = s3_client().get_object(
+                    Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}", IfMatch=etag
+                )["Body"]
+                written = 0
+                with body:
+                    for chunk in body.iter_chunks(_STREAM_CHUNK):
+                        written += os.pwrite(fd, chunk, start + written)
+                return written
+
+            written = _retrying(uri, get, config)
+            if written != length:
+                raise StorageError(uri, f"short read: {written} of {length} bytes at offset {start}")
+            if callback:
+                callback(length)
+
+        _run_parallel(fetch, ranges, config.max_concurrency)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        actual = sha256_file(tmp)
+        if expected is not None and actual != expected:
+            raise StorageError(uri, f"checksum mismatch: sha256 {actual}, expected {expected}; nothing was written")
+        os.replace(tmp, target)
+        return actual
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def upload_tree(local_dir: str | Path, uri: str, *, config: TransferConfig | None = None) -> dict[str, str]:
+    """Uploads every file under a folder (a checkpoint, an export) with `upload_file`; returns {relative path: sha256}.
+
+    Files go up one after the other (each in parallel parts), `model.json`-style descriptors last, so a reader that
+    waits for the descriptor finds the weights already complete.
+    """
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise StorageNotFoundError(str(local_dir), "no such folder to upload")
+    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: (p.suffix == ".json", str(p)))
+    out: dict[str, str] = {}
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        out[rel] = upload_file(path, join(uri, rel), config=config)
+    return out
+
+
+def download_tree(uri: str, local_dir: str | Path, *, config: TransferConfig | None = None) -> dict[str, str]:
+    """Downloads every object under a prefix (or every file under a folder) into `local_dir`, each verified.
+
+    Keys map to paths below `local_dir` only: a key with `..`, `.` or empty segments is refused (`validate_key`), so
+    a hostile listing cannot write outside the folder.
+    """
+    base = normalize(uri)
+    out: dict[str, str] = {}
+    for item in list_files(uri):
+        rel = item[len(base) :].lstrip("/") if is_s3(item) else os.path.relpath(item, base)
+        validate_key(rel, item)
+        out[rel] = download_file(item, Path(local_dir) / rel, config=config)
+    return out
+
+
+@contextmanager
+def local_copy(uri: str, *, config: TransferConfig | None = None) -> Iterator[Path]:
+    """A local path to read `uri` from: the file itself, or a verified download of the S3 object (streamed to disk,
+    never held in memory) into a temporary folder that is removed when the block ends."""
+    if not is_s3(uri):
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="dinov2-s3-") as tmp:
+        path = Path(tmp) / basename(uri)
+        download_file(uri, path, config=config)
+        yield path
+
+
+@contextmanager
+def _atomic_file(target: Path) -> Iterator[Any]:
+    """A binary file object for `target`: a hidden temporary file in the same folder, flushed to disk and renamed over
+    the target when the block ends, removed if it raises."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _copy_local(source: Path, target: Path, callback: ProgressCallback | None) -> None:
+    """Copies through a hidden temporary file renamed over the target, as `write_bytes` does."""
+    with _atomic_file(target) as dst, open(source, "rb") as src:
+        shutil.copyfileobj(src, dst, 8 * MiB)
+    if callback:
+        callback(target.stat().st_size)
+
+
+def _md5_b64(data: bytes) -> str:
+    """Content-MD5 header value: S3 rejects a part whose bytes were damaged in transit."""
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+
+class _UploadGoneError(Exception):
+    """The server no longer knows the multipart upload (it was aborted or expired): start a new one."""
+
+
+def _multipart_upload(
+    source: Path,
+    uri: str,
+    bucket: str,
+    key: str,
+    size: int,
+    sha256: str,
+    config: TransferConfig,
+    callback: ProgressCallback | None,
+) -> None:
+    """One multipart upload; restarted once from scratch if the server loses it, aborted on failure."""
+    for restart in range(2):
+        upload_id = _retrying(
+            uri,
+            lambda: s3_client().create_multipart_upload(Bucket=bucket, Key=key, Metadata={SHA256_METADATA: sha256})[
+                "UploadId"
+            ],
+            config,
+        )
+        try:
+            _upload_parts_and_complete(source, uri, bucket, key, size, sha256, upload_id, config, callback)
+            return
+        except _UploadGoneError:
+            if restart:
+                raise StorageError(uri, "the server lost the multipart upload twice") from None
+        except BaseException:
+            _abort_quietly(bucket, key, upload_id)
+            raise
+
+
+def _upload_parts_and_complete(
+    source: Path,
+    uri: str,
+    bucket: str,
+    key: str,
+    size: int,
+    sha256: str,
+    upload_id: str,
+    config: TransferConfig,
+    callback: ProgressCallback | None,
+) -> None:
+    etags: dict[int, str] = {}
+    lock = threading.Lock()
+    fd = os.open(source, os.O_RDONLY)
+    try:
+
+        def send(number: int, start: int, length: int) -> None:
+            data = os.pread(fd, length, start)
+            if len(data) != length:
+                raise StorageError(str(source), f"file changed during the upload (short read at {start})")
+            md5 = _md5_b64(data)
+
+            def put_part() -> str:
+                return s3_client().upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, ContentMD5=md5
+                )["ETag"]
+
+            etag = _retrying(uri, put_part, config)
+            with lock:
+                etags[number] = etag
+            if callback:
+                callback(length)
+
+        # Parts grow past config.part_size only for files beyond S3's 10,000 parts (160 GiB at 16 MiB).
+        part_size = max(config.part_size, -(-size // _MAX_PARTS))
+        starts = range(0, size, part_size)
+        parts = [(i + 1, start, min(part_size, size - start)) for i, start in enumerate(starts)]
+        _run_parallel(send, parts, config.max_concurrency)
+    finally:
+        os.close(fd)
+
+    manifest = {"Parts": [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]}
+
+    def complete() -> None:
+        try:
+            s3_client().complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload=manifest)
+        except Exception as err:
+            # A completion whose response was lost is retried, and the server has forgotten the upload by then:
+            # the object is there if its recorded checksum is ours.
+            if _error_code(err) == "NoSuchUpload" and _object_sha256(bucket, key) == sha256:
+                return
+            raise
+
+    _retrying(uri, complete, config)
+
+
+def _object_sha256(bucket: str, key: str) -> str | None:
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key).get("Metadata", {}).get(SHA256_METADATA)
+    except Exception:  # noqa: BLE001 - only a hint for a lost completion response
+        return None
+
+
+def _abort_quietly(bucket: str, key: str, upload_id: str) -> None:
+    """Frees the parts of a failed upload (best effort: the server may be the reason it failed)."""
+    # The original error matters more; a lifecycle rule (AbortIncompleteMultipartUpload) cleans up leftovers.
+    with suppress(Exception):
+        s3_client().abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+
+def _run_parallel(fn: Callable[..., None], jobs: list[tuple[Any, ...]], max_workers: int) -> None:
+    """Runs `fn(*job)` for every job on a thread pool; the first error cancels what has not started and is raised."""
+    if len(jobs) <= 1 or max_workers == 1:
+        for job in jobs:
+            fn(*job)
+        return
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(jobs)), thread_name_prefix="s3-transfer") as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+_RETRYABLE_CODES = frozenset(
+    {
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "BadDigest",  # a part damaged in transit: send it again
+        "IncompleteBody",
+    }
+)
+
+
+def _error_code(err: BaseException) -> str:
+    response = getattr(err, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _retryable(err: BaseException) -> bool:
+    """Connection failures, timeouts, throttling and 5xx are worth another try; 4xx answers (bad input) are not."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(err, NoCredentialsError | PartialCredentialsError):
+        return False
+    if isinstance(err, ClientError):
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or _error_code(err) in _RETRYABLE_CODES
+    return isinstance(err, BotoCoreError | ConnectionError | TimeoutError)
+
+
+def _retrying(uri: str, call: Callable[[], Any], config: TransferConfig) -> Any:
+    """`call()`, retried with exponential backoff (equal jitter) on transient errors; errors become StorageErrors.
+
+    A `NoSuchUpload` answer raises `_UploadGoneError` so that the caller can start the upload again.
+    """
+    for attempt in range(config.max_attempts):
+        try:
+            with _s3_errors(uri):
+                return call()
+        except StorageError as err:
+            cause = err.__cause__
+            if cause is not None and _error_code(cause) == "NoSuchUpload":
+                raise _UploadGoneError() from err
+            if cause is None or not _retryable(cause) or attempt == config.max_attempts - 1:
+                if attempt:
+                    raise StorageError(uri, f"{str(err).removeprefix(f'{uri}: ')} (after {attempt + 1} tries)") from err
+                raise
+            delay = min(config.backoff_max_s, config.backoff_base_s * 2**attempt)
+            delay = delay / 2 + random.uniform(0, delay / 2)
+            log.warning("%s; try %d of %d in %.1f s", err, attempt + 2, config.max_attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

@@ -185,3 +185,26 @@ def test_s3_tar_members(s3_bucket: str, tmp_path: Path) -> None:
         (m.name, m.offset, m.size) for m in storage.list_tar_members(str(tmp_path / "s.tar"))
     ]
     assert {m.name: storage.read_bytes(m.uri) for m in listed} == members
+
+
+@pytest.mark.services
+def test_weights_on_s3_load_through_a_verified_local_copy(s3_bucket: str, tmp_path: Path) -> None:
+    import torch
+
+    from components.evaluation.models import ModelSpec, build_model
+    from components.model import build_backbone
+
+    source = build_backbone("vit_test")
+    local = tmp_path / "backbone.pth"
+    torch.save(source.state_dict(), local)
+    uri = f"s3://{s3_bucket}/weights/backbone.pth"
+    storage.upload_file(str(local), uri)
+    with storage.local_copy(uri) as path:
+        copy = path
+        assert path.read_bytes() == local.read_bytes() and path.name == "backbone.pth"
+    assert not copy.exists()  # the temporary copy is removed with its folder
+    with storage.local_copy(str(local)) as path:
+        assert path == local  # a local file is read in place
+    loaded = build_model(ModelSpec(name="m", arch="vit_test", role="teacher", weights=uri), seed=1)
+    for name, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name

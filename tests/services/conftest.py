@@ -1,0 +1,101 @@
+"""One real service stack per session, and one pipeline run through it, shared by the tests in this folder.
+
+    .venv/bin/python -m pytest tests/services -m services
+
+`stack` runs MLflow, a Prefect server and a process worker (infra.services, the code behind `make services`) on free
+ports of 127.0.0.1 in a temporary state folder, around the session's SeaweedFS (`seaweedfs` in tests/conftest.py).
+`pipeline_run` registers prefect.yaml's deployments from a tiny copy of the project, starts the pipeline deployment
+through the Prefect API (what the UI's Run button does), and waits for the worker to finish it; the tests then look
+at what it left in Prefect, MLflow, S3 and DVC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.pipeline_utils import ROOT, make_workspace
+from tests.services.stack_utils import (
+    DVC_REMOTE,
+    FLOW_RUN_TIMEOUT_S,
+    RUN_PARAMETERS,
+    PipelineRun,
+    client_env,
+    git_env,
+    prefect_call,
+    run,
+)
+
+
+@pytest.fixture(scope="session")
+def stack(seaweedfs: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """MLflow, Prefect server and worker on free ports, sharing the session's SeaweedFS."""
+    from infra.services import Ports, ServiceError, Stack, StackConfig
+
+    config = StackConfig(state_dir=tmp_path_factory.mktemp("services"), ports=Ports.free(), worker_query_seconds=1.0)
+    services = Stack(config, s3=seaweedfs)
+    try:
+        services.start()
+    except ServiceError as err:
+        services.stop()
+        pytest.fail(f"the service stack did not start: {err}")
+    try:
+        yield services
+    finally:
+        services.stop()
+
+
+@pytest.fixture(scope="session")
+def project(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny copy of the project in its own git + DVC repository, with an S3 DVC remote, deployed to Prefect."""
+    path = make_workspace(tmp_path_factory.mktemp("stack") / "project")
+    for dep in ("infra/deepspeed",):  # dvc.yaml deps that make_workspace may not copy
+        if (ROOT / dep).exists() and not (path / dep).exists():
+            shutil.copytree(ROOT / dep, path / dep)
+    env = client_env(stack)
+    dvc = [sys.executable, "-m", "dvc"]
+    # The remote's URL and endpoint are committed (a fresh clone finds them); credentials stay in the environment.
+    run([*dvc, "remote", "add", "-d", DVC_REMOTE, "s3://dinov2-dvc/tests"], path, env)
+    run([*dvc, "remote", "modify", DVC_REMOTE, "endpointurl", stack.s3.endpoint], path, env)
+    run(["git", "add", "-A"], path, git_env())
+    run(["git", "commit", "-q", "-m", "S3 remote"], path, git_env())
+    stack.deploy(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(stack: Any, project: Path) -> PipelineRun:
+    """The pipeline deployment, started through the Prefect API and run to the end by the stack's worker."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import stage_order, upstream_of
+
+    stage = RUN_PARAMETERS.get("stage")
+    with contextlib.chdir(project):  # DVC resolves a stage name against the working directory's dvc.yaml
+        stages = upstream_of(project, stage) if stage else stage_order(project)
+
+    async def scenario(client: Any) -> tuple[Any, Any, list[Any]]:
+        deployment = await client.read_deployment_by_name("dinov2-pipeline/pipeline")
+        flow_run = await client.create_flow_run_from_deployment(deployment.id, parameters=RUN_PARAMETERS)
+        deadline = time.monotonic() + FLOW_RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            flow_run = await client.read_flow_run(flow_run.id)
+            if flow_run.state is not None and flow_run.state.is_final():
+                break
+            await asyncio.sleep(2)
+        task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        return deployment, flow_run, task_runs
+
+    deployment, flow_run, task_runs = prefect_call(stack, scenario)
+    if not (flow_run.state and flow_run.state.is_completed()):
+        tail = stack.worker.process.log_tail(6000)
+        pytest.fail(f"the deployment run ended {flow_run.state!r}; worker log tail:\n{tail}")
+    return PipelineRun(project, deployment, flow_run, task_runs, stages)

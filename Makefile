@@ -9,7 +9,7 @@ CONSTRAINTS := infra/constraints.txt
 FAISS_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint services services-stop clean
+.PHONY: demo test install lint services services-stop browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,25 @@ demo: install
 	$(BIN)/python -m flows.pipeline
 
 # Creates or updates the environment, then runs the default test suite (slow and GPU tests are opt-in).
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# The local service stack without Docker (SeaweedFS S3, MLflow, Prefect server and worker) on 127.0.0.1, state in
+# .services/; `start` prints the UIs' URLs and registers prefect.yaml's deployments. infra/services/README.md.
+services: install
+	$(BIN)/python -m infra.services start
+
+services-stop:
+	$(BIN)/python -m infra.services stop
+
+# Debian's Chromium for the UI tests (tests/services/test_ui.py), installed only when missing, as root, with apt-get.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing Debian's chromium for the UI tests"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else echo "note: /usr/bin/chromium is missing (sudo apt-get install chromium); the UI tests will skip"; fi; \
+	fi
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

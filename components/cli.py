@@ -113,8 +113,9 @@ STAGES: dict[str, StageSpec] = {
             PathArg("curated", "data/curated", "the curate stage's output"),
             PathArg("teacher", "models/pretrain", "the pretrain stage's exported models"),
             PathArg("checkpoints", "checkpoints/distill", "resumable training checkpoints (kept across runs)"),
-            PathArg("out", "models/distill", "one exported student backbone per preset"),
+            PathArg("out", "models/distill", "one exported student per preset: <out>/<preset>/ (official layout)"),
             _metrics("distill"),
+            PathArg("curve", "metrics/distill_curve.csv", "step metrics of the run, per student (DVC plot)"),
         ),
     ),
     "evaluate": StageSpec(

@@ -109,7 +109,8 @@ class ModelConfig(Section):
     interpolate_offset: float = Field(0.1, ge=0.0, le=1.0)
     """Offset added to the grid size when resizing positions (0.1 for models without registers, 0 with them)."""
     pretrained_weights: str | None = None
-    """Official-layout backbone (.pth or .safetensors, local or s3://) to start pretraining from; null: random init."""
+    """Start from: an official-layout backbone (.pth / .safetensors, local or s3://; fresh heads) or a pretrain export
+    folder (backbone + heads, e.g. models/pretrain); null: random init."""
 
 
 class DinoConfig(Section):
@@ -284,6 +285,9 @@ class TrainConfig(Section):
 
 
 class HighresConfig(Section):
+    """The high-resolution phase (paper, appendix B.2). The paper gives no schedule beyond "a short period at the end
+    of pretraining" at 518 px; the defaults here are this project's choice."""
+
     iterations: int = Field(10000, ge=1)
     """Length of the high-resolution adaptation phase (paper, appendix B.2: a short final phase at 518 px)."""
     global_crops_size: int = Field(518, ge=16)
@@ -329,7 +333,17 @@ class EmbedConfig(Section):
     shard_size: int = Field(4096, ge=1)
     """Embeddings per .npy shard; finished shards are skipped when the stage resumes."""
     mean_patch: bool = False
-    """Concatenate the mean patch token to the CLS token before normalising."""
+    """Concatenate the mean patch token to the CLS token (each L2-normalised first), then normalise: 2 D wide."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the backbone runs: auto is the rank's GPU when CUDA is available, else the CPU."""
+    amp: bool = True
+    """On a GPU, run the forward pass under bf16 autocast (features are stored as float16 anyway)."""
+
+    @model_validator(mode="after")
+    def _image_fits_patches(self) -> EmbedConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) is not a multiple of patch_size ({self.patch_size})")
+        return self
 
 
 class CurateConfig(Section):
@@ -340,20 +354,115 @@ class CurateConfig(Section):
     eval_threshold: float = Field(0.45, ge=-1.0, le=1.0)
     """Cosine similarity above which a pool image is a copy of an evaluation image and is removed."""
     max_images: int | None = Field(None, ge=1)
-    """Cap on the curated set's size; null keeps every image that survives deduplication."""
+    """Cap on the curated set's size, seeds included (mode hkmeans: its target T); null keeps the whole selection."""
+    mode: Literal["retrieval", "hkmeans", "dedup"] = "retrieval"
+    """retrieval: seed-based (DINOv2 A.4); hkmeans: balanced hierarchical k-means (Vo et al. 2024); dedup: survivors."""
+    whiten: bool = False
+    """PCA-whiten the embeddings (fitted on the pool) before any search, as copy-detection descriptors are."""
+    include_seeds: bool = True
+    """Put the seed images themselves into the curated set (LVD-142M holds its curated sources)."""
+    retrieval: Literal["sample", "cluster", "both"] = "both"
+    """Retrieval methods applied to every seed set."""
+    sample_k: int = Field(4, ge=1)
+    """Sample-based retrieval: nearest pool images per seed image (4 for large seed sets, 32 for small ones)."""
+    sample_k_per_set: dict[str, int] = {}
+    """Per-seed-set override of sample_k, keyed by the seed set's name (the folder under seeds/)."""
+    sample_min_similarity: float = Field(-1.0, ge=-1.0, le=1.0)
+    """Sample-based neighbours below this cosine similarity are not retrieved."""
+    num_clusters: int = Field(100_000, ge=1)
+    """Cluster-based retrieval: k-means clusters of the deduplicated pool (clipped to its size)."""
+    cluster_min_seeds: int = Field(3, ge=1)
+    """t: a cluster is retrieved from when it holds at least this many seed images of a seed set."""
+    cluster_take: int = Field(10_000, ge=1)
+    """n: most pool images taken (at random) from one retrieved cluster."""
+    max_per_seed_set: int | None = Field(None, ge=1)
+    """Per-source cap: most pool images one seed set may bring in; null: no cap."""
+    kmeans_iters: int = Field(20, ge=1)
+    """Lloyd iterations of every k-means (cluster-based retrieval, hierarchical k-means)."""
+    hkmeans_levels: tuple[int, ...] = (10_000_000, 500_000, 50_000, 20_000)
+    """Clusters per level of hierarchical k-means, finest first (Vo et al.'s web-scale setting)."""
+    hkmeans_resampling_steps: int = Field(10, ge=0)
+    """Resampling rounds per level (each centroid recomputed from its nearest points)."""
+    source_share_bounds: dict[str, tuple[float, float]] = {}
+    """Gate: [min, max] share of the curated set per `source` (e.g. pool, seeds/<set>); a missing source has share 0."""
+    index: Literal["auto", "flat", "ivf_flat", "ivf_pq"] = "auto"
+    """faiss index: flat (exact), ivf_flat, ivf_pq (4-bit fast-scan PQ + exact re-ranking), auto by pool size."""
+    exact_max: int = Field(50_000, ge=1)
+    """index auto: exact search up to this many database vectors, ivf_pq above."""
+    nlist: int | None = Field(None, ge=1)
+    """IVF inverted lists; null: about 4 sqrt(N)."""
+    nprobe: int = Field(16, ge=1)
+    """IVF lists scanned per query."""
+    refine_factor: int = Field(2, ge=1)
+    """ivf_pq: candidates per wanted neighbour that are re-ranked with exact similarities."""
+
+    @field_validator("sample_k_per_set")
+    @classmethod
+    def _positive_k(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {name: k for name, k in v.items() if k < 1}
+        if bad:
+            raise ValueError(f"every k must be at least 1, got {bad}")
+        return v
+
+    @field_validator("hkmeans_levels")
+    @classmethod
+    def _decreasing_levels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(k < 1 for k in v) or any(a <= b for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError("needs at least one level, every count >= 1, strictly decreasing (finest first)")
+        return v
+
+    @field_validator("source_share_bounds")
+    @classmethod
+    def _share_bounds(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for source, (low, high) in v.items():
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"{source}: needs 0 <= min <= max <= 1, got [{low}, {high}]")
+        return v
+
+    @model_validator(mode="after")
+    def _hkmeans_target(self) -> CurateConfig:
+        if self.mode == "hkmeans" and self.max_images is None:
+            raise ValueError("mode hkmeans samples max_images images: set curate.max_images")
+        return self
 
 
 class DistillConfig(Section):
-    students: tuple[Arch, ...] = ("vit_test",)
-    """Student presets trained together against one frozen teacher."""
+    """Distillation of a frozen teacher into smaller students (Oquab et al. 2023, "Model distillation": the training
+    loop of pretraining with a frozen teacher, a spare EMA of each student as the final model, no masking, no
+    stochastic depth, the iBOT loss on both global crops). Defaults are the paper's students; docs/distillation.md."""
+
+    students: tuple[Arch, ...] = ("vit_small", "vit_base", "vit_large")
+    """Student presets trained together, sharing each batch's teacher forward; geometry (patch size, registers) from
+    the `model` section."""
     teacher_weights: str | None = None
-    """Official-layout teacher backbone; null: the pretrain stage's exported teacher."""
+    """Teacher: an official-layout backbone file (.pth / .safetensors, local or s3://; no heads) or a local export
+    folder with a model.json; null: the stage's --teacher folder (the pretrain export)."""
     teacher_arch: Arch | None = None
-    """Preset of `teacher_weights`; null: the `model` section's preset."""
+    """Preset of a `teacher_weights` file (its other geometry from the `model` section); null: model.arch."""
     epochs: int = Field(100, ge=1)
     """Distillation length in epochs of `optim.epoch_length` iterations."""
     base_lr: float = Field(0.004, gt=0.0)
     """Students' learning rate for a global batch of 1024 (scaled like optim.base_lr)."""
+    momentum_ema: float = Field(0.992, ge=0.0, le=1.0)
+    """Momentum of each student's spare EMA at the start (cosine to teacher.final_momentum_teacher)."""
+    head_fit_iterations: int = Field(1000, ge=1)
+    """Teachers without heads: iterations of the phase that fits DINO and iBOT heads on the frozen teacher backbone
+    (the pretraining losses, heads only) before distillation."""
+    head_fit_base_lr: float = Field(0.004, gt=0.0)
+    """Learning rate of that head-fitting phase for a global batch of 1024 (scaled like optim.base_lr)."""
+
+    @field_validator("students")
+    @classmethod
+    def _distinct_students(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("needs at least one student preset, each at most once")
+        return v
+
+    @model_validator(mode="after")
+    def _arch_needs_weights(self) -> DistillConfig:
+        if self.teacher_arch is not None and self.teacher_weights is None:
+            raise ValueError("teacher_arch is set but teacher_weights is null (the --teacher export names its arch)")
+        return self
 
 
 EvalTask = Literal["knn", "linear", "logreg", "retrieval", "segmentation", "depth", "robustness"]
@@ -372,7 +481,7 @@ class EvaluateConfig(Section):
     tasks: tuple[EvalTask, ...] = ALL_EVAL_TASKS
     """Benchmarks to run: knn, linear, logreg, retrieval, segmentation, depth, robustness."""
     image_size: int = Field(224, ge=14, le=1024)
-    """Classification/retrieval crop side in px (resize to side x 256/224, centre crop); rounded down to the patch size."""
+    """Classification/retrieval crop side in px (resize to side x 256/224, centre crop); rounded to the patch size."""
     dense_image_size: int | None = Field(None, ge=14, le=2048)
     """Side of the square segmentation and depth inputs in px; null: `image_size`."""
     batch_size: int = Field(64, ge=1)

@@ -138,8 +138,10 @@ def ensure_experiment(client: Any, name: str, root: Path | None = None) -> str:
     location = None
     if "MLFLOW_TRACKING_URI" not in os.environ:
         location = ((root or Path.cwd()).resolve() / "mlartifacts").as_uri()
+    # the model-training layout of the MLflow UI (not its GenAI one)
+    tags = {"mlflow.experimentKind": "custom_model_development"}
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=tags)
     except Exception:  # another process created it between our two calls
         exp = client.get_experiment_by_name(name)
         if exp is None:

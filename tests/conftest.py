@@ -48,6 +48,18 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     return root, truth
 
 
+@pytest.fixture(scope="session")
+def curated(tiny_world: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A curated folder whose manifest lists the tiny world's pool images (bad files included: training skips them)."""
+    import pandas as pd
+
+    root, _ = tiny_world
+    out = tmp_path_factory.mktemp("curated")
+    uris = sorted(str(p) for p in (root / "pool").rglob("*") if p.is_file())
+    pd.DataFrame({"uri": uris}).to_parquet(out / "manifest.parquet")
+    return out
+
+
 def free_port() -> int:
     from infra.services import free_port as _free_port
 

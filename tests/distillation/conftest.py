@@ -1,25 +1,14 @@
-"""Fixtures of the distillation tests: a curated manifest over the tiny world and a teacher export."""
+"""Fixtures of the distillation tests: a teacher export (the curated manifest is the root conftest's)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
 from tests.distillation.tiny import LAUNCHER_ENV, tiny_config
-
-
-@pytest.fixture(scope="session")
-def curated(tiny_world, tmp_path_factory) -> Path:
-    """A curated folder whose manifest lists the tiny world's pool images (bad files included: they are skipped)."""
-    root, _ = tiny_world
-    out = tmp_path_factory.mktemp("curated")
-    uris = sorted(str(p) for p in (root / "pool").rglob("*") if p.is_file())
-    pd.DataFrame({"uri": uris}).to_parquet(out / "manifest.parquet")
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -278,17 +278,6 @@ def _cpu_threads(num_workers: int) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Writes through `write(tmp_path)` then renames: readers and re-runs never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_ids(path: Path, ids: Sequence[str], fingerprint: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -312,10 +301,13 @@ def write_shard(shard: Shard, out_dir: Path, features: np.ndarray, errors: Seque
     failed = pd.DataFrame(
         {"id": [i for i, good in zip(shard.ids, ok, strict=True) if not good], "error": [e for e in errors if e]}
     )
-    _atomic_write(failures_path, lambda p: failed.to_parquet(p, index=False))
-    _atomic_write(ids_path, lambda p: _write_ids(p, ids, shard.fingerprint))
+    with storage.atomic_path(failures_path) as tmp:
+        failed.to_parquet(tmp, index=False)
+    with storage.atomic_path(ids_path) as tmp:
+        _write_ids(tmp, ids, shard.fingerprint)
     kept = np.ascontiguousarray(features[ok], dtype=np.float16)
-    _atomic_write(npy, lambda p: _write_npy(p, kept))
+    with storage.atomic_path(npy) as tmp:
+        _write_npy(tmp, kept)
     return int(ok.sum()), int((~ok).sum())
 
 
@@ -425,7 +417,7 @@ def finalize(
     for part in PARTS:
         folder = out_dir / part
         # Shards of an older, larger plan, and temporary files of a run that was killed mid-write.
-        stale = [*folder.glob("shard-*"), *folder.glob(".shard-*.tmp-*")] if folder.is_dir() else []
+        stale = [*folder.glob("shard-*"), *folder.glob(".shard-*.tmp*")] if folder.is_dir() else []
         for path in stale:
             if str(path) not in wanted:
                 path.unlink()
@@ -454,7 +446,8 @@ def finalize(
         "failed": failed,
         "shards": entries,
     }
-    _atomic_write(out_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
+    with storage.atomic_path(out_dir / META_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
 

@@ -685,20 +685,28 @@ def local_copy(uri: str, *, config: TransferConfig | None = None) -> Iterator[Pa
 
 
 @contextmanager
-def _atomic_file(target: Path) -> Iterator[Any]:
-    """A binary file object for `target`: a hidden temporary file in the same folder, flushed to disk and renamed over
-    the target when the block ends, removed if it raises."""
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """A path to write `target` through: a hidden temporary file in the same folder, with the same suffix (writers that
+    pick a format by suffix keep working), renamed over `target` when the block ends and removed if it raises. Readers
+    (and DVC, and a resumed run) never see a half-written file; concurrent writers each get their own name."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+@contextmanager
+def _atomic_file(target: Path) -> Iterator[Any]:
+    """A binary file object for `target` through `atomic_path`, flushed to disk before the rename."""
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _copy_local(source: Path, target: Path, callback: ProgressCallback | None) -> None:

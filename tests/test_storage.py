@@ -101,6 +101,19 @@ def test_write_bytes_is_atomic_on_failure(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
+def test_atomic_path_keeps_the_suffix_and_never_leaves_a_partial_target(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "weights.safetensors"
+    with storage.atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.suffix == ".safetensors" and tmp.name.startswith(".")
+        tmp.write_bytes(b"new")
+        assert not target.exists()  # nothing under the final name until the block ends
+    assert target.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), storage.atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"new" and [p.name for p in target.parent.iterdir()] == [target.name]
+
+
 def test_local_tar_members(tmp_path: Path) -> None:
     members = {"x/a.jpg": b"A" * 700, "b.png": b"", "c@odd.jpg": b"C" * 3}
     shard = str(_make_tar(tmp_path / "s.tar", members))

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from components import storage
 from components.config import PipelineConfig, save_resolved
 from components.log import get_logger
 
@@ -138,10 +139,8 @@ def train_stage(
 
 
 def _write_csv(frame: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with storage.atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def _log_exports(run: object, out: Path, curve: Path) -> None:

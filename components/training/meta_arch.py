@@ -20,7 +20,6 @@ form the EMA pair (`ema_pairs`). Stochastic depth is the backbone's own (efficie
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -249,9 +248,8 @@ def export_backbone(
     backbone.load_state_dict(prefixed(state, prefix), strict=True, assign=True)
     written = []
     for name in ("backbone.pth", "backbone.safetensors"):
-        tmp = out_dir / f".{name}.tmp{Path(name).suffix}"
-        save_official_weights(backbone, tmp)
-        os.replace(tmp, out_dir / name)
+        with storage.atomic_path(out_dir / name) as tmp:
+            save_official_weights(backbone, tmp)
         written.append(out_dir / name)
     return backbone, written
 
@@ -279,14 +277,12 @@ def prefixed(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with storage.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
     return path
 
 
 def atomic_json(obj: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with storage.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
     return path

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT
 
 from components.config import PipelineConfig, load_config
 from components.embedding import load_embeddings, read_meta
@@ -19,6 +18,7 @@ from components.prepare import prepare
 from components.stages.curate import run_curate
 from components.stages.embed import run_embed
 
+ROOT = Path(__file__).resolve().parents[2]
 FAST = {
     "embed.arch": "vit_test",
     "embed.image_size": 28,
@@ -83,7 +83,11 @@ def test_embed_shards_resume_and_fingerprint(prepared: tuple[Path, Path], tmp_pa
     assert sorted(ids) == sorted(manifest["uri"]) and x.dtype == np.float16
     np.testing.assert_allclose(np.linalg.norm(x.astype(np.float32), axis=1), 1.0, atol=2e-3)
 
+    stale = tmp_path / "emb" / "pool" / ".shard-00000.npy.x1y2.tmp.npy"  # a write killed mid-way by an earlier run
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"partial")
     again = embed(config(), prep, tmp_path)  # resumed: every shard complete and of this fingerprint
+    assert not stale.exists()
     assert again["shards"]["skipped"] == again["shards"]["total"] and again["shards"]["written"] == 0
     _, x_again = load_embeddings(tmp_path / "emb")
     np.testing.assert_array_equal(x, x_again)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import planted, unit
 
 from components.config import CurateConfig
 from components.curation.curate import PROVENANCE_COLUMNS, curate, whiten
+from tests.curation.vectors import planted, unit
 
 BASE = {"dedup_threshold": 0.8, "eval_threshold": 0.8, "num_clusters": 8, "cluster_take": 10, "cluster_min_seeds": 2}
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import unit
 
 from components.curation import hkmeans, retrieval
+from tests.curation.vectors import unit
 
 
 def test_sample_retrieval_k_and_min_similarity() -> None:

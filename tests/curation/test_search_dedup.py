@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import planted, unit
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
 
 from components.curation import dedup
 from components.curation.search import SearchParams, build_index, default_nlist, kmeans, knn, resolve_kind
+from tests.curation.vectors import planted, unit
 
 
 def test_flat_search_is_exact_and_chunked() -> None:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT
-from curation_truth import planted_groups, relative, score_groups
 
 from components.config import load_config
 from components.curation.curate import search_params, whiten
@@ -30,9 +29,11 @@ from components.prepare import prepare
 from components.stages.curate import align, run_curate
 from components.stages.embed import read_prepared, run_embed
 from components.synthetic import render_world
+from tests.curation.curation_truth import planted_groups, relative, score_groups
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = os.environ.get("DINOV2_EMBED_WEIGHTS")
 REAL_MODEL = pytest.mark.xfail(
     WEIGHTS is None, reason="random-init features cannot match crops (recall ~0.7); set DINOV2_EMBED_WEIGHTS"

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_fixtures import clustered_features
 
 from components.evaluation.features import ImageFeatures
 from components.evaluation.knn import evaluate_knn, headline_k
 from components.evaluation.linear import c_grid, evaluate_linear, evaluate_logreg, train_linear_probes
 from components.evaluation.retrieval import evaluate_retrieval
+from tests.evaluation.eval_fixtures import clustered_features
 
 
 def _as_features(x: torch.Tensor, n_blocks: int = 4) -> ImageFeatures:

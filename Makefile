@@ -48,7 +48,8 @@ browser:
 	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing Debian's chromium for the UI tests"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+				|| echo "note: chromium could not be installed; the UI tests will skip (and fail where CI is set)"; \
 		else echo "note: /usr/bin/chromium is missing (sudo apt-get install chromium); the UI tests will skip"; fi; \
 	fi
 

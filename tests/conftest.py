@@ -72,7 +72,8 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     It accepts only S3_ACCESS_KEY/S3_SECRET_KEY. Started and stopped by the same code as `make services`.
     """
-    from infra.services import Ports, S3Credentials, SeaweedFS, ServiceError
+    from infra.services import Ports, S3Credentials, SeaweedFS
+    from tests.services.stack_utils import started
 
     server = SeaweedFS(
         tmp_path_factory.mktemp("seaweedfs"),
@@ -81,15 +82,8 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         buckets=(),
         volume_size_limit_mb=64,  # small volumes: the test data is tiny and the disk may be too
     )
-    try:
-        server.start()
-    except ServiceError as err:
-        server.stop()
-        pytest.fail(f"SeaweedFS did not start: {err}")
-    try:
+    with started(server, "SeaweedFS"):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.pipeline_utils import ROOT, make_workspace
+from tests.pipeline_utils import make_workspace
 from tests.services.stack_utils import (
     DVC_REMOTE,
     FLOW_RUN_TIMEOUT_S,
@@ -32,34 +31,25 @@ from tests.services.stack_utils import (
     git_env,
     prefect_call,
     run,
+    started,
 )
 
 
 @pytest.fixture(scope="session")
 def stack(seaweedfs: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """MLflow, Prefect server and worker on free ports, sharing the session's SeaweedFS."""
-    from infra.services import Ports, ServiceError, Stack, StackConfig
+    from infra.services import Ports, Stack, StackConfig
 
     config = StackConfig(state_dir=tmp_path_factory.mktemp("services"), ports=Ports.free(), worker_query_seconds=1.0)
     services = Stack(config, s3=seaweedfs)
-    try:
-        services.start()
-    except ServiceError as err:
-        services.stop()
-        pytest.fail(f"the service stack did not start: {err}")
-    try:
+    with started(services, "the service stack"):
         yield services
-    finally:
-        services.stop()
 
 
 @pytest.fixture(scope="session")
 def project(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny copy of the project in its own git + DVC repository, with an S3 DVC remote, deployed to Prefect."""
     path = make_workspace(tmp_path_factory.mktemp("stack") / "project")
-    for dep in ("infra/deepspeed",):  # dvc.yaml deps that make_workspace may not copy
-        if (ROOT / dep).exists() and not (path / dep).exists():
-            shutil.copytree(ROOT / dep, path / dep)
     env = client_env(stack)
     dvc = [sys.executable, "-m", "dvc"]
     # The remote's URL and endpoint are committed (a fresh clone finds them); credentials stay in the environment.

@@ -9,7 +9,9 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,23 @@ DVC_REMOTE = "stack"
 RUN_PARAMETERS: dict[str, Any] = {}
 """Parameters of the deployment run: none, so the whole pipeline runs on the project's tiny params.yaml
 (`{"stage": "pretrain"}` runs that stage and the stages it needs)."""
+
+
+@contextmanager
+def started(service: Any, name: str) -> Iterator[Any]:
+    """Starts `service` (an `infra.services` server or stack), fails the test when it cannot start (after stopping what
+    did start), and stops it when the block ends."""
+    from infra.services import ServiceError
+
+    try:
+        service.start()
+    except ServiceError as err:
+        service.stop()
+        pytest.fail(f"{name} did not start: {err}")
+    try:
+        yield service
+    finally:
+        service.stop()
 
 
 @dataclass

@@ -397,12 +397,14 @@ def relative_mean_corruption_error(
     """Relative mCE in percent: mean_c of sum_s (E_{s,c} - E_clean) / sum_s (E^base_{s,c} - E^base_clean).
 
     Measures the degradation a corruption causes rather than the error itself; corruptions on which the baseline does
-    not degrade (denominator 0) are left out. NaN if none counts.
+    not degrade (a denominator of 0 up to rounding, or negative: the ratio's sign would flip) are left out. NaN if none
+    counts.
     """
     ratios = []
     for name, errs in errors.items():
         base = baseline[name]
         denominator = float(np.sum(np.asarray(base) - baseline_clean_error))
-        if denominator != 0:
+        # Errors are fractions of a finite test set: a sum of differences below 1e-9 is rounding, not degradation.
+        if denominator > 1e-9:
             ratios.append(float(np.sum(np.asarray(errs) - clean_error)) / denominator)
     return 100.0 * float(np.mean(ratios)) if ratios else math.nan

@@ -227,6 +227,17 @@ def test_mce_baseline_without_errors_is_left_out() -> None:
         M.corruption_errors({"a": [0.1, 0.2]}, {"a": [0.1]})
 
 
+def test_relative_mce_leaves_out_corruptions_the_baseline_does_not_degrade_on() -> None:
+    # 35/48 of the images wrong, clean and corrupted; 1 - 13/48 differs from 35/48 in the last bit (1.1e-16).
+    clean, same = 35 / 48, 1 - 13 / 48
+    errors = {"same": [0.8, 0.9, 0.9], "better": [0.8, 0.8, 0.8], "worse": [0.75, 0.85, 0.95]}
+    baseline = {"same": [same] * 3, "better": [0.6, 0.6, 0.7], "worse": [0.8, 0.9, 1.0]}
+    # Only "worse" counts: (0.05 + 0.15 + 0.25) / (0.8 + 0.9 + 1.0 - 3 x 35/48)
+    expected = 100.0 * (0.45 / (2.7 - 3 * clean))
+    assert M.relative_mean_corruption_error(errors, 0.7, baseline, clean) == pytest.approx(expected)
+    assert math.isnan(M.relative_mean_corruption_error({"same": [0.8] * 3}, 0.7, {"same": [same] * 3}, clean))
+
+
 def test_metric_specs() -> None:
     assert M.metric_spec("top1_k20").higher_is_better and M.metric_spec("recall@5").upper == 1.0
     assert M.metric_spec("rmse").higher_is_better is False and M.metric_spec("mce").upper == math.inf

@@ -145,9 +145,14 @@ def extra_model(entry: str) -> ModelSpec:
 
 
 def random_baseline(reference: ModelSpec | None, arch: str, overrides: Mapping[str, Any]) -> ModelSpec:
-    """The seeded random-init baseline: the teacher's preset and overrides when there is a teacher."""
+    """The seeded random-init baseline: the teacher's preset and overrides when there is a teacher.
+
+    `overrides` are the pretraining config's; the teacher's descriptor wins on what it records (its architecture),
+    while keys only the config knows (`layerscale_init`: a trained model's gammas are in its weights, a random
+    init's come from this value) are kept, so the baseline is the pretraining run's own initialisation.
+    """
     if reference is not None:
-        arch, overrides = reference.arch, reference.overrides
+        arch, overrides = reference.arch, {**overrides, **reference.overrides}
     return ModelSpec(name=BASELINE_NAME, arch=arch, role="baseline", weights=None, overrides=dict(overrides))
 
 

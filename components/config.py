@@ -230,12 +230,36 @@ class CropsConfig(Section):
     """Side of the global crops in pixels."""
     local_crops_size: int = Field(98, ge=8)
     """Side of the local crops in pixels (98 for patch 14, 96 for patch 16)."""
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    """Colour jitter strengths: brightness, contrast, saturation (factors in [1 - x, 1 + x]) and hue (in [0, 0.5])."""
+    color_jitter_prob: float = Field(0.8, ge=0.0, le=1.0)
+    """Probability of the colour jitter, per crop."""
+    grayscale_prob: float = Field(0.2, ge=0.0, le=1.0)
+    """Probability of turning a crop grey."""
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Range of the Gaussian blur's sigma in pixels (kernel 9)."""
+    solarize_prob: float = Field(0.2, ge=0.0, le=1.0)
+    """Probability of solarising the second global crop."""
 
     @field_validator("global_crops_scale", "local_crops_scale")
     @classmethod
     def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not 0.0 < v[0] <= v[1] <= 1.0:
             raise ValueError("needs 0 < min <= max <= 1")
+        return v
+
+    @field_validator("color_jitter")
+    @classmethod
+    def _jitter(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        if min(v) < 0.0 or v[3] > 0.5:
+            raise ValueError("needs brightness, contrast, saturation >= 0 and 0 <= hue <= 0.5")
+        return v
+
+    @field_validator("blur_sigma")
+    @classmethod
+    def _sigma(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1]:
+            raise ValueError("needs 0 < min <= max")
         return v
 
 

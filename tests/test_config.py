@@ -48,6 +48,9 @@ def test_params_yaml_loads_and_is_complete():
         ({"ibot.mask_ratio_min_max": [0.6, 0.2]}, "ibot.mask_ratio_min_max"),
         ({"crops.global_crops_size": 57}, "crops.global_crops_size = 57 is not a multiple of model.patch_size = 14"),
         ({"optim.warmup_epochs": 99}, "warmup_epochs (99) exceeds epochs"),
+        ({"crops.color_jitter": [0.4, 0.4, 0.2, 0.6]}, "crops.color_jitter = [0.4, 0.4, 0.2, 0.6]"),
+        ({"crops.blur_sigma": [2.0, 0.1]}, "crops.blur_sigma"),
+        ({"crops.grayscale_prob": 1.5}, "crops.grayscale_prob = 1.5"),
     ],
 )
 def test_bad_values_name_the_key_and_value(override, needle):

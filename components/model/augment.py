@@ -20,10 +20,10 @@ from components.model.masking import MaskingGenerator
 from components.model.vit import IMAGENET_MEAN, IMAGENET_STD
 
 
-def _blur(p: float) -> v2.Transform:
+def _blur(p: float, sigma: tuple[float, float]) -> v2.Transform:
     # Gaussian blur with kernel 9 and sigma in [0.1, 2] applied with probability p, as the paper's recipe states.
     # (The release's GaussianBlur wrapper hands RandomApply 1 - p; we follow the paper and the issue.)
-    return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
+    return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=sigma)], p=p)
 
 
 class MultiCropAugmentation:
@@ -31,8 +31,12 @@ class MultiCropAugmentation:
 
     Both global crops: RandomResizedCrop (224 px, scale 0.32 to 1, bicubic) and a horizontal flip. Every crop: colour
     jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with p 0.8 and grayscale with p 0.2. Then Gaussian
-    blur with p 1.0 on the first global crop, p 0.1 plus solarisation (threshold 128) with p 0.2 on the second, p 0.5
-    on the local crops (98 px for patch 14, scale 0.05 to 0.32), and ImageNet normalisation.
+    blur (sigma 0.1 to 2 px) with p 1.0 on the first global crop, p 0.1 plus solarisation (threshold 128) with p 0.2 on
+    the second, p 0.5 on the local crops (98 px for patch 14, scale 0.05 to 0.32), and ImageNet normalisation.
+
+    The photometric strengths are the release's hard-coded values by default; they are arguments because they encode
+    what the features should ignore, and a domain where colour is the signal (or crops far smaller than 224 px, where
+    a 2 px blur erases the content) needs milder ones.
 
     Input: a PIL image, or an image tensor (C, H, W) (uint8, or float in [0, 1]). Output: a dict with
     `global_crops` (list of 2 tensors (3, G, G)), `global_crops_teacher` (the same list) and `local_crops` (list of N
@@ -48,15 +52,24 @@ class MultiCropAugmentation:
         local_crops_size: int = 98,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        color_jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize_prob: float = 0.2,
     ) -> None:
         self.local_crops_number = local_crops_number
         bicubic = InterpolationMode.BICUBIC
         # Solarisation's threshold 128 and the jitter are defined on 8-bit images: work in uint8 until normalising.
         to_uint8 = v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)])
+        brightness, contrast, saturation, hue = color_jitter
         colour = v2.Compose(
             [
-                v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-                v2.RandomGrayscale(p=0.2),
+                v2.RandomApply(
+                    [v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)],
+                    p=color_jitter_prob,
+                ),
+                v2.RandomGrayscale(p=grayscale_prob),
             ]
         )
         normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()])
@@ -71,19 +84,19 @@ class MultiCropAugmentation:
 
         self.to_uint8 = to_uint8
         self.global_transform_1 = v2.Compose(
-            [geometric(global_crops_size, global_crops_scale), colour, _blur(1.0), normalize]
+            [geometric(global_crops_size, global_crops_scale), colour, _blur(1.0, blur_sigma), normalize]
         )
         self.global_transform_2 = v2.Compose(
             [
                 geometric(global_crops_size, global_crops_scale),
                 colour,
-                _blur(0.1),
-                v2.RandomSolarize(threshold=128, p=0.2),
+                _blur(0.1, blur_sigma),
+                v2.RandomSolarize(threshold=128, p=solarize_prob),
                 normalize,
             ]
         )
         self.local_transform = v2.Compose(
-            [geometric(local_crops_size, local_crops_scale), colour, _blur(0.5), normalize]
+            [geometric(local_crops_size, local_crops_scale), colour, _blur(0.5, blur_sigma), normalize]
         )
 
     def __call__(self, image: Any) -> dict[str, list[Tensor]]:
@@ -101,6 +114,11 @@ def augmentation_from_config(crops_cfg: Any) -> MultiCropAugmentation:
         local_crops_number=crops_cfg.local_crops_number,
         global_crops_size=crops_cfg.global_crops_size,
         local_crops_size=crops_cfg.local_crops_size,
+        color_jitter=tuple(crops_cfg.color_jitter),
+        color_jitter_prob=crops_cfg.color_jitter_prob,
+        grayscale_prob=crops_cfg.grayscale_prob,
+        blur_sigma=tuple(crops_cfg.blur_sigma),
+        solarize_prob=crops_cfg.solarize_prob,
     )
 
 

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 from components.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     MaskingGenerator,
     MultiCropAugmentation,
     MultiCropCollate,
@@ -99,6 +101,30 @@ def test_multicrop_augmentation_shapes_and_normalisation():
     # default sizes, as the paper: 224 and 98
     default = MultiCropAugmentation(local_crops_number=1)(image)
     assert default["global_crops"][0].shape == (3, 224, 224) and default["local_crops"][0].shape == (3, 98, 98)
+
+
+def test_photometric_strengths_are_arguments():
+    image = Image.new("RGB", (40, 40), color=(200, 40, 40))  # one colour: crops, resizes and blurs keep it
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+
+    def unnormalised(crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [c * std + mean for c in crops]
+
+    off = MultiCropAugmentation(
+        local_crops_number=2, global_crops_size=28, local_crops_size=14, color_jitter=(0.0, 0.0, 0.0, 0.0),
+        grayscale_prob=0.0, solarize_prob=0.0,
+    )  # fmt: skip
+    expected = torch.tensor([200, 40, 40], dtype=torch.float32)[:, None, None] / 255
+    for _ in range(10):
+        out = off(image)
+        crops = unnormalised(out["global_crops"] + out["local_crops"])
+        assert all(torch.allclose(c, expected, atol=1e-5) for c in crops)
+    grey = MultiCropAugmentation(local_crops_number=2, global_crops_size=28, local_crops_size=14, grayscale_prob=1.0)
+    for c in unnormalised(grey(image)["local_crops"]):
+        assert torch.allclose(c[0], c[1], atol=1e-5) and torch.allclose(c[1], c[2], atol=1e-5)
+    torch.manual_seed(0)
+    jittered = MultiCropAugmentation(local_crops_number=8, global_crops_size=28, local_crops_size=14)(image)
+    assert any(not torch.allclose(c, expected, atol=0.02) for c in unnormalised(jittered["local_crops"]))
 
 
 def test_augmentation_and_collate_compose():

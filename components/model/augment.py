@@ -21,7 +21,7 @@ from components.model.vit import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _blur(p: float, sigma: tuple[float, float]) -> v2.Transform:
-    # Gaussian blur with kernel 9 and sigma in [0.1, 2] applied with probability p, as the paper's recipe states.
+    # Gaussian blur with kernel 9 and sigma drawn in `sigma` ([0.1, 2] in the paper) applied with probability p.
     # (The release's GaussianBlur wrapper hands RandomApply 1 - p; we follow the paper and the issue.)
     return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=sigma)], p=p)
 
@@ -35,8 +35,8 @@ class MultiCropAugmentation:
     the second, p 0.5 on the local crops (98 px for patch 14, scale 0.05 to 0.32), and ImageNet normalisation.
 
     The photometric strengths are the release's hard-coded values by default; they are arguments because they encode
-    what the features should ignore, and a domain where colour is the signal (or crops far smaller than 224 px, where
-    a 2 px blur erases the content) needs milder ones.
+    what the features should ignore, and a domain where colour is the signal (or crops far smaller than 224 px, on
+    which a 2 px blur removes most of the detail) needs milder ones.
 
     Input: a PIL image, or an image tensor (C, H, W) (uint8, or float in [0, 1]). Output: a dict with
     `global_crops` (list of 2 tensors (3, G, G)), `global_crops_teacher` (the same list) and `local_crops` (list of N

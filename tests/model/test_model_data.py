@@ -151,3 +151,9 @@ def test_builders_from_project_config():
     assert batch["collated_global_crops"].shape == (4, 3, 56, 56)
     assert batch["collated_local_crops"].shape == (4, 3, 98, 98)
     assert batch["collated_masks"].shape == (4, 16)
+    # the photometric keys reach the augmentation: every crop grey
+    grey_cfg = PipelineConfig.model_validate({"crops": {"local_crops_number": 1, "grayscale_prob": 1.0}})
+    crop = augmentation_from_config(grey_cfg.crops)(Image.new("RGB", (64, 64), color=(200, 40, 40)))["local_crops"][0]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    rgb = crop * std + mean
+    assert torch.allclose(rgb[0], rgb[1], atol=1e-5) and torch.allclose(rgb[1], rgb[2], atol=1e-5)

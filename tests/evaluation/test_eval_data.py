@@ -190,12 +190,12 @@ def test_build_model_loads_weights_strictly_and_seeds_the_baseline(tmp_path: Pat
     baseline = random_baseline(spec, "vit_tiny", {})
     assert (baseline.name, baseline.arch, baseline.weights) == (BASELINE_NAME, "vit_test", None)
     a, b = build_model(baseline, seed=3), build_model(baseline, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     # The config's layerscale_init reaches the baseline (the teacher's file cannot record it); its own keys win.
     with_ls = random_baseline(replace(spec, overrides={"patch_size": 16}), "vit_tiny",
                               {"patch_size": 14, "layerscale_init": 0.5})  # fmt: skip
     assert with_ls.overrides == {"patch_size": 16, "layerscale_init": 0.5}
     assert float(build_model(with_ls, seed=0).blocks[0].ls1.gamma[0]) == 0.5
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     wrong = ModelSpec(name="w", arch="vit_tiny", role="teacher", weights=str(tmp_path / "backbone.pth"))
     with pytest.raises(Exception, match="shape mismatch|missing key|unexpected key"):
         build_model(wrong, seed=0)

@@ -103,13 +103,18 @@ def test_multicrop_augmentation_shapes_and_normalisation():
     assert default["global_crops"][0].shape == (3, 224, 224) and default["local_crops"][0].shape == (3, 98, 98)
 
 
+def unnormalised(crops: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Crops back in [0, 1] RGB (the augmentation's ImageNet normalisation undone)."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return [c * std + mean for c in crops]
+
+
+def is_grey(crop: torch.Tensor) -> bool:
+    return torch.allclose(crop[0], crop[1], atol=1e-5) and torch.allclose(crop[1], crop[2], atol=1e-5)
+
+
 def test_photometric_strengths_are_arguments():
     image = Image.new("RGB", (40, 40), color=(200, 40, 40))  # one colour: crops, resizes and blurs keep it
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-
-    def unnormalised(crops: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [c * std + mean for c in crops]
-
     off = MultiCropAugmentation(
         local_crops_number=2, global_crops_size=28, local_crops_size=14, color_jitter=(0.0, 0.0, 0.0, 0.0),
         grayscale_prob=0.0, solarize_prob=0.0,
@@ -120,8 +125,7 @@ def test_photometric_strengths_are_arguments():
         crops = unnormalised(out["global_crops"] + out["local_crops"])
         assert all(torch.allclose(c, expected, atol=1e-5) for c in crops)
     grey = MultiCropAugmentation(local_crops_number=2, global_crops_size=28, local_crops_size=14, grayscale_prob=1.0)
-    for c in unnormalised(grey(image)["local_crops"]):
-        assert torch.allclose(c[0], c[1], atol=1e-5) and torch.allclose(c[1], c[2], atol=1e-5)
+    assert all(is_grey(c) for c in unnormalised(grey(image)["local_crops"]))
     torch.manual_seed(0)
     jittered = MultiCropAugmentation(local_crops_number=8, global_crops_size=28, local_crops_size=14)(image)
     assert any(not torch.allclose(c, expected, atol=0.02) for c in unnormalised(jittered["local_crops"]))
@@ -153,7 +157,5 @@ def test_builders_from_project_config():
     assert batch["collated_masks"].shape == (4, 16)
     # the photometric keys reach the augmentation: every crop grey
     grey_cfg = PipelineConfig.model_validate({"crops": {"local_crops_number": 1, "grayscale_prob": 1.0}})
-    crop = augmentation_from_config(grey_cfg.crops)(Image.new("RGB", (64, 64), color=(200, 40, 40)))["local_crops"][0]
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    rgb = crop * std + mean
-    assert torch.allclose(rgb[0], rgb[1], atol=1e-5) and torch.allclose(rgb[1], rgb[2], atol=1e-5)
+    crops = augmentation_from_config(grey_cfg.crops)(Image.new("RGB", (64, 64), color=(200, 40, 40)))["local_crops"]
+    assert is_grey(unnormalised(crops)[0])

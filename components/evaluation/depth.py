@@ -15,7 +15,8 @@ Heads train on cached frozen features of the train split with the scale-invarian
 in DINOv2's form, sqrt(Var(g) + 0.15 mean(g)^2) with g = log(d + 1e-3) - log(d* + 1e-3) on valid pixels (AdamW,
 linear decay to 0), taken at the head's output resolution (4x the patch grid for the linear heads) against
 nearest-resized ground truth; DINOv2 upsamples to the full map, which here would dominate the training time.
-Predictions are upsampled to each ground-truth map and scored with `metrics.depth_metrics`.
+Predictions are upsampled to each ground-truth map and scored with `metrics.depth_metrics`. Beside them, the same
+metrics of an image-blind reference, the train split's mean depth map, tell whether a head reads depth from the image.
 """
 
 from __future__ import annotations
@@ -220,6 +221,39 @@ def _train_head(
     return head.eval()
 
 
+def mean_depth_map(depths: Sequence[np.ndarray], side: int, *, min_depth: float, max_depth: float) -> np.ndarray:
+    """The per-pixel mean of the valid training depths, maps nearest-resized to `side` x `side`.
+
+    Pixels that are valid in no training map take the mean of every valid depth. It is the best image-blind
+    prediction under squared error, and the reference a depth head has to beat to show that it reads the image.
+    """
+    maps = resize_depths(depths, side)[:, 0].numpy()
+    valid = (maps > min_depth) & (maps < max_depth)
+    if not valid.any():
+        raise ValueError(f"no training depth lies inside ({min_depth}, {max_depth})")
+    count = valid.sum(axis=0)
+    total = np.where(valid, maps, 0.0).sum(axis=0)
+    overall = float(maps[valid].mean())
+    return np.where(count > 0, total / np.maximum(count, 1), overall).astype(np.float32)
+
+
+def mean_map_metrics(
+    depths_train: Sequence[np.ndarray],
+    depths_val: Sequence[np.ndarray],
+    *,
+    side: int,
+    min_depth: float,
+    max_depth: float,
+    crop: str | None = None,
+) -> dict[str, float]:
+    """Eigen metrics of predicting `mean_depth_map` of the train split for every val image (no image is read)."""
+    ref = torch.from_numpy(mean_depth_map(depths_train, side, min_depth=min_depth, max_depth=max_depth))[None, None]
+    preds = [F.interpolate(ref, size=d.shape, mode="bilinear", align_corners=False)[0, 0].numpy() for d in depths_val]
+    out = depth_metrics(preds, depths_val, min_depth=min_depth, max_depth=max_depth, crop=crop)
+    out.pop("num_images")
+    return out
+
+
 def _take(inputs: Any, idx: Tensor) -> Any:
     if isinstance(inputs, Tensor):
         return inputs[idx]
@@ -250,7 +284,8 @@ def run_depth(
 
     Returns:
         ({head: (Eigen metrics; details)}, samples for the report: the first val images, ground truth and the last
-        head's predictions at `side` px).
+        head's predictions at `side` px). Each head's details hold `mean_map`: the metrics of the image-blind
+        reference (`mean_map_metrics`), which a head that reads the image beats.
     """
     patch = int(model.patch_size)
     side = patch_multiple(side, patch)
@@ -265,6 +300,7 @@ def run_depth(
     val_maps = dict(zip(needed, extract_patch_maps(model, val_images, blocks=needed, **kwargs), strict=True))
     results: dict[str, tuple[dict[str, float], dict[str, Any]]] = {}
     samples: dict[str, np.ndarray] = {}
+    reference = mean_map_metrics(depths_train, depths_val, side=side, min_depth=lo, max_depth=hi, crop=data.eval_crop)
     torch.manual_seed(seed)
     for name in heads:
         if name not in HEADS:
@@ -305,6 +341,7 @@ def run_depth(
             "side": side,
             "num_train": len(depths_train),
             "num_val_scored": int(num_images),
+            "mean_map": reference,
         }
         results[name] = (metrics, details)
         k = min(num_samples, len(depths_val))

@@ -108,6 +108,22 @@ def task_tables(frame: pd.DataFrame, order: Sequence[str]) -> dict[str, pd.DataF
     return out
 
 
+def reference_notes(evals: str | Path, models: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> dict[str, str]:
+    """{task: a line under its table} for tasks whose details carry an image-blind reference (depth's mean map)."""
+    notes = {}
+    for task in tasks:
+        for model in models:
+            ref = ((load_task(evals, model["name"], task) or {}).get("details") or {}).get("mean_map")
+            if ref:
+                notes[task] = (
+                    f"Image-blind reference, the train split's mean depth map: RMSE {_fmt(ref['rmse'])}, "
+                    f"AbsRel {_fmt(ref['abs_rel'])}, delta1 {_fmt(ref['delta1'])}. A head that reads depth from the "
+                    "image beats it."
+                )
+                break
+    return notes
+
+
 def _best_per_column(df: pd.DataFrame) -> dict[str, Any]:
     best = {}
     for column in df.columns:
@@ -164,8 +180,15 @@ _LEGEND = (
 )
 
 
-def write_tables(out: Path, headline: pd.DataFrame, tasks: Mapping[str, pd.DataFrame], gate: Mapping[str, Any]) -> None:
-    """table.md and table.html: the headline comparison, the gate's verdict, then every task's metrics."""
+def write_tables(
+    out: Path,
+    headline: pd.DataFrame,
+    tasks: Mapping[str, pd.DataFrame],
+    gate: Mapping[str, Any],
+    notes: Mapping[str, str] | None = None,
+) -> None:
+    """table.md and table.html: the headline comparison, the gate's verdict, then every task's metrics (and note)."""
+    notes = notes or {}
     verdict = "passed" if gate.get("passed") else "failed"
     md = ["# Frozen-feature evaluation", "", _LEGEND, "", to_markdown(headline), ""]
     md += [f"Quality gate: **{verdict}** (best candidate: {gate.get('candidate') or 'none'}).", ""]
@@ -181,6 +204,9 @@ def write_tables(out: Path, headline: pd.DataFrame, tasks: Mapping[str, pd.DataF
     for task, df in tasks.items():
         md += [f"## {task}", "", to_markdown(df), ""]
         page += [f"<h2>{html.escape(task)}</h2>", to_html(df)]
+        if task in notes:
+            md += [notes[task], ""]
+            page.append(f"<p>{html.escape(notes[task])}</p>")
     page.append("</body></html>")
     (out / "table.md").write_text("\n".join(md) + "\n")
     (out / "table.html").write_text("\n".join(page) + "\n")

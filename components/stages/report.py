@@ -32,6 +32,7 @@ from components.evaluation.report import (
     metric_value,
     quality_gate_frame,
     rank_candidates,
+    reference_notes,
     register_model,
     render_figures,
     task_tables,
@@ -88,7 +89,9 @@ def run_report(cfg: PipelineConfig, *, evals: str, pretrained: str, distilled: s
             except gates.GateFailed as err:
                 failure = err
                 gate_info["report"] = str(err)
-        write_tables(out_dir, headline_table(frame, models, order), task_tables(frame, order), gate_info)
+        tables = task_tables(frame, order)
+        notes = reference_notes(evals, models, list(tables))
+        write_tables(out_dir, headline_table(frame, models, order), tables, gate_info, notes)
         write_json(out_dir / "quality_gate.json", gate_info)
 
         registry: dict[str, Any] = {"registered": False}

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from components.evaluation.datasets import load_eval_datasets
-from components.evaluation.depth import DPTHead, LinearDepthHead, bins_to_depth, run_depth, sig_loss
+from components.evaluation.depth import (
+    DPTHead,
+    LinearDepthHead,
+    bins_to_depth,
+    mean_depth_map,
+    mean_map_metrics,
+    run_depth,
+    sig_loss,
+)
 from components.evaluation.segmentation import run_segmentation, train_seg_head
 
 
@@ -68,5 +76,27 @@ def test_dense_protocols_on_the_tiny_world(tiny_world, vit_test) -> None:
     assert set(dep) == {"linear", "linear4", "dpt"}
     for metrics, details in dep.values():
         assert metrics["rmse"] > 0 and 0 <= metrics["delta1"] <= 1 and details["num_val_scored"] == 4
+        assert set(details["mean_map"]) == set(metrics) and details["mean_map"] == dep["linear"][1]["mean_map"]
     lo, hi = samples["depth_range"]
     assert samples["depth_pred"].min() >= lo - 1e-3 and samples["depth_pred"].max() <= hi + 1e-2
+
+
+def test_mean_depth_map_by_hand() -> None:
+    a = np.array([[2.0, 0.0], [4.0, 20.0]], np.float32)  # 0: invalid; 20: above the cap
+    b = np.array([[4.0, 0.0], [8.0, 6.0]], np.float32)
+    ref = mean_depth_map([a, b], 2, min_depth=1e-3, max_depth=10.0)
+    # (2 + 4) / 2, no valid value (mean of all valid: (2 + 4 + 4 + 8 + 6) / 5), (4 + 8) / 2, 6 alone
+    assert np.allclose(ref, [[3.0, 4.8], [6.0, 6.0]])
+    with pytest.raises(ValueError, match="no training depth"):
+        mean_depth_map([np.zeros((2, 2), np.float32)], 2, min_depth=1e-3, max_depth=10.0)
+
+
+def test_mean_map_metrics_known_answers() -> None:
+    train = [np.full((4, 4), 2.0, np.float32), np.full((4, 4), 4.0, np.float32)]  # mean map: 3 everywhere
+    kw = dict(side=4, min_depth=1e-3, max_depth=10.0)
+    perfect = mean_map_metrics(train, [np.full((6, 6), 3.0, np.float32)], **kw)  # other sizes are resized to
+    assert perfect["rmse"] == pytest.approx(0.0, abs=1e-6) and perfect["delta1"] == 1.0
+    off = mean_map_metrics(train, [np.full((4, 4), 6.0, np.float32), np.full((4, 4), 1.5, np.float32)], **kw)
+    assert off["rmse"] == pytest.approx(2.25)  # per image: |3 - 6| = 3 and |3 - 1.5| = 1.5, averaged
+    assert off["abs_rel"] == pytest.approx((0.5 + 1.0) / 2) and off["delta1"] == 0.0
+    assert "num_images" not in off

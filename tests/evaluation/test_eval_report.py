@@ -62,6 +62,22 @@ def test_ranking_tables_and_bold_best() -> None:
     assert set(tasks) == {"knn", "depth_linear"} and tasks["knn"]["model"].iloc[0] == "teacher"
 
 
+def test_reference_notes_under_their_tables(tmp_path) -> None:
+    import json
+
+    (tmp_path / "random_init").mkdir()
+    ref = {"rmse": 1.23456, "abs_rel": 0.5, "delta1": 0.25}
+    task = {"metrics": {"rmse": 1.0}, "details": {"mean_map": ref}}
+    (tmp_path / "random_init" / "depth_linear.json").write_text(json.dumps(task))
+    notes = R.reference_notes(tmp_path, MODELS, ["knn", "depth_linear"])  # the teacher has no file here
+    assert list(notes) == ["depth_linear"] and "RMSE 1.235, AbsRel 0.5, delta1 0.25" in notes["depth_linear"]
+    frame = _frame()
+    R.write_tables(tmp_path, R.headline_table(frame, MODELS, []), R.task_tables(frame, []), {"passed": True}, notes)
+    md = (tmp_path / "table.md").read_text()
+    assert md.index("## depth_linear") < md.index("RMSE 1.235") and "RMSE 1.235" not in md.split("## depth_linear")[0]
+    assert "<p>Image-blind reference" in (tmp_path / "table.html").read_text()
+
+
 def test_quality_gate_frame() -> None:
     frame = _frame()
     gate = R.quality_gate_frame(frame, "teacher", gate_metric="knn.top1", gate_min=0.5, baseline="random_init")

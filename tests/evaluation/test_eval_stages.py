@@ -97,7 +97,10 @@ def test_evaluate_then_report(tiny_world, tmp_path: Path, monkeypatch: pytest.Mo
     registry = json.loads((rep / "registry.json").read_text())
     assert registry["registered"] and registry["version"] == 1
     assert registry["alias_moved"] == gate["passed"]
-    assert "| model | arch | role |" in (rep / "table.md").read_text()
+    table = (rep / "table.md").read_text()
+    assert "| model | arch | role |" in table
+    ref = json.loads((out / "teacher/depth_linear.json").read_text())["details"]["mean_map"]
+    assert f"mean depth map: RMSE {ref['rmse']:.4g}," in table.split("## depth_linear\n")[1].split("## ")[0]
 
     # Report 2: a gate that passes moves the champion alias to the new version.
     easy = cfg.model_copy(

@@ -34,6 +34,39 @@ TINY_WORLD = SyntheticConfig(
 )
 TINY_SEED = 7
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What `init_distributed` writes into the environment of a plain process (a world of one)."""
+_WORLD_ENV: dict[str, str] = {}
+"""The rendezvous of this process's world of one, once a test has started it (DeepSpeed reads it at every engine)."""
+
+
+@pytest.fixture
+def in_process_training() -> Iterator[None]:
+    """For tests that train in this process: restores torch's thread count (`train.cpu_threads` sets it) and keeps
+    the launcher variables of this process's world of one out of other tests.
+
+    `init_distributed` makes this process a world of one and says so in the environment; other tests' subprocesses
+    (torchrun scenarios, stage runs) inherit the environment and would try that rendezvous, so the variables are set
+    only while such a test runs. The process group itself stays (DeepSpeed cannot start over in one process).
+    """
+    import torch
+    import torch.distributed as dist
+
+    threads = torch.get_num_threads()
+    saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    if dist.is_available() and dist.is_initialized():
+        os.environ.update(_WORLD_ENV)
+    yield
+    if dist.is_available() and dist.is_initialized():
+        _WORLD_ENV.update({k: os.environ[k] for k in LAUNCHER_ENV if k in os.environ})
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    torch.set_num_threads(threads)
+
+
 S3_ACCESS_KEY = "pipeline-test"
 S3_SECRET_KEY = "pipeline-test-secret"
 

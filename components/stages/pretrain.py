@@ -55,13 +55,14 @@ def run_pretrain_highres(
     if needs_launcher(cfg):
         relaunch("pretrain_highres", cfg, paths)
         return
-    from components.training.meta_arch import SSLMetaArch
+    from components.training.meta_arch import SSLMetaArch, export_digest
     from components.training.run import highres_config
 
     derived = highres_config(cfg)
     train_stage(
         "pretrain_highres", derived, paths, build=lambda: SSLMetaArch(derived),
         init=lambda module: module.load_pretrained_export(pretrained),
+        inputs={"pretrained": export_digest(pretrained)},  # a new pretrain export starts this phase afresh
     )  # fmt: skip
 
 
@@ -95,6 +96,7 @@ def train_stage(
     *,
     build: Callable[[], object],
     init: Callable[[object], None] | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> None:
     """A training stage's shell around `run_training`: MLflow run, curve CSV, training-metrics gate, exports logged,
     metrics JSON. `paths` holds the stage's CLI paths (`curated`, `checkpoints`, `out`, `metrics`, `curve`).
@@ -112,7 +114,8 @@ def train_stage(
     ) as run:
         training = run_training(
             cfg, build_module=build, curated=paths["curated"], checkpoints=paths["checkpoints"], out=out,
-            log_metrics=lambda row, step: run.log_metrics(row, step=step), init_module=init, desc=name,
+            log_metrics=lambda row, step: run.log_metrics(row, step=step), init_module=init, inputs=inputs,
+            desc=name,
         )  # fmt: skip
         if training.rank != 0:
             return

@@ -17,8 +17,9 @@ the schedules are functions of the step, and the generators are restored. With a
 takes a seeded generator state.
 
 Only checkpoints of the same configuration are resumed (`config_fingerprint`: the sections that change what is
-computed; run mechanics such as workers, logging or the checkpoint period are left out). A checkpoint of another
-configuration is ignored, and removed when the new run saves its first checkpoint.
+computed, and the digests of the curated set and of any weights the run starts from; run mechanics such as workers,
+logging or the checkpoint period are left out). A checkpoint of another configuration is ignored, and removed when
+the new run saves its first checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,12 +52,34 @@ FINGERPRINT_SECTIONS = ("seed", "model", "dino", "ibot", "teacher", "optim", "cr
 """Config sections whose values decide what a run computes (train mechanics excluded, except the batch)."""
 
 
-def config_fingerprint(cfg: PipelineConfig) -> str:
-    """A short hash of the sections a checkpoint depends on, plus the per-rank batch and accumulation."""
+def config_fingerprint(cfg: PipelineConfig, inputs: Mapping[str, str] | None = None) -> str:
+    """A short hash of the sections a checkpoint depends on, plus the per-rank batch and accumulation.
+
+    `inputs` names the digests of what the run reads besides its config (the curated set, the weights it starts
+    from): a run on other data or from other weights computes something else, and must not resume these.
+    """
     dumped = cfg.model_dump(mode="json")
     keys = {s: dumped[s] for s in FINGERPRINT_SECTIONS}
     keys["batch"] = [cfg.train.batch_size_per_gpu, cfg.train.grad_accum_steps]
+    if inputs:
+        keys["inputs"] = dict(inputs)
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+CODE_PARTS = ("config.py", "model", "training", "stages")
+"""What `code_digest` covers, relative to the `components` package: the code a training run executes."""
+
+
+def code_digest() -> str:
+    """A short hash of the training code's sources (`CODE_PARTS`), recorded in every checkpoint's meta.json."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for part in CODE_PARTS:
+        root = package / part
+        for f in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            digest.update(f"{f.relative_to(package).as_posix()}\n".encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -119,12 +143,15 @@ class CheckpointManager:
         root: the checkpoints folder (dvc.yaml keeps it across runs: `persist: true`).
         keep_last: complete checkpoints of this configuration kept after each save.
         fingerprint: `config_fingerprint` of the run.
+        code: `code_digest` of the code writing the checkpoints (recorded in meta.json; see `supersede`).
     """
 
-    def __init__(self, root: str | Path, *, keep_last: int, fingerprint: str) -> None:
+    def __init__(self, root: str | Path, *, keep_last: int, fingerprint: str, code: str = "") -> None:
         self.root = Path(root)
         self.keep_last = keep_last
         self.fingerprint = fingerprint
+        self.code = code
+        self._superseded: set[Path] = set()
 
     def complete(self) -> list[tuple[int, Path]]:
         """Complete checkpoints (any configuration), oldest first."""
@@ -137,19 +164,34 @@ class CheckpointManager:
                 found.append((int(m.group(1)), d))
         return sorted(found)
 
-    def _meta(self, path: Path) -> dict[str, Any]:
+    def meta(self, path: Path) -> dict[str, Any]:
+        """A checkpoint's meta.json ({} when unreadable)."""
         try:
             return json.loads((path / META_FILE).read_text())
         except (OSError, ValueError):
             return {}
 
+    def _mine(self) -> list[Path]:
+        return [
+            p
+            for _, p in self.complete()
+            if self.meta(p).get("fingerprint") == self.fingerprint and p not in self._superseded
+        ]
+
     def latest(self) -> Path | None:
         """The newest complete checkpoint of this configuration, or None."""
-        mine = [p for _, p in self.complete() if self._meta(p).get("fingerprint") == self.fingerprint]
-        others = len(self.complete()) - len(mine)
+        mine = self._mine()
+        others = len(self.complete()) - len(mine) - len(self._superseded)
         if others:
             log.warning("%d checkpoint(s) in %s belong to another configuration: not resumed", others, self.root)
         return mine[-1] if mine else None
+
+    def supersede(self) -> None:
+        """Sets aside this configuration's checkpoints: `latest` stops returning them and the next save removes them.
+
+        For a run that starts afresh although they match its configuration (they finished it with other code).
+        """
+        self._superseded |= set(self._mine())
 
     def save(self, state: dict[str, Any], step: int) -> Path:
         """Writes `state` as the checkpoint of `step` atomically, then prunes (rank 0 only)."""
@@ -158,19 +200,21 @@ class CheckpointManager:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         torch.save({**state, "format": FORMAT, "fingerprint": self.fingerprint}, tmp / STATE_FILE)
-        meta = {"format": FORMAT, "fingerprint": self.fingerprint, "step": step, "loop": state.get("loop")}
+        meta = {"format": FORMAT, "fingerprint": self.fingerprint, "code": self.code, "step": step}
+        meta["loop"] = state.get("loop")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _fsync_dir_files(tmp)
         if final.exists():  # a re-run that reaches the same step again: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
+        self._superseded.discard(final)  # the folder now holds this run's checkpoint
         _fsync(self.root)
         self.prune()
         return final
 
     def prune(self) -> None:
         """Keeps the newest `keep_last` checkpoints of this configuration; removes the others and stale temp folders."""
-        mine = [p for _, p in self.complete() if self._meta(p).get("fingerprint") == self.fingerprint]
+        mine = self._mine()
         doomed = [p for _, p in self.complete() if p not in mine[-self.keep_last :]]
         doomed += [d for d in self.root.iterdir() if d.name.startswith(".tmp-")]
         for d in doomed:

@@ -18,6 +18,7 @@ An image that fails to read or decode is counted and replaced by a seeded draw f
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 from collections.abc import Iterator, Sequence
@@ -80,16 +81,39 @@ def _one_thread() -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def read_manifest_uris(curated: str) -> list[str]:
-    """The `uri` column of `<curated>/manifest.parquet` (a local folder or an s3:// prefix), in manifest order."""
+def _read_manifest(curated: str, columns: Sequence[str]) -> Any:
+    """The given columns of `<curated>/manifest.parquet` that it has (`uri` required), as a DataFrame."""
     import pandas as pd
+    import pyarrow.parquet as pq
 
     path = storage.join(curated, "manifest.parquet")
     source = io.BytesIO(storage.read_bytes(path)) if storage.is_s3(path) else path
-    frame = pd.read_parquet(source, columns=["uri"])
+    present = set(pq.read_schema(source).names)
+    if "uri" not in present:
+        raise ValueError(f"{path}: the curated manifest has no `uri` column")
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    frame = pd.read_parquet(source, columns=[c for c in columns if c in present])
     if frame.empty:
         raise ValueError(f"{path}: the curated manifest has no rows")
-    return frame["uri"].astype(str).tolist()
+    return frame
+
+
+def read_manifest_uris(curated: str) -> list[str]:
+    """The `uri` column of `<curated>/manifest.parquet` (a local folder or an s3:// prefix), in manifest order."""
+    return _read_manifest(curated, ["uri"])["uri"].astype(str).tolist()
+
+
+def manifest_digest(curated: str) -> str:
+    """The identity of the training set: a hash of the manifest's images in order, each by `uri` and, where the
+    manifest has it (the curate stage writes it), the `sha256` of its bytes, so re-encoded images under the same
+    names count as other data."""
+    frame = _read_manifest(curated, ["uri", "sha256"])
+    digest = hashlib.sha256()
+    hashes = frame["sha256"].astype(str) if "sha256" in frame.columns else [""] * len(frame)
+    for uri, sha in zip(frame["uri"].astype(str), hashes, strict=True):
+        digest.update(f"{uri}\t{sha}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------------------------

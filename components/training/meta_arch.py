@@ -19,6 +19,7 @@ form the EMA pair (`ema_pairs`). Stochastic depth is the backbone's own (efficie
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,6 +64,20 @@ def _gathered(features: Tensor) -> Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(features.contiguous()))
+
+
+def export_digest(export_dir: str | Path) -> str:
+    """sha256 of an export's backbone and heads files (those its model.json names), the export's identity."""
+    export_dir = Path(export_dir)
+    try:
+        descriptor = json.loads((export_dir / "model.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{export_dir}: no model.json; not an export of the pretrain stage") from None
+    digest = hashlib.sha256()
+    for key in ("weights", "heads"):
+        if descriptor.get(key):
+            digest.update(storage.sha256_file(export_dir / descriptor[key]).encode())
+    return digest.hexdigest()[:16]
 
 
 class SSLMetaArch(TrainModule):

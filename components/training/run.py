@@ -8,7 +8,7 @@ for logging.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,14 @@ from components.model import schedules_from_config
 from components.training.checkpoint import (
     CheckpointManager,
     LoopState,
+    code_digest,
     config_fingerprint,
     loop_state_dict,
     loop_state_from,
     restore_rng,
     rng_state,
 )
-from components.training.data import build_loader, mix_seed, read_manifest_uris
+from components.training.data import build_loader, manifest_digest, mix_seed, read_manifest_uris
 from components.training.engine import EngineSettings, TrainEngine, init_distributed
 from components.training.knn import knn_accuracy
 from components.training.loop import LoopResult, LoopSettings, train
@@ -48,8 +49,8 @@ def cpu_threads(configured: int, num_workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // local_ranks - num_workers)
 
 
-def derived_values(cfg: PipelineConfig, world_size: int) -> dict[str, Any]:
-    """The values a run derives from its config and world size (logged with the run)."""
+def derived_values(cfg: PipelineConfig, world_size: int, inputs: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The values a run derives from its config, world size and input digests (logged with the run)."""
     global_batch = cfg.train.batch_size_per_gpu * cfg.train.grad_accum_steps * world_size
     optim, teacher = cfg.optim, cfg.teacher
     return {
@@ -60,7 +61,7 @@ def derived_values(cfg: PipelineConfig, world_size: int) -> dict[str, Any]:
         "warmup_iterations": optim.warmup_epochs * optim.epoch_length,
         "teacher_temp_warmup_iterations": teacher.warmup_teacher_temp_epochs * optim.epoch_length,
         "freeze_last_layer_iterations": optim.freeze_last_layer_epochs * optim.epoch_length,
-        "fingerprint": config_fingerprint(cfg),
+        "fingerprint": config_fingerprint(cfg, inputs),
     }
 
 
@@ -92,6 +93,7 @@ def run_training(
     out: str | Path,
     log_metrics: Callable[[dict[str, float], int], None],
     init_module: Callable[[TrainModule], None] | None = None,
+    inputs: Mapping[str, str] | None = None,
     desc: str = "pretrain",
 ) -> TrainingRun:
     """Trains `build_module()` on the curated stream, resuming from `checkpoints` when allowed.
@@ -104,15 +106,29 @@ def run_training(
         out: export folder (written by the module's `export` at each checkpoint and at the end).
         log_metrics: step-metrics sink, called on every rank (log on rank 0).
         init_module: applied to a fresh module only (not on resume), e.g. loading a previous phase's export.
+        inputs: digests of what the run reads besides its config and the curated set (whose digest is added here),
+            e.g. the export `init_module` loads; a checkpoint resumes only with the same inputs.
         desc: progress-bar label.
     """
     settings = EngineSettings.from_config(cfg)
     rank, world = init_distributed(settings.device)
     if settings.device == "cpu":
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads, cfg.train.num_workers))
-    derived = derived_values(cfg, world)
-    manager = CheckpointManager(checkpoints, keep_last=cfg.train.keep_last, fingerprint=derived["fingerprint"])
+    derived = derived_values(cfg, world, {"curated": manifest_digest(curated), **(inputs or {})})
+    manager = CheckpointManager(
+        checkpoints, keep_last=cfg.train.keep_last, fingerprint=derived["fingerprint"], code=code_digest()
+    )
     resume = manager.latest() if cfg.train.resume else None
+    if resume is not None and (made_by := manager.meta(resume).get("code", manager.code)) != manager.code:
+        # The stage runs again because its code changed (DVC tracks it): a finished run is redone, not re-exported.
+        # An unfinished one is resumed, so that a fix to the code that crashed it does not cost the steps done.
+        codes = (resume, made_by, manager.code)
+        if int(manager.meta(resume).get("step", 0)) >= derived["total_iterations"]:
+            log.info("%s finished this run with other code (%s, now %s): training afresh", *codes)
+            manager.supersede()
+            resume = None
+        else:
+            log.warning("%s was written by other code (%s, now %s): resuming with this code", *codes)
     state = CheckpointManager.load(resume) if resume is not None else None
 
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank

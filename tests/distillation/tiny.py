@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from components.config import PipelineConfig, load_config, validate_config
+from tests.conftest import LAUNCHER_ENV  # noqa: F401 - re-exported for the tests that launch fresh worlds
 
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-"""What `init_distributed` writes into the environment of a plain process (a world of one)."""
 
 
 def tiny_raw(**sections: dict[str, Any]) -> dict[str, Any]:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from components.config import ConfigError, load_config, validate_config
-from components.training.checkpoint import CheckpointManager
-from components.training.data import MultiCropDataset, PlannedMaskCollate, SampleRef, StreamPlan
+from components.training.checkpoint import CheckpointManager, code_digest, config_fingerprint
+from components.training.data import MultiCropDataset, PlannedMaskCollate, SampleRef, StreamPlan, manifest_digest
 from components.training.engine import EngineSettings, deepspeed_config
 from components.training.run import derived_values, highres_config
 
@@ -93,6 +93,49 @@ def test_checkpoints_are_atomic_pruned_and_scoped_to_their_configuration(tmp_pat
     assert other.latest() is None  # another configuration never resumes these
     other.save({"loop": {"step": 1}}, 1)
     assert [json.loads((p / "meta.json").read_text())["fingerprint"] for _, p in other.complete()] == ["b"]
+
+    assert json.loads((other.latest() / "meta.json").read_text())["code"] == ""
+
+
+def test_superseded_checkpoints_are_skipped_then_replaced(tmp_path):
+    old = CheckpointManager(tmp_path, keep_last=3, fingerprint="a", code="old")
+    for step in (2, 4):
+        old.save({"loop": {"step": step}}, step)
+    new = CheckpointManager(tmp_path, keep_last=3, fingerprint="a", code="new")
+    assert new.latest() == tmp_path / "step_00000004" and new.meta(new.latest())["code"] == "old"
+    new.supersede()
+    assert new.latest() is None
+    new.save({"loop": {"step": 2}}, 2)  # the same folder name as a superseded one: kept, the other removed
+    assert [(s, new.meta(p)["code"]) for s, p in new.complete()] == [(2, "new")]
+    assert new.latest() == tmp_path / "step_00000002"
+
+
+def test_fingerprint_inputs_and_digests(tmp_path):
+    import pandas as pd
+
+    cfg = load_config(ROOT / "params.yaml")
+    assert config_fingerprint(cfg) == config_fingerprint(cfg, {}) == config_fingerprint(cfg, None)
+    fp = config_fingerprint(cfg, {"curated": "x"})
+    assert fp != config_fingerprint(cfg) and fp != config_fingerprint(cfg, {"curated": "y"})
+    assert fp == config_fingerprint(cfg, {"curated": "x"})
+    frame = pd.DataFrame({"uri": ["a.jpg", "b.jpg"], "sha256": ["1", "2"], "label": ["p", "q"]})
+    digests = []
+    for name, f in [
+        ("same", frame),
+        ("relabelled", frame.assign(label=["z", "z"])),  # columns other than uri and sha256 do not count
+        ("reordered", frame.iloc[::-1]),
+        ("reencoded", frame.assign(sha256=["1", "3"])),
+        ("no_hashes", frame[["uri"]]),
+    ]:
+        (tmp_path / name).mkdir()
+        f.to_parquet(tmp_path / name / "manifest.parquet")
+        digests.append(manifest_digest(str(tmp_path / name)))
+    assert digests[0] == digests[1] and len(set(digests[1:])) == 4
+    (tmp_path / "bad").mkdir()
+    frame[["sha256"]].to_parquet(tmp_path / "bad" / "manifest.parquet")
+    with pytest.raises(ValueError, match="no `uri` column"):
+        manifest_digest(str(tmp_path / "bad"))
+    assert code_digest() == code_digest() and len(code_digest()) == 16
 
 
 def test_activation_checkpointing_keeps_keys_loss_and_gradients():

@@ -61,6 +61,7 @@ def _config(cfg: PipelineConfig, **sections: dict) -> PipelineConfig:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 14 stage runs: about 600 s on 2 idle cores, the default per-test cap
 def test_distilled_students_reach_the_teacher_and_beat_scratch(tmp_path):
     from components.synthetic import render_world
 

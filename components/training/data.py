@@ -99,21 +99,30 @@ def _read_manifest(curated: str, columns: Sequence[str]) -> Any:
     return frame
 
 
+def read_manifest(curated: str) -> tuple[list[str], str]:
+    """One read of `<curated>/manifest.parquet` (a local folder or an s3:// prefix): (the `uri` column in manifest
+    order, the training set's identity).
+
+    The identity hashes the images in order, each by `uri` and, where the manifest has it (the curate stage writes
+    it), the `sha256` of its bytes, so re-encoded images under the same names count as other data.
+    """
+    frame = _read_manifest(curated, ["uri", "sha256"])
+    uris = frame["uri"].astype(str).tolist()
+    hashes = frame["sha256"].astype(str).tolist() if "sha256" in frame.columns else [""] * len(uris)
+    digest = hashlib.sha256()
+    for uri, sha in zip(uris, hashes, strict=True):
+        digest.update(f"{uri}\t{sha}\n".encode())
+    return uris, digest.hexdigest()[:16]
+
+
 def read_manifest_uris(curated: str) -> list[str]:
-    """The `uri` column of `<curated>/manifest.parquet` (a local folder or an s3:// prefix), in manifest order."""
-    return _read_manifest(curated, ["uri"])["uri"].astype(str).tolist()
+    """The `uri` column of the curated manifest, in manifest order (`read_manifest`)."""
+    return read_manifest(curated)[0]
 
 
 def manifest_digest(curated: str) -> str:
-    """The identity of the training set: a hash of the manifest's images in order, each by `uri` and, where the
-    manifest has it (the curate stage writes it), the `sha256` of its bytes, so re-encoded images under the same
-    names count as other data."""
-    frame = _read_manifest(curated, ["uri", "sha256"])
-    digest = hashlib.sha256()
-    hashes = frame["sha256"].astype(str) if "sha256" in frame.columns else [""] * len(frame)
-    for uri, sha in zip(frame["uri"].astype(str), hashes, strict=True):
-        digest.update(f"{uri}\t{sha}\n".encode())
-    return digest.hexdigest()[:16]
+    """The training set's identity (`read_manifest`)."""
+    return read_manifest(curated)[1]
 
 
 # --------------------------------------------------------------------------------------------------------------------

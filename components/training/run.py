@@ -28,7 +28,7 @@ from components.training.checkpoint import (
     restore_rng,
     rng_state,
 )
-from components.training.data import build_loader, manifest_digest, mix_seed, read_manifest_uris
+from components.training.data import build_loader, mix_seed, read_manifest
 from components.training.engine import EngineSettings, TrainEngine, init_distributed
 from components.training.knn import knn_accuracy
 from components.training.loop import LoopResult, LoopSettings, train
@@ -114,7 +114,8 @@ def run_training(
     rank, world = init_distributed(settings.device)
     if settings.device == "cpu":
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads, cfg.train.num_workers))
-    derived = derived_values(cfg, world, {"curated": manifest_digest(curated), **(inputs or {})})
+    uris, data_digest = read_manifest(curated)
+    derived = derived_values(cfg, world, {"curated": data_digest, **(inputs or {})})
     manager = CheckpointManager(
         checkpoints, keep_last=cfg.train.keep_last, fingerprint=derived["fingerprint"], code=code_digest()
     )
@@ -147,7 +148,7 @@ def run_training(
     del state
 
     loader = build_loader(
-        uris=read_manifest_uris(curated), cfg=cfg, rank=rank, world_size=world, start_position=loop.samples_seen,
+        uris=uris, cfg=cfg, rank=rank, world_size=world, start_position=loop.samples_seen,
         pin_memory=settings.device == "cuda",
     )  # fmt: skip
     out = Path(out)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -60,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-size", type=int, default=None, help="dense side (default: 448 on cuda, params on cpu)")
     parser.add_argument("--batch", type=int, default=None, help="feature batch (default: 128 on cuda, params on cpu)")
     parser.add_argument("--iters", type=int, default=None, help="timed batches for img_s (default: 20 cuda, 3 cpu)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="corruption rendering processes (default: every CPU core on cuda, params on cpu)",
+    )
     parser.add_argument("--no-tasks", action="store_true", help="only measure img_s")
     args = parser.parse_args(argv)
 
@@ -72,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     image_size = args.image_size or (224 if cuda else cfg.evaluate.image_size)
     dense_size = args.dense_size or (448 if cuda else cfg.evaluate.dense_image_size or image_size)
     batch = args.batch or (128 if cuda else cfg.evaluate.batch_size)
+    workers = args.workers or (min(os.cpu_count() or 1, 64) if cuda else cfg.evaluate.num_workers)
     evaluate_cfg = cfg.evaluate.model_copy(
-        update={"image_size": image_size, "dense_image_size": dense_size, "batch_size": batch, "device": args.device}
-    )
+        update={
+            "image_size": image_size, "dense_image_size": dense_size, "batch_size": batch, "device": args.device,
+            "num_workers": workers,
+        }
+    )  # fmt: skip
 
     spec = ModelSpec(name=args.arch, arch=args.arch, role="benchmark", weights=None)
     model = build_model(spec, seed=cfg.seed).to(args.device)
@@ -110,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense_image_size": patch_multiple(dense_size, int(model.patch_size)),
         "batch": batch,
         "dtype": "bf16-autocast" if cuda else "fp32",
+        "workers": workers,
         "tasks": list(evaluate_cfg.tasks),
         "eval_images": world_info,
         "context": {

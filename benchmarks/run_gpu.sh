@@ -8,7 +8,7 @@
 # this project's backbone (compiled blocks), the full training step of ViT-g/14, the evaluation stage for ViT-L/14
 # and ViT-g/14, the ViT-g/14 step with compiled blocks, the backbone without compilation, the ViT-L/14 step. A
 # benchmark that fails or runs out of time is recorded with its exit status and the rest still run. PYTHON picks
-# the interpreter (default: python3).
+# the interpreter (default: python3); ONLY="NAME ..." runs only the named benchmarks.
 set -u
 out=${1:-benchmarks/results}
 py=${PYTHON:-python3}
@@ -22,6 +22,7 @@ world=$tmp/world
 bench() {  # bench NAME LIMIT_S SCRIPT ARGS...
     local name=$1 limit=$2 script=$3
     shift 3
+    [[ -z ${ONLY:-} || " $ONLY " == *" $name "* ]] || return 0
     local start=$SECONDS result rc
     echo "== $name: $script $* (limit ${limit}s)" | tee -a "$out/log.txt"
     result=$(timeout -k 15 "$limit" "$py" "benchmarks/$script" "$@" 2>>"$out/log.txt")

@@ -14,7 +14,8 @@
 Heads train on cached frozen features of the train split with the scale-invariant log loss of Eigen et al. (2014)
 in DINOv2's form, sqrt(Var(g) + 0.15 mean(g)^2) with g = log(d + 1e-3) - log(d* + 1e-3) on valid pixels (AdamW,
 linear decay to 0), taken at the head's output resolution (4x the patch grid for the linear heads) against
-nearest-resized ground truth; DINOv2 upsamples to the full map, which here would dominate the training time.
+nearest-resized ground truth; DINOv2 upsamples to the full map, which here would dominate the training time. Heads
+train and predict on the evaluation device, with the feature cache moved there when it fits (else batch by batch).
 Predictions are upsampled to each ground-truth map and scored with `metrics.depth_metrics`. Beside them, the same
 metrics of an image-blind reference, the train split's mean depth map, tell whether a head reads depth from the image.
 """
@@ -31,12 +32,15 @@ from torch import Tensor, nn
 
 from components.evaluation.datasets import DepthData, depth_range, load_depths
 from components.evaluation.features import (
+    cache_on_device,
     dense_block_indices,
     extract_patch_maps,
     head_threads,
     load_images,
     num_blocks,
     patch_multiple,
+    predict_batches,
+    take_batch,
 )
 from components.evaluation.metrics import depth_metrics
 from components.log import get_logger
@@ -198,8 +202,11 @@ def _train_head(
     lr: float,
     batch_size: int,
     seed: int,
+    device: str = "cpu",
 ) -> nn.Module:
-    """Fits a head; `inputs` is indexable per sample batch by `_take`."""
+    """Fits a head on `device` on cached head inputs (moved there when they fit: `cache_on_device`)."""
+    head.to(device)
+    inputs, targets = cache_on_device(inputs, device), cache_on_device(targets, device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     num = targets.shape[0]
     steps = max(1, epochs * -(-num // batch_size))
@@ -210,8 +217,8 @@ def _train_head(
         order = torch.randperm(num, generator=generator)
         for start in range(0, num, batch_size):
             idx = order[start : start + batch_size]
-            pred = head(_take(inputs, idx))
-            target = targets[idx]
+            pred = head(take_batch(inputs, idx, device))
+            target = targets[idx].to(device)
             pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
             loss = sig_loss(pred, target, (target > min_depth) & (target < max_depth))
             opt.zero_grad(set_to_none=True)
@@ -252,12 +259,6 @@ def mean_map_metrics(
     out = depth_metrics(preds, depths_val, min_depth=min_depth, max_depth=max_depth, crop=crop)
     out.pop("num_images")
     return out
-
-
-def _take(inputs: Any, idx: Tensor) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs[idx]
-    return [(m[idx], c[idx]) for m, c in inputs]
 
 
 def run_depth(
@@ -316,20 +317,17 @@ def run_depth(
             val_in = linear_depth_input([val_maps[b] for b in blocks])
             head = LinearDepthHead(train_in.shape[1], n_bins=n_bins, min_depth=lo, max_depth=hi)
         with torch.no_grad():  # the loss is taken at the head's output resolution (targets nearest-resized to it)
-            out_side = head(_take(train_in, torch.arange(1))).shape[-1]
+            out_side = head(take_batch(train_in, torch.arange(1))).shape[-1]
         targets = resize_depths(depths_train, out_side)
         head = _train_head(
             head, train_in, targets, min_depth=lo, max_depth=hi, epochs=epochs, lr=lr, batch_size=batch_size,
-            seed=seed,
+            seed=seed, device=device,
         )  # fmt: skip
-        preds = []
-        with torch.no_grad():
-            for start in range(0, len(depths_val), batch_size):
-                idx = torch.arange(start, min(start + batch_size, len(depths_val)))
-                out = head(_take(val_in, idx))  # (B, 1, h', w')
-                for j, i in enumerate(idx.tolist()):
-                    p = F.interpolate(out[j : j + 1], size=depths_val[i].shape, mode="bilinear", align_corners=False)
-                    preds.append(p[0, 0].numpy())
+        out = predict_batches(head, val_in, batch_size=batch_size, device=device)  # (N, 1, h', w')
+        preds = [
+            F.interpolate(out[i : i + 1], size=d.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+            for i, d in enumerate(depths_val)
+        ]
         metrics = depth_metrics(preds, depths_val, min_depth=lo, max_depth=hi, crop=data.eval_crop)
         num_images = metrics.pop("num_images")
         details = {

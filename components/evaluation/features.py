@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -187,6 +188,45 @@ def extract_features(
 # --------------------------------------------------------------------------------------------------------------------
 # Dense features
 # --------------------------------------------------------------------------------------------------------------------
+
+
+HeadInputs = Tensor | Sequence[tuple[Tensor, Tensor]]
+"""Cached inputs of a dense head: one (N, C, h, w) tensor, or (map (N, D, h, w), CLS (N, D)) pairs per block."""
+
+
+def cache_on_device(inputs: HeadInputs, device: str, *, max_fraction: float = 0.5) -> HeadInputs:
+    """Cached head inputs moved to a GPU when they take at most `max_fraction` of its free memory, so that training
+    batches are gathered there; otherwise (and on the CPU) unchanged, and `take_batch` moves batch by batch. A
+    head's training set drawn from host memory costs a host gather and a copy per step, which on a GPU dominates:
+    for ViT-L features at 448 px, minutes against seconds."""
+    if not device.startswith("cuda"):
+        return inputs
+    tensors = [inputs] if isinstance(inputs, Tensor) else [t for pair in inputs for t in pair]
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    if size > max_fraction * free:
+        return inputs
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    return [(m.to(device), c.to(device)) for m, c in inputs]
+
+
+def take_batch(inputs: HeadInputs, idx: Tensor, device: str = "cpu") -> Any:
+    """Rows `idx` of cached head inputs, moved to `device` (the cache itself stays in host memory)."""
+    if isinstance(inputs, Tensor):
+        return inputs[idx].to(device, non_blocking=True)
+    return [(m[idx].to(device, non_blocking=True), c[idx].to(device, non_blocking=True)) for m, c in inputs]
+
+
+@torch.no_grad()
+def predict_batches(head: nn.Module, inputs: HeadInputs, *, batch_size: int, device: str = "cpu") -> Tensor:
+    """A head's outputs for every row of cached inputs, computed batch by batch on `device`, returned on the CPU."""
+    num = len(inputs) if isinstance(inputs, Tensor) else len(inputs[0][0])
+    outputs = [
+        head(take_batch(inputs, torch.arange(start, min(start + batch_size, num)), device)).float().cpu()
+        for start in range(0, num, batch_size)
+    ]
+    return torch.cat(outputs)
 
 
 def dense_block_indices(depth: int, count: int) -> list[int]:

@@ -8,7 +8,8 @@
 
 Heads train on cached features of the train split (AdamW, weight decay 1e-4, polynomial decay of power 1, as
 mmsegmentation's schedule; cross-entropy on logits upsampled to 4x the patch grid, against nearest-resized masks, the
-ignore index left out).
+ignore index left out), on the evaluation device, with the feature cache moved there when it fits (else batch by
+batch).
 Images are resized whole to a square of `side` px; masks are compared at their own resolution (predictions are
 upsampled to each mask), so mIoU is measured on the original ground truth.
 """
@@ -24,7 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from components.evaluation.datasets import SegmentationData, load_masks, num_segmentation_classes
-from components.evaluation.features import extract_patch_maps, head_threads, load_images, num_blocks, patch_multiple
+from components.evaluation.features import (
+    cache_on_device,
+    extract_patch_maps,
+    head_threads,
+    load_images,
+    num_blocks,
+    patch_multiple,
+    predict_batches,
+)
 from components.evaluation.metrics import confusion_matrix, segmentation_scores
 from components.log import get_logger
 
@@ -65,10 +74,13 @@ def train_seg_head(
     lr: float,
     batch_size: int,
     seed: int,
+    device: str = "cpu",
 ) -> LinearSegHead:
-    """Fits a linear head on cached features (N, D_in, h, w) against targets (N, H, W)."""
+    """Fits a linear head on `device` on cached features (N, D_in, h, w) against targets (N, H, W); the batch order
+    is drawn on the CPU (the same on every device), the cache moved to `device` when it fits (`cache_on_device`)."""
     torch.manual_seed(seed)
-    head = LinearSegHead(features.shape[1], num_classes)
+    head = LinearSegHead(features.shape[1], num_classes).to(device)
+    features, targets = cache_on_device(features, device), cache_on_device(targets, device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     steps = max(1, epochs * -(-len(features) // batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / steps))  # poly, power 1
@@ -80,8 +92,9 @@ def train_seg_head(
             idx = order[start : start + batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
-            logits = F.interpolate(head(features[idx]), size=targets.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, targets[idx], ignore_index=ignore_index)
+            logits = head(features[idx].to(device, non_blocking=True))
+            logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(logits, targets[idx].to(device), ignore_index=ignore_index)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -138,7 +151,7 @@ def run_segmentation(
         feats = _concat_maps(train_maps[-len(blocks) :])
         head = train_seg_head(
             feats, targets, num_classes=num_classes, ignore_index=data.ignore_index, epochs=epochs, lr=lr,
-            batch_size=batch_size, seed=seed,
+            batch_size=batch_size, seed=seed, device=device,
         )  # fmt: skip
         scales = tuple(ms_scales) if variant == "ms" else (1.0,)
         flips = (False, True) if variant == "ms" else (False,)
@@ -149,8 +162,7 @@ def run_segmentation(
                 val_images[s_side] = load_images(data.splits["val"].image_uris, s_side, crop=False)
             for flip in flips:
                 maps = extract_patch_maps(model, val_images[s_side], blocks=blocks, flip=flip, **kwargs)
-                with torch.no_grad():
-                    logits = head(_concat_maps(maps))  # (N, C, h, w)
+                logits = predict_batches(head, _concat_maps(maps), batch_size=batch_size, device=device)  # (N, C, h, w)
                 if flip:
                     logits = logits.flip(-1)
                 for i, mask in enumerate(masks_val):

@@ -19,7 +19,10 @@ from components.evaluation.depth import (
     run_depth,
     sig_loss,
 )
+from components.evaluation.features import cache_on_device, predict_batches, take_batch
 from components.evaluation.segmentation import run_segmentation, train_seg_head
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_bins_to_depth() -> None:
@@ -50,15 +53,39 @@ def test_head_shapes() -> None:
     assert out.shape == (2, 1, 64, 64) and (out >= 0.1).all()
 
 
-def test_segmentation_head_learns_features_that_encode_the_class() -> None:
-    """Features are one-hot class maps at patch resolution: a linear head must reach perfect pixel accuracy."""
+def test_predict_batches_equals_one_pass() -> None:
+    """Batch-wise prediction (7 rows in batches of 3) equals one pass over all rows, for both kinds of head input."""
+    torch.manual_seed(0)
+    feats = torch.randn(7, 10, 3, 3)
+    head = LinearDepthHead(10, n_bins=8, min_depth=0.1, max_depth=5).eval()
+    with torch.no_grad():
+        whole = head(feats)
+    assert torch.allclose(predict_batches(head, feats, batch_size=3), whole, atol=1e-6)
+    pairs = [(torch.randn(7, 16, 2, 2), torch.randn(7, 16)) for _ in range(4)]
+    dpt = DPTHead(16, features=8, min_depth=0.1).eval()
+    with torch.no_grad():
+        whole = dpt(pairs)
+    assert torch.allclose(predict_batches(dpt, pairs, batch_size=3), whole, atol=1e-5)
+    assert cache_on_device(feats, "cpu") is feats and cache_on_device(pairs, "cpu") is pairs  # host memory already
+    taken = take_batch(pairs, torch.tensor([4, 1]))
+    assert len(taken) == len(pairs)
+    for (m, c), (pm, pc) in zip(taken, pairs, strict=True):
+        assert torch.equal(m, pm[[4, 1]]) and torch.equal(c, pc[[4, 1]])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda])])
+def test_segmentation_head_learns_features_that_encode_the_class(device: str) -> None:
+    """Features are one-hot class maps at patch resolution: a linear head must reach perfect pixel accuracy, on the
+    CPU and on a GPU (where the head trains while the features stay in host memory)."""
     rng = np.random.default_rng(0)
     classes = torch.as_tensor(rng.integers(0, 3, size=(24, 4, 4)))
     feats = torch.nn.functional.one_hot(classes, 3).permute(0, 3, 1, 2).float() * 3  # (N, 3, 4, 4)
     targets = classes.repeat_interleave(4, 1).repeat_interleave(4, 2)  # nearest x4 upsampling: (N, 16, 16)
-    head = train_seg_head(feats, targets, num_classes=3, ignore_index=255, epochs=60, lr=0.05, batch_size=8, seed=0)
-    with torch.no_grad():
-        logits = torch.nn.functional.interpolate(head(feats), size=(16, 16), mode="nearest")
+    head = train_seg_head(
+        feats, targets, num_classes=3, ignore_index=255, epochs=60, lr=0.05, batch_size=8, seed=0, device=device
+    )
+    assert all(p.device.type == device for p in head.parameters())
+    logits = torch.nn.functional.interpolate(predict_batches(head, feats, batch_size=5, device=device), size=(16, 16))
     assert (logits.argmax(1) == targets).float().mean().item() == 1.0
 
 
@@ -79,6 +106,27 @@ def test_dense_protocols_on_the_tiny_world(tiny_world, vit_test) -> None:
         assert set(details["mean_map"]) == set(metrics) and details["mean_map"] == dep["linear"][1]["mean_map"]
     lo, hi = samples["depth_range"]
     assert samples["depth_pred"].min() >= lo - 1e-3 and samples["depth_pred"].max() <= hi + 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_dense_protocols_on_cuda_agree_with_the_cpu(tiny_world, vit_test) -> None:
+    """The same protocols with the backbone and the heads on a GPU (bf16 features) score within a small margin of
+    the CPU run: the heads learn the same thing wherever they train."""
+    root, _ = tiny_world
+    data = load_eval_datasets(str(root))
+    kw = dict(side=28, epochs=20, batch_size=4, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model = vit_test.to(device)
+        seg, _ = run_segmentation(model, data.segmentation, variants=("linear",), device=device, **kw)
+        dep, _ = run_depth(model, data.depth, heads=("linear", "dpt"), dpt_features=16, device=device, **kw)
+        runs[device] = (seg, dep)
+    vit_test.to("cpu")
+    (seg_cpu, dep_cpu), (seg_gpu, dep_gpu) = runs["cpu"], runs["cuda"]
+    assert seg_gpu["linear"][0]["pixel_acc"] == pytest.approx(seg_cpu["linear"][0]["pixel_acc"], abs=0.05)
+    for head in ("linear", "dpt"):
+        assert dep_gpu[head][0]["rmse"] == pytest.approx(dep_cpu[head][0]["rmse"], rel=0.1)
 
 
 def test_mean_depth_map_by_hand() -> None:

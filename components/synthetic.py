@@ -7,9 +7,11 @@ What it holds, in the raw layout that prepare reads (see components/prepare.py):
       pose, scale, position and colour jitter over a random background (gradient, radial, stripes, clouds, checker),
       with a lighting ramp and pixel noise, so classes are learnable but not trivially so;
     - classification sets (train/val/test), a curated seed set (`seeds/synthetic/<class>/`);
-    - segmentation and depth sets: multi-object scenes whose per-pixel class mask (0 = background, k + 1 = class k;
-      the ignore value 255 is not used here) and depth map (a tilted ground plane, objects nearer the camera, painted
-      far to near) come from the same scene description as the image;
+    - a segmentation set: multi-object scenes whose per-pixel class mask (0 = background, k + 1 = class k; the ignore
+      value 255 is not used here) comes from the same scene description as the image;
+    - a depth set: scenes of one kind of object in front of a wall, the whole scene at its class's distance scale
+      (0.5 to 2, wall at 8 m times the scale, objects nearer, painted far to near), so that depth follows what the
+      image shows;
     - places: fixed scenes seen from several viewpoints (shifted, zoomed, lit differently) for retrieval;
     - an uncurated pool (single objects and multi-object scenes, in nested sub-folders) with planted near-duplicates
       (crops, JPEG re-encodes, colour shifts, resizes, one exact copy), planted leaks (near-copies of evaluation test
@@ -34,7 +36,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,11 @@ BACKGROUNDS = ("gradient", "radial", "stripes", "clouds", "checker")
 SEED_SET = "synthetic"
 DEPTH_SCALE = 1000.0
 """Depth PNG value per metre (millimetres in a 16-bit PNG; 0 = invalid)."""
+DEPTH_WALL_M = 8.0
+"""Distance of the wall behind a depth scene at distance scale 1 (objects stand at 1 to 3 m there)."""
+DISTANCE_SCALES = (0.5, 2.0)
+"""Range of the classes' distance scales; class k's scale is spread over it by a fixed permutation of the classes."""
+_DISTANCE_ORDER_SEED = 123
 HUGE_SIDE = 100_000
 """Side claimed by the hostile PNG header (1e10 pixels; a few dozen bytes on disk)."""
 
@@ -92,6 +99,8 @@ class ObjectClass:
     colour: str
     hue: float
     """Base hue in degrees."""
+    distance: float = 1.0
+    """Distance scale of the depth scenes that show this class (`_depth_scene`)."""
 
     @property
     def name(self) -> str:
@@ -102,16 +111,20 @@ def object_classes(num_classes: int) -> list[ObjectClass]:
     """The first `num_classes` classes; every class differs from the next in shape, texture and colour.
 
     Class k has shape k mod S and (q = k div S) picks texture (k + q) mod T and colour (3k + q) mod C; for k < S*C
-    the pair (shape, colour) already identifies q, so all triples are distinct.
+    the pair (shape, colour) already identifies q, so all triples are distinct. Distance scales are evenly spaced over
+    `DISTANCE_SCALES` in a fixed, seeded order of the classes, unrelated to their look.
     """
     num_shapes, num_textures, num_colours = len(SHAPES), len(TEXTURES), len(COLOURS)
     if num_classes > num_shapes * num_colours:
         raise ValueError(f"synthetic.num_classes = {num_classes} exceeds {num_shapes * num_colours}")
+    order = np.random.default_rng(_DISTANCE_ORDER_SEED).permutation(num_classes)
+    lo, hi = DISTANCE_SCALES
     classes = []
     for k in range(num_classes):
         q = k // num_shapes
         colour, hue = COLOURS[(3 * k + q) % num_colours]
-        classes.append(ObjectClass(k, SHAPES[k % num_shapes], TEXTURES[(k + q) % num_textures], colour, hue))
+        distance = lo + (hi - lo) * float(order[k]) / max(num_classes - 1, 1)
+        classes.append(ObjectClass(k, SHAPES[k % num_shapes], TEXTURES[(k + q) % num_textures], colour, hue, distance))
     return classes
 
 
@@ -218,6 +231,21 @@ def _object_scene(rng: np.random.Generator, classes: Sequence[ObjectClass], k: i
         other = (k + 1 + int(rng.integers(len(classes) - 1))) % len(classes)
         objects.append(_random_object(rng, classes[other], radius=(0.07, 0.12), depth=(2.6, 3.0)))
     return _random_scene(rng, objects)
+
+
+def _depth_scene(rng: np.random.Generator, classes: Sequence[ObjectClass]) -> Scene:
+    """A depth-set scene: an object scene of a random class k (`_object_scene`) in front of a wall at `DEPTH_WALL_M`,
+    the whole scene at class k's distance scale times U(0.9, 1.1).
+
+    What the scene shows tells how far it is, as a scene's kind does in real photographs, and its objects stand
+    nearer than the wall: both cues are visible, so a head that reads the image beats the image-blind mean depth map.
+    """
+    k = int(rng.integers(len(classes)))
+    scene = _object_scene(rng, classes, k)
+    scale = classes[k].distance * rng.uniform(0.9, 1.1)
+    wall = DEPTH_WALL_M * scale
+    objects = tuple(replace(o, depth_m=o.depth_m * scale) for o in scene.objects)  # the painter's order is kept
+    return replace(scene, depth_near=wall, depth_far=wall, depth_tilt=0.0, objects=objects)
 
 
 def _multi_scene(rng: np.random.Generator, classes: Sequence[ObjectClass], num: tuple[int, int]) -> Scene:
@@ -409,7 +437,7 @@ def _near_copy(data: bytes, kind: str, rng: np.random.Generator, size: int) -> b
 
 @dataclass(frozen=True)
 class _Job:
-    kind: str  # "object", "scene" or "place"
+    kind: str  # "object", "scene" (segmentation), "depth" or "place"
     stream: tuple[int, ...]
     paths: tuple[str, ...]  # object/scene: image [, mask] [, depth]; place: query then database views
     cls: int = -1
@@ -426,8 +454,9 @@ def _run_job(args: tuple[_Job, int, int, int, str]) -> None:
     if job.kind == "object":
         rgb, _, _ = render_scene(_object_scene(rng, classes, job.cls), classes, size, rng)
         _write(out, job.paths[0], _encode(rgb, job.fmt, job.quality))
-    elif job.kind == "scene":
-        rgb, mask, depth = render_scene(_multi_scene(rng, classes, (2, 4)), classes, size, rng)
+    elif job.kind in ("scene", "depth"):
+        scene = _depth_scene(rng, classes) if job.kind == "depth" else _multi_scene(rng, classes, (2, 4))
+        rgb, mask, depth = render_scene(scene, classes, size, rng)
         _write(out, job.paths[0], _encode(rgb, job.fmt, job.quality))
         for rel, target in zip(job.paths[1:], job.targets, strict=True):
             if target == "mask":
@@ -550,7 +579,8 @@ def render_world(cfg: SyntheticConfig, seed: int, out_dir: str | Path, *, num_wo
                 paths = (f"eval/{task}/{split}/images/{ident}.png", f"eval/{task}/{split}/{target}/{ident}.png")
                 tag = _TAG["seg" if task == "segmentation" else "depth"]
                 kind = "mask" if task == "segmentation" else "depth"
-                jobs.append(_Job("scene", (tag, _SPLIT_ID[split], i), paths, fmt="png", targets=(kind,)))
+                job_kind = "scene" if task == "segmentation" else "depth"
+                jobs.append(_Job(job_kind, (tag, _SPLIT_ID[split], i), paths, fmt="png", targets=(kind,)))
     truth["segmentation"] = {
         "splits": dense["segmentation"],
         "mask_values": {"0": "background", **{str(c.index + 1): c.name for c in classes}},

@@ -15,8 +15,11 @@ from PIL import Image
 from components.config import SyntheticConfig
 from components.synthetic import (
     DEPTH_SCALE,
+    DEPTH_WALL_M,
+    DISTANCE_SCALES,
     HUGE_SIDE,
     SEED_SET,
+    _depth_scene,
     _multi_scene,
     dense_split_sizes,
     object_classes,
@@ -165,6 +168,39 @@ def test_mask_and_depth_agree_with_the_scene() -> None:
         assert np.all(depth[objects] < plane[objects])
         assert np.allclose(depth[~objects], plane[~objects], atol=1e-4)
         assert set(np.unique(mask[objects]) - 1) <= {o.cls for o in scene.objects}
+
+
+def test_class_distances_spread_evenly_in_a_fixed_order() -> None:
+    lo, hi = DISTANCE_SCALES
+    for k in (1, 2, 8):
+        distances = [c.distance for c in object_classes(k)]
+        assert distances == [c.distance for c in object_classes(k)]  # the same on every call
+        expected = np.linspace(lo, hi, k) if k > 1 else [lo]
+        assert np.allclose(sorted(distances), expected)
+    assert [c.distance for c in object_classes(8)] != sorted(c.distance for c in object_classes(8))  # not by index
+
+
+def test_depth_scenes_follow_their_class_distance() -> None:
+    """A depth scene shows one kind of object in front of a wall; the wall stands at 8 m times the class's distance
+    scale (up to 10% either way), the objects nearer, and the rendered map holds exactly that."""
+    classes = object_classes(8)
+    rng = np.random.default_rng(0)
+    walls: dict[int, list[float]] = {}
+    for _ in range(40):
+        scene = _depth_scene(rng, classes)
+        main = max(scene.objects, key=lambda o: o.radius)  # the dominant object; a distractor is smaller
+        scale = scene.depth_far / DEPTH_WALL_M
+        assert scene.depth_near == scene.depth_far and scene.depth_tilt == 0.0
+        assert 0.9 * classes[main.cls].distance <= scale <= 1.1 * classes[main.cls].distance
+        assert all(1.0 * scale <= o.depth_m <= 3.0 * scale for o in scene.objects)
+        _, mask, depth = render_scene(scene, classes, 48, rng)
+        assert np.allclose(depth[mask == 0], scene.depth_far)
+        assert (mask > 0).any() and np.all(depth[mask > 0] < scene.depth_far)
+        walls.setdefault(main.cls, []).append(scene.depth_far)
+    # Nearest and farthest class: their walls never overlap (scales 0.5 and 2 stay apart by more than 10% each).
+    near = min(walls, key=lambda k: classes[k].distance)
+    far = max(walls, key=lambda k: classes[k].distance)
+    assert max(walls[near]) < min(walls[far])
 
 
 def test_render_replaces_a_world_but_not_a_user_folder(tmp_path: Path) -> None:

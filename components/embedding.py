@@ -21,7 +21,8 @@ rows [i * shard_size, (i + 1) * shard_size) in manifest order.
 
 Resuming: a shard is complete once its .npy is renamed into place; a re-run skips complete shards whose ids file
 records the same fingerprint (a hash of the embed config, the seed, the weights' bytes and the shard's manifest
-rows), and recomputes any other. Shards of an older, larger plan are deleted when the stage finishes.
+rows: each one's uri and content hash), and recomputes any other. Shards of an older, larger plan are deleted
+when the stage finishes.
 """
 
 from __future__ import annotations
@@ -105,16 +106,21 @@ def run_fingerprint(cfg: EmbedConfig, seed: int, weights_digest: str) -> str:
 
 
 def plan_shards(manifest: pd.DataFrame, shard_size: int, run_fp: str) -> list[Shard]:
-    """Cuts every part of the manifest into shards of `shard_size` rows (manifest order kept)."""
+    """Cuts every part of the manifest into shards of `shard_size` rows (manifest order kept); each shard's
+    fingerprint covers `run_fp` and its rows' `uri` and `sha256` (the prepared manifest's content hash)."""
     if manifest.empty:
         return []
     parts = manifest["source"].astype(str).map(part_of)
+    hashes = manifest["sha256"].fillna("").astype(str) if "sha256" in manifest else pd.Series("", manifest.index)
     shards = []
     for part in PARTS:
-        uris = manifest.loc[parts == part, "uri"].astype(str).tolist()
+        rows = parts == part
+        uris, contents = manifest.loc[rows, "uri"].astype(str).tolist(), hashes[rows].tolist()
         for index, start in enumerate(range(0, len(uris), shard_size)):
             ids = tuple(uris[start : start + shard_size])
-            digest = hashlib.sha256((run_fp + "\n" + "\n".join(ids)).encode()).hexdigest()[:16]
+            # uri and content hash of every row: an image replaced under the same name is embedded again
+            rows_key = "\n".join(f"{u}\t{h}" for u, h in zip(ids, contents[start : start + shard_size], strict=True))
+            digest = hashlib.sha256((run_fp + "\n" + rows_key).encode()).hexdigest()[:16]
             shards.append(Shard(part, index, ids, digest))
     return shards
 

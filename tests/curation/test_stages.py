@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from components.config import PipelineConfig, load_config
-from components.embedding import load_embeddings, read_meta
+from components.embedding import load_embeddings, plan_shards, read_meta
 from components.gates import GateFailed
 from components.prepare import prepare
 from components.stages.curate import run_curate
@@ -92,9 +92,33 @@ def test_embed_shards_resume_and_fingerprint(prepared: tuple[Path, Path], tmp_pa
     _, x_again = load_embeddings(tmp_path / "emb")
     np.testing.assert_array_equal(x, x_again)
 
+    # An image replaced under the same name (a re-rendered world, an edited file): only its shard is embedded again.
+    edited = tmp_path / "edited"
+    shutil.copytree(prep, edited)
+    rows = pd.read_parquet(edited / "manifest.parquet")
+    rows.loc[rows.index[0], "sha256"] = "0" * 64
+    rows.to_parquet(edited / "manifest.parquet", index=False)
+    replaced = embed(config(), edited, tmp_path)
+    assert replaced["shards"]["written"] == 1 and replaced["shards"]["skipped"] == replaced["shards"]["total"] - 1
+
     changed = embed(config(**{"embed.mean_patch": False}), prep, tmp_path)  # another model: nothing reused
     assert changed["shards"]["written"] == changed["shards"]["total"]
     assert read_meta(tmp_path / "emb")["dim"] == 64
+
+
+def test_shard_fingerprints_follow_each_rows_uri_and_content() -> None:
+    manifest = pd.DataFrame(
+        {"uri": [f"pool/{i}.jpg" for i in range(5)], "sha256": [f"{i:064x}" for i in range(5)], "source": "pool"}
+    )
+    base = [s.fingerprint for s in plan_shards(manifest, 2, "run")]
+    assert len(base) == 3 and len(set(base)) == 3
+    edited = manifest.copy()
+    edited.loc[3, "sha256"] = "f" * 64  # row 3 sits in the second shard
+    after = [s.fingerprint for s in plan_shards(edited, 2, "run")]
+    assert after[0] == base[0] and after[1] != base[1] and after[2] == base[2]
+    renamed = manifest.assign(uri=[f"pool/{i}.png" for i in range(5)])
+    assert all(a.fingerprint != b for a, b in zip(plan_shards(renamed, 2, "run"), base, strict=True))
+    assert all(a.fingerprint != b for a, b in zip(plan_shards(manifest, 2, "other"), base, strict=True))
 
 
 def test_curate_stage_outputs(prepared: tuple[Path, Path], tmp_path: Path) -> None:

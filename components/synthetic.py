@@ -571,16 +571,17 @@ def render_world(cfg: SyntheticConfig, seed: int, out_dir: str | Path, *, num_wo
 
     # Segmentation and depth: separate scenes (the same scene in both would be an exact cross-task duplicate).
     dense: dict[str, dict[str, list[str]]] = {"segmentation": {}, "depth": {}}
-    for task, target in (("segmentation", "masks"), ("depth", "depth")):
+    # (task, target folder, target written, job kind, stream tag)
+    for task, folder, target, job_kind, tag in (
+        ("segmentation", "masks", "mask", "scene", _TAG["seg"]),
+        ("depth", "depth", "depth", "depth", _TAG["depth"]),
+    ):
         for split, count in dense_split_sizes(cfg).items():
             ids = [f"{split}_{i:05d}" for i in range(count)]
             dense[task][split] = ids
             for i, ident in enumerate(ids):
-                paths = (f"eval/{task}/{split}/images/{ident}.png", f"eval/{task}/{split}/{target}/{ident}.png")
-                tag = _TAG["seg" if task == "segmentation" else "depth"]
-                kind = "mask" if task == "segmentation" else "depth"
-                job_kind = "scene" if task == "segmentation" else "depth"
-                jobs.append(_Job(job_kind, (tag, _SPLIT_ID[split], i), paths, fmt="png", targets=(kind,)))
+                paths = (f"eval/{task}/{split}/images/{ident}.png", f"eval/{task}/{split}/{folder}/{ident}.png")
+                jobs.append(_Job(job_kind, (tag, _SPLIT_ID[split], i), paths, fmt="png", targets=(target,)))
     truth["segmentation"] = {
         "splits": dense["segmentation"],
         "mask_values": {"0": "background", **{str(c.index + 1): c.name for c in classes}},

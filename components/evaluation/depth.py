@@ -218,7 +218,7 @@ def _train_head(
         for start in range(0, num, batch_size):
             idx = order[start : start + batch_size]
             pred = head(take_batch(inputs, idx, device))
-            target = targets[idx].to(device)
+            target = take_batch(targets, idx, device)
             pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
             loss = sig_loss(pred, target, (target > min_depth) & (target < max_depth))
             opt.zero_grad(set_to_none=True)

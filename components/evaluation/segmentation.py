@@ -33,6 +33,7 @@ from components.evaluation.features import (
     num_blocks,
     patch_multiple,
     predict_batches,
+    take_batch,
 )
 from components.evaluation.metrics import confusion_matrix, segmentation_scores
 from components.log import get_logger
@@ -92,9 +93,9 @@ def train_seg_head(
             idx = order[start : start + batch_size]
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
-            logits = head(features[idx].to(device, non_blocking=True))
+            logits = head(take_batch(features, idx, device))
             logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, targets[idx].to(device), ignore_index=ignore_index)
+            loss = F.cross_entropy(logits, take_batch(targets, idx, device), ignore_index=ignore_index)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

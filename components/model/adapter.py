@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +238,167 @@ def save_official_weights(model: nn.Module, path: str | Path, dtype: torch.dtype
     else:
         torch.save(state, path)
     return path
+
+
+# -- heads -------------------------------------------------------------------------------------------------------------
+# The release's head layout (`dino_head.py`): the MLP's linear layers at `mlp.{j}` (j = 0, 2, 4: GELUs between
+# them), and the prototypes of `weight_norm(nn.Linear(bottleneck, K, bias=False))`. Our `DINOHead` carries these
+# names, so the map is the identity; it stays literal for the same reason as `KEY_MAP`.
+HEAD_KEY_MAP: dict[str, str] = {
+    "mlp.{j}.weight": "mlp.{j}.weight",  # [hidden, D] ... [bottleneck, hidden]
+    "mlp.{j}.bias": "mlp.{j}.bias",
+    "last_layer.weight_g": "last_layer.weight_g",  # [K, 1], the prototypes' norms (trained)
+    "last_layer.weight_v": "last_layer.weight_v",  # [K, bottleneck], their directions
+}
+HEAD_NAMES = ("dino_head", "ibot_head")
+"""A head's key prefix in the release's `SSLMetaArch` (the iBOT head exists only when it is separate)."""
+CENTER_KEYS = {"dino": "dino_loss.center", "ibot": "ibot_patch_loss.center"}
+"""The release's names of the DINO and iBOT losses' softmax centres (a training checkpoint holds them beside the
+networks; the iBOT centre exists whether its head is tied or not)."""
+# Other spellings of the prototypes, renamed to the release's: PyTorch's newer `parametrizations.weight_norm` (as a
+# re-saved release head holds them), and our exports before heads format 2, whose prototypes had their norm fixed to
+# 1 (`last_layer.weight`, read as weight_v with weight_g = 1: the same function).
+PARAMETRIZED_PROTOTYPES = {
+    "last_layer.parametrizations.weight.original0": "last_layer.weight_g",
+    "last_layer.parametrizations.weight.original1": "last_layer.weight_v",
+}
+LEGACY_PROTOTYPES = "last_layer.weight"
+LEGACY_HEADS_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class HeadsState:
+    """A checkpoint's DINO / iBOT heads in the release's layout, and the softmax centres it holds (or None)."""
+
+    heads: dict[str, dict[str, Tensor]]
+    """`dino_head` (and `ibot_head` when separate) -> that head's state dict (`mlp.0.weight`, ...)."""
+    centers: dict[str, Tensor]
+    """`dino` / `ibot` -> that loss's softmax centre (1, K), when the checkpoint has one."""
+
+
+def _legacy_heads_as_flat(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """Our exports before format 2 ({"format": 1, "dino_head": {...}, "ibot_head": ..., "dino_center": ...})."""
+    flat: dict[str, Any] = {}
+    for name in HEAD_NAMES:
+        flat |= {f"{name}.{k}": v for k, v in (checkpoint.get(name) or {}).items()}
+    for name, key in CENTER_KEYS.items():
+        center = checkpoint.get(f"{name}_center")
+        if center is not None:
+            flat[key] = center
+    return flat
+
+
+def _rename_prototypes(key: str, value: Tensor) -> dict[str, Tensor]:
+    """One head key -> the release's spelling (a fixed-norm `last_layer.weight` becomes weight_v and weight_g)."""
+    if key == LEGACY_PROTOTYPES:
+        return {"last_layer.weight_g": torch.ones(value.shape[0], 1, dtype=value.dtype), "last_layer.weight_v": value}
+    return {PARAMETRIZED_PROTOTYPES.get(key, key): value}
+
+
+def normalize_heads_state(checkpoint: Mapping[str, Any]) -> HeadsState:
+    """A heads file or a training checkpoint -> its heads in the release's layout, and its centres.
+
+    Accepts our exports (`heads.pth`, formats 1 and 2), the release's `teacher_checkpoint.pth` ({"teacher": ...})
+    and its training checkpoints ({"model": {"student.dino_head...", "teacher.dino_head...", "dino_loss.center",
+    ...}}), with any of the wrapper prefixes of `WRAPPER_PREFIXES`; the teacher's heads win over the student's.
+    """
+    if isinstance(checkpoint.get("format"), int) and isinstance(checkpoint.get("dino_head"), Mapping):
+        checkpoint = _legacy_heads_as_flat(checkpoint)
+    inner = _unwrap_container(checkpoint)
+    centers = {}
+    for name, key in CENTER_KEYS.items():
+        found = [v for k, v in inner.items() if _strip_wrappers(k) == key and isinstance(v, Tensor)]
+        if found:
+            centers[name] = found[0]
+    heads: dict[str, dict[str, Tensor]] = {}
+    for raw_key, value in _prefer_teacher(inner).items():
+        key = _strip_wrappers(raw_key)
+        name, _, rest = key.partition(".")
+        if name not in HEAD_NAMES or not isinstance(value, Tensor):
+            continue
+        for k, v in _rename_prototypes(rest, value).items():
+            if k in heads.setdefault(name, {}):
+                raise CheckpointError(f"checkpoint key {raw_key!r} repeats {name}.{k}")
+            heads[name][k] = v
+    return HeadsState(heads=heads, centers=centers)
+
+
+def head_key_map(head: nn.Module) -> dict[str, str]:
+    """The head key map expanded over the MLP's linear layers: official key -> our parameter name."""
+    linear = [j for j, m in enumerate(head.mlp) if isinstance(m, nn.Linear)]
+    expanded: dict[str, str] = {}
+    for official, ours in HEAD_KEY_MAP.items():
+        if "{j}" not in official:
+            expanded[official] = ours
+            continue
+        for j in linear:
+            if not official.endswith(".bias") or head.mlp[j].bias is not None:
+                expanded[official.format(j=j)] = ours.format(j=j)
+    return expanded
+
+
+def _head_problems(name: str, state: Mapping[str, Tensor], head: nn.Module) -> list[str]:
+    """What keeps `state` from loading into `head`, one line per key (prefixed with the head's name)."""
+    key_map, ours = head_key_map(head), head.state_dict()
+    if set(key_map.values()) != set(ours):  # an internal invariant: the key map covers the head exactly
+        raise RuntimeError(f"HEAD_KEY_MAP out of sync with the head: {sorted(set(ours) ^ set(key_map.values()))}")
+    problems = [
+        f"missing key '{name}.{k}' (expected shape {list(ours[key_map[k]].shape)})" for k in key_map if k not in state
+    ]
+    problems += [f"unexpected key '{name}.{k}' (shape {list(v.shape)})" for k, v in state.items() if k not in key_map]
+    problems += [
+        f"shape mismatch for '{name}.{k}': checkpoint {list(state[k].shape)}, model {list(ours[v].shape)}"
+        for k, v in key_map.items()
+        if k in state and state[k].shape != ours[v].shape
+    ]
+    return problems
+
+
+def load_official_heads(heads: Mapping[str, nn.Module], source: str | Path | Mapping[str, Any]) -> HeadsState:
+    """Loads a checkpoint's heads (see `normalize_heads_state`) into `heads`, strictly.
+
+    Args:
+        heads: `dino_head` (and `ibot_head` when separate) -> the `DINOHead` modules to overwrite.
+        source: a heads file, a training checkpoint file, or either in memory.
+
+    Returns:
+        What was read (the centres are the caller's to apply).
+
+    Raises:
+        CheckpointError: a head is missing or extra (a tied head against a separate one: `ibot.separate_head`), or a
+            key is missing, unexpected or mis-shaped; the message names each.
+    """
+    raw = read_state_dict(source) if isinstance(source, str | Path) else source
+    found = normalize_heads_state(raw)
+    problems = [
+        f"{name}: in the checkpoint, not in the model (the checkpoint's iBOT head is separate; ibot.separate_head is "
+        "false)"
+        if name == "ibot_head"
+        else f"{name}: in the checkpoint, not in the model"
+        for name in found.heads
+        if name not in heads
+    ]
+    for name, head in heads.items():
+        if name not in found.heads:
+            tied = " (the checkpoint's iBOT head is tied to the DINO head; ibot.separate_head is true)"
+            problems.append(f"{name}: not in the checkpoint" + (tied if name == "ibot_head" else ""))
+        else:
+            problems += _head_problems(name, found.heads[name], head)
+    if problems:
+        raise CheckpointError("checkpoint heads do not fit the model:\n  " + "\n  ".join(problems))
+    for name, head in heads.items():
+        key_map = head_key_map(head)
+        head.load_state_dict({key_map[k]: v for k, v in found.heads[name].items()}, strict=True)
+    return found
+
+
+def official_heads_state(heads: Mapping[str, Mapping[str, Tensor]], centers: Mapping[str, Tensor | None]) -> dict:
+    """Heads (name -> state dict) and centres in the release's flat layout: `dino_head.mlp.0.weight`, ...,
+    `dino_loss.center`; what `normalize_heads_state` reads back and the release's `SSLMetaArch` loads."""
+    out: dict[str, Tensor] = {}
+    for name, state in heads.items():
+        out |= {f"{name}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()}
+    for name, center in centers.items():
+        if center is not None:
+            out[CENTER_KEYS[name]] = center.detach().to("cpu").contiguous()
+    return out

@@ -154,9 +154,14 @@ class DINOLoss(_CenteredTeacher):
         Returns:
             A scalar: mean cross-entropy per pair, averaged over the G (G - 1) + L G pairs.
         """
-        G = teacher_global.shape[0]
         if student_global.shape != teacher_global.shape:
             raise ValueError(f"student global {tuple(student_global.shape)} != teacher {tuple(teacher_global.shape)}")
+        # In float32, as released: under bfloat16 autocast the einsums below would run in bfloat16.
+        with torch.autocast(teacher_global.device.type, enabled=False):
+            return self._cross_entropy(student_global, student_local, teacher_global)
+
+    def _cross_entropy(self, student_global: Tensor, student_local: Tensor | None, teacher_global: Tensor) -> Tensor:
+        G = teacher_global.shape[0]
         t = teacher_global.float()
         lsm = F.log_softmax(student_global.float() / self.student_temp, dim=-1)  # (G, B, K)
         pair_ce = -torch.einsum("tbk,sbk->st", t, lsm) / t.shape[1]  # (G_student, G_teacher) batch-mean CE

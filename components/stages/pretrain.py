@@ -55,13 +55,14 @@ def run_pretrain_highres(
     if needs_launcher(cfg):
         relaunch("pretrain_highres", cfg, paths)
         return
-    from components.training.meta_arch import SSLMetaArch, export_digest
+    from components.exports import export_digest
+    from components.training.meta_arch import SSLMetaArch
     from components.training.run import highres_config
 
     derived = highres_config(cfg)
     train_stage(
         "pretrain_highres", derived, paths, build=lambda: SSLMetaArch(derived),
-        init=lambda module: module.load_pretrained_export(pretrained),
+        init=lambda module: module.load_pretrained(pretrained),
         inputs={"pretrained": export_digest(pretrained)},  # a new pretrain export starts this phase afresh
     )  # fmt: skip
 

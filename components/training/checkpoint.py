@@ -45,7 +45,8 @@ log = get_logger(__name__)
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-FORMAT = 1
+FORMAT = 2
+"""2: heads with trainable prototype norms (`last_layer.weight_g`, `weight_v`); 1: prototypes of norm 1."""
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 FINGERPRINT_SECTIONS = ("seed", "model", "dino", "ibot", "teacher", "optim", "crops")

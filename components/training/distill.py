@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,31 +44,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from components import storage
+from components import exports, storage
 from components.config import ConfigError, ModelConfig, PipelineConfig, validate_config
 from components.log import get_logger
 from components.model import DINOLoss, backbone_from_config, iBOTPatchLoss, koleo_loss, load_official_weights
 from components.model import param_groups as model_param_groups
-from components.training.meta_arch import (
-    HEADS_FORMAT,
-    SSLMetaArch,
-    _gathered,
-    _head,
-    atomic_json,
-    atomic_torch_save,
-    export_backbone,
-    model_descriptor,
-    prefixed,
-)
+from components.model.adapter import CheckpointError, load_official_heads, normalize_heads_state
+from components.training.meta_arch import SSLMetaArch, _gathered, _head, prefixed
 from components.training.module import LossOutput, TrainModule
 
 log = get_logger(__name__)
-
-GEOMETRY_KEYS = (
-    "patch_size", "num_register_tokens", "ffn_layer", "img_size", "interpolate_offset", "interpolate_antialias",
-)  # fmt: skip
-"""`model.json` keys that describe a backbone's geometry (beside `arch`), as `meta_arch.model_descriptor` writes."""
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # The teacher: where it comes from
@@ -104,33 +88,26 @@ class TeacherSource:
 def resolve_teacher(cfg: PipelineConfig, teacher_dir: str, *, download_dir: Path) -> TeacherSource:
     """The teacher of the `distill` section: `distill.teacher_weights` when set, else the `--teacher` folder.
 
-    A folder holding a `model.json` (a pretrain export) gives the geometry, the backbone and, when its `heads` file
-    exists, the heads. A file is an official-layout backbone of preset `distill.teacher_arch` (default `model.arch`)
-    with the `model` section's other geometry, and has no heads. An s3:// file is downloaded into `download_dir`.
+    An export folder gives the geometry, the backbone and, when it has them, the heads. A file is an
+    official-layout backbone of preset `distill.teacher_arch` (default `model.arch`) with the `model` section's other
+    geometry: a released backbone (no heads), or a training checkpoint of the release, whose teacher heads are used.
+    An s3:// file is downloaded into `download_dir`.
 
     Raises:
         FileNotFoundError: the source does not exist.
     """
     d = cfg.distill
     source = d.teacher_weights or teacher_dir
-    if not storage.is_s3(source) and Path(source, "model.json").is_file():
-        folder = Path(source)
-        desc = json.loads((folder / "model.json").read_text())
-        geometry = {k: desc[k] for k in GEOMETRY_KEYS if k in desc}
-        model = cfg.model.model_copy(update={"arch": desc["arch"], **geometry})
-        weights = folder / desc.get("weights", "backbone.pth")
-        heads: Path | None = folder / desc["heads"] if desc.get("heads") else None
-        if heads is not None and not heads.is_file():
-            heads = None  # a backbone-only export: its heads are fitted first
+    heads: Path | None
+    if exports.is_export(source):
+        export = exports.read_export(source)
+        model = export.model_config(cfg.model)
+        weights, heads = _local(export.weights, download_dir), _local(export.heads, download_dir)
     else:
         model = cfg.model.model_copy(update={"arch": d.teacher_arch or cfg.model.arch})
-        if storage.is_s3(source):
-            weights = download_dir / storage.basename(source)
-            storage.download_file(source, weights)
-        else:
-            weights = Path(source)
-        heads = None
-    if not weights.is_file():
+        weights = _local(source, download_dir)
+        heads = weights if weights.is_file() and normalize_heads_state(exports.read_weights(weights)[0]).heads else None
+    if weights is None or not weights.is_file():
         raise FileNotFoundError(f"teacher backbone {weights} not found (distill.teacher_weights or --teacher)")
     digest = hashlib.sha256()
     for f in (weights, heads):
@@ -138,6 +115,16 @@ def resolve_teacher(cfg: PipelineConfig, teacher_dir: str, *, download_dir: Path
             digest.update(storage.sha256_file(f).encode())
     model = model.model_copy(update={"drop_path_rate": 0.0, "pretrained_weights": None})
     return TeacherSource(model=model, weights=weights, heads=heads, digest=digest.hexdigest(), origin=str(source))
+
+
+def _local(uri: str | None, download_dir: Path) -> Path | None:
+    """A local path for `uri`: itself, or its download into `download_dir` (each object downloaded once)."""
+    if uri is None or not storage.is_s3(uri):
+        return None if uri is None else Path(uri)
+    target = download_dir / storage.basename(uri)
+    if not target.is_file():
+        storage.download_file(uri, target)
+    return target
 
 
 def check_geometry(cfg: PipelineConfig, teacher: ModelConfig) -> None:
@@ -365,29 +352,24 @@ class DistillMetaArch(TrainModule):
     # -- weights in ------------------------------------------------------------------------------------------------
 
     def load_teacher(self, backbone: Path, heads: Path) -> None:
-        """Loads the teacher's backbone (official layout) and its heads (`heads.pth` of an export), strictly.
+        """Loads the teacher's backbone (official layout) and its heads (an export's heads file, or a training
+        checkpoint of the release), strictly.
 
         Raises:
-            ValueError: the heads were exported tied while `ibot.separate_head` is true (or the reverse), or their
-                shapes differ from the `dino` / `ibot` sections (students' heads must have the teacher's K).
+            CheckpointError: the heads were saved tied while `ibot.separate_head` is true (or the reverse), or their
+                shapes differ from the `dino` / `ibot` sections (students' heads predict the teacher's prototypes).
         """
-        load_official_weights(self.teacher.backbone, backbone)
-        saved = torch.load(heads, map_location="cpu", weights_only=True)
-        if bool(saved.get("separate_ibot_head")) != self.separate_ibot_head:
-            raise ValueError(
-                f"{heads}: exported with separate_ibot_head = {saved.get('separate_ibot_head')}, but "
-                f"ibot.separate_head = {self.separate_ibot_head}"
-            )
-        for name in ("dino_head", "ibot_head") if self.separate_ibot_head else ("dino_head",):
-            try:
-                self.teacher[name].load_state_dict(saved[name])
-            except RuntimeError as err:
-                raise ValueError(
-                    f"{heads}: the teacher's {name} does not fit the {name.split('_')[0]} section (students' heads "
-                    f"predict the teacher's prototypes, so head sizes must match): {err}"
-                ) from None
-        for loss, key in ((self.dino_loss, "dino_center"), (self.ibot_loss, "ibot_center")):
-            center = saved.get(key)
+        load_official_weights(self.teacher.backbone, exports.read_weights(backbone)[0])
+        heads_to_load = {name: self.teacher[name] for name in ("dino_head", "ibot_head") if name in self.teacher}
+        try:
+            found = load_official_heads(heads_to_load, exports.read_weights(heads)[0])
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"{heads}: the teacher's heads must fit the dino / ibot sections (students' heads predict the "
+                f"teacher's prototypes): {err}"
+            ) from None
+        for loss, key in ((self.dino_loss, "dino"), (self.ibot_loss, "ibot")):
+            center = found.centers.get(key)
             if center is not None and center.shape == loss.center.shape:
                 loss.center.copy_(center)  # the teacher's softmax centre (unused by Sinkhorn-Knopp)
 
@@ -495,29 +477,25 @@ class DistillMetaArch(TrainModule):
     # -- weights out -----------------------------------------------------------------------------------------------
 
     def export(self, state: Mapping[str, Tensor], out_dir: Path, *, iterations: int) -> list[Path]:
-        """One folder per student, `<out>/<preset>/`, from its spare EMA: `backbone.pth` and `backbone.safetensors`
-        (official layout), `heads.pth` (the pretrain export's format) and `model.json` (role `student`, with the
-        teacher's provenance)."""
+        """One export per student, `<out>/<preset>/`, from its spare EMA (role `student`, with the teacher's
+        provenance)."""
         written: list[Path] = []
         for name, model in self.student_models.items():
-            folder = out_dir / name
             prefix = f"students_ema.{name}."
-            backbone, files = export_backbone(model, state, f"{prefix}backbone.", folder)
-            heads = {
-                "format": HEADS_FORMAT,
-                "dino_head": prefixed(state, f"{prefix}dino_head."),
-                "ibot_head": prefixed(state, f"{prefix}ibot_head.") if self.separate_ibot_head else None,
-                "separate_ibot_head": self.separate_ibot_head,
-                "dino_center": state.get("dino_loss.center"),
-                "ibot_center": state.get("ibot_loss.center"),
-                "config": {
+            written += exports.write_export(
+                out_dir / name,
+                model=model,
+                backbone_state=prefixed(state, f"{prefix}backbone."),
+                heads={
+                    head: prefixed(state, f"{prefix}{head}.") for head in self.students_ema[name] if head != "backbone"
+                },
+                centers={"dino": state.get("dino_loss.center"), "ibot": state.get("ibot_loss.center")},
+                role="student",
+                iterations=iterations,
+                heads_config={
                     "dino": self.cfg.dino.model_dump(mode="json"),
                     "ibot": self.cfg.ibot.model_dump(mode="json"),
                 },
-            }
-            files.append(atomic_torch_save(heads, folder / "heads.pth"))
-            descriptor = model_descriptor(model.arch, backbone, iterations=iterations, role="student")
-            descriptor["teacher"] = self.teacher_info
-            files.append(atomic_json(descriptor, folder / "model.json"))
-            written += files
+                provenance={"teacher": self.teacher_info},
+            )
         return written

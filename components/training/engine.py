@@ -391,12 +391,22 @@ class TrainEngine:
 
     @torch.no_grad()
     def ema_update(self, momentum: float) -> None:
-        """target <- m target + (1 - m) source for every EMA pair; on local shards under ZeRO-3."""
+        """target <- m target + (1 - m) source for every EMA pair; on local shards under ZeRO-3.
+
+        ZeRO-3 keeps its persistent parameters (those under `stage3_param_persistence_threshold`: biases, norms,
+        LayerScale gammas) gathered whole, refreshed from the shards only after each optimizer step, which comes
+        before this update. Their whole copies get the same update as their shards (the same arithmetic, so the two
+        stay bit-equal); otherwise the teacher's forward would read them one step late.
+        """
         for src, tgt in self._ema:
+            pairs = [(s.ds_tensor, t.ds_tensor) for s, t in zip(src, tgt, strict=True)] if self.stage == 3 else []
             if self.stage == 3:
-                src, tgt = [p.ds_tensor for p in src], [p.ds_tensor for p in tgt]
-            torch._foreach_mul_(tgt, momentum)
-            torch._foreach_add_(tgt, src, alpha=1.0 - momentum)
+                pairs += [(s.data, t.data) for s, t in zip(src, tgt, strict=True) if getattr(t, "ds_persist", False)]
+            else:
+                pairs = list(zip(src, tgt, strict=True))
+            sources, targets = [s for s, _ in pairs], [t for _, t in pairs]
+            torch._foreach_mul_(targets, momentum)
+            torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
 
     def _check_ema_shards(self) -> None:
         for src, tgt in self._ema:

@@ -19,8 +19,6 @@ form the EMA pair (`ema_pairs`). Stochastic depth is the backbone's own (efficie
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,22 +27,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from components import storage
-from components.config import ModelConfig, PipelineConfig
+from components import exports
+from components.config import PipelineConfig
 from components.model import (
     DINOHead,
     DINOLoss,
-    DinoVisionTransformer,
     backbone_from_config,
     iBOTPatchLoss,
     koleo_loss,
     load_official_weights,
     param_groups,
-    save_official_weights,
 )
+from components.model.adapter import load_official_heads, normalize_heads_state
 from components.training.module import LossOutput, TrainModule
-
-HEADS_FORMAT = 1
 
 
 def _head(in_dim: int, section: Any) -> DINOHead:
@@ -64,20 +59,6 @@ def _gathered(features: Tensor) -> Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(features.contiguous()))
-
-
-def export_digest(export_dir: str | Path) -> str:
-    """sha256 of an export's backbone and heads files (those its model.json names), the export's identity."""
-    export_dir = Path(export_dir)
-    try:
-        descriptor = json.loads((export_dir / "model.json").read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{export_dir}: no model.json; not an export of the pretrain stage") from None
-    digest = hashlib.sha256()
-    for key in ("weights", "heads"):
-        if descriptor.get(key):
-            digest.update(storage.sha256_file(export_dir / descriptor[key]).encode())
-    return digest.hexdigest()[:16]
 
 
 class SSLMetaArch(TrainModule):
@@ -102,12 +83,12 @@ class SSLMetaArch(TrainModule):
         self.student = self._network(cfg.model.drop_path_rate)
         self.teacher = self._network(0.0)
         self.teacher.load_state_dict(self.student.state_dict())  # the teacher starts as a copy of the student
-        if cfg.model.pretrained_weights:
-            self.load_pretrained(cfg.model.pretrained_weights)
         self.teacher.requires_grad_(False)
         ibot_out = ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes
         self.dino_loss = DINOLoss(dino.head_n_prototypes, center_momentum=cfg.teacher.center_momentum)
         self.ibot_loss = iBOTPatchLoss(ibot_out, center_momentum=cfg.teacher.center_momentum)
+        if cfg.model.pretrained_weights:
+            self.load_pretrained(cfg.model.pretrained_weights)
 
     def _network(self, drop_path_rate: float) -> nn.ModuleDict:
         backbone = backbone_from_config(self.cfg.model.model_copy(update={"drop_path_rate": drop_path_rate}))
@@ -200,104 +181,44 @@ class SSLMetaArch(TrainModule):
 
     # -- weights in and out ----------------------------------------------------------------------------------------
 
-    def load_pretrained(self, source: str) -> None:
-        """`model.pretrained_weights`: an export folder of this stage (backbone and heads, with its `model.json`), or
-        an official-layout backbone file (`.pth` / `.safetensors`, local or s3://; the heads then start fresh)."""
-        if Path(source, "model.json").is_file():
-            self.load_pretrained_export(source)
-            return
-        with storage.local_copy(source) as path:
-            load_official_weights(self.student.backbone, path)
-        self.teacher.load_state_dict(self.student.state_dict())
+    def heads(self, network: nn.ModuleDict) -> dict[str, nn.Module]:
+        """`dino_head` (and `ibot_head` when separate) of the student or the teacher, by their release names."""
+        return {name: network[name] for name in ("dino_head", "ibot_head") if name in network}
 
-    def load_pretrained_export(self, export_dir: str | Path) -> None:
-        """Starts student and teacher from an export of this stage (teacher backbone + heads), e.g. for the
-        high-resolution phase or to continue pretraining. Shapes must match; the error names the first that does not.
-        """
-        export_dir = Path(export_dir)
-        descriptor = json.loads((export_dir / "model.json").read_text())
-        load_official_weights(self.student.backbone, export_dir / descriptor["weights"])
-        heads = torch.load(export_dir / descriptor["heads"], map_location="cpu", weights_only=True)
-        self.student.dino_head.load_state_dict(heads["dino_head"])
-        if self.separate_ibot_head:
-            if heads.get("ibot_head") is None:
-                raise ValueError(f"{export_dir}: exported with a tied iBOT head, but ibot.separate_head is true")
-            self.student.ibot_head.load_state_dict(heads["ibot_head"])
+    def load_pretrained(self, source: str) -> None:
+        """`model.pretrained_weights`: an export folder (backbone, and heads when it has them), or a weight file in
+        the official layout (`.pth` / `.safetensors`, local or s3://): a released backbone, whose heads start fresh,
+        or a training checkpoint of the release, whose teacher heads are used. The teacher starts as the student."""
+        if exports.is_export(source):
+            export = exports.read_export(source)
+            state, heads_state = exports.read_weights(export.weights)[0], None
+            if export.heads is not None:
+                heads_state = exports.read_weights(export.heads)[0]
+        else:
+            state = heads_state = exports.read_weights(source)[0]
+        load_official_weights(self.student.backbone, state)
+        if heads_state is not None and normalize_heads_state(heads_state).heads:
+            found = load_official_heads(self.heads(self.student), heads_state)
+            for loss, key in ((self.dino_loss, "dino"), (self.ibot_loss, "ibot")):
+                center = found.centers.get(key)
+                if center is not None and center.shape == loss.center.shape:
+                    loss.center.copy_(center)  # the softmax centre (unused by Sinkhorn-Knopp)
         self.teacher.load_state_dict(self.student.state_dict())
 
     def export(self, state: Mapping[str, Tensor], out_dir: Path, *, iterations: int) -> list[Path]:
-        """Writes the teacher backbone in the official layout (`backbone.pth`, `backbone.safetensors`), the teacher's
-        heads (`heads.pth`) and the descriptor `model.json`, each file written aside and renamed."""
-        backbone, written = export_backbone(self.cfg.model, state, "teacher.backbone.", out_dir)
-        heads = {
-            "format": HEADS_FORMAT,
-            "dino_head": prefixed(state, "teacher.dino_head."),
-            "ibot_head": prefixed(state, "teacher.ibot_head.") if self.separate_ibot_head else None,
-            "separate_ibot_head": self.separate_ibot_head,
-            "dino_center": state.get("dino_loss.center"),
-            "ibot_center": state.get("ibot_loss.center"),
-            "config": {"dino": self.cfg.dino.model_dump(mode="json"), "ibot": self.cfg.ibot.model_dump(mode="json")},
-        }
-        written.append(atomic_torch_save(heads, out_dir / "heads.pth"))
-        descriptor = model_descriptor(self.cfg.model.arch, backbone, iterations=iterations)
-        written.append(atomic_json(descriptor, out_dir / "model.json"))
-        return written
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Export helpers (shared with distillation: one backbone per student, each with its heads and descriptor)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def export_backbone(
-    model_cfg: ModelConfig, state: Mapping[str, Tensor], prefix: str, out_dir: Path
-) -> tuple[DinoVisionTransformer, list[Path]]:
-    """Writes `state[prefix...]` as `backbone.pth` and `backbone.safetensors` (official layout) in `out_dir`.
-
-    The backbone is built on the meta device and takes the state's tensors (no initialisation is paid, even for
-    ViT-g); it is returned for `model_descriptor`.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):
-        backbone = backbone_from_config(model_cfg.model_copy(update={"drop_path_rate": 0.0}))
-    backbone.load_state_dict(prefixed(state, prefix), strict=True, assign=True)
-    written = []
-    for name in ("backbone.pth", "backbone.safetensors"):
-        with storage.atomic_path(out_dir / name) as tmp:
-            save_official_weights(backbone, tmp)
-        written.append(out_dir / name)
-    return backbone, written
-
-
-def model_descriptor(arch: str, backbone: DinoVisionTransformer, *, iterations: int, role: str = "teacher") -> dict:
-    """The `model.json` every consumer of an export reads (evaluation, distillation, the high-resolution phase)."""
-    c = backbone.cfg
-    return {
-        "arch": arch,
-        "patch_size": c.patch_size,
-        "num_register_tokens": c.num_register_tokens,
-        "ffn_layer": c.ffn_layer,
-        "img_size": c.img_size,
-        "interpolate_offset": c.interpolate_offset,
-        "interpolate_antialias": c.interpolate_antialias,
-        "weights": "backbone.pth",
-        "heads": "heads.pth",
-        "role": role,
-        "iterations": int(iterations),
-    }
+        """The teacher (backbone and heads) as an export (`components.exports`)."""
+        return exports.write_export(
+            out_dir,
+            model=self.cfg.model,
+            backbone_state=prefixed(state, "teacher.backbone."),
+            heads={name: prefixed(state, f"teacher.{name}.") for name in self.heads(self.teacher)},
+            centers={"dino": state.get("dino_loss.center"), "ibot": state.get("ibot_loss.center")},
+            role="teacher",
+            iterations=iterations,
+            heads_config={"dino": self.cfg.dino.model_dump(mode="json"), "ibot": self.cfg.ibot.model_dump(mode="json")},
+        )
 
 
 def prefixed(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of `state` under `prefix`, with the prefix removed."""
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def atomic_torch_save(obj: Any, path: Path) -> Path:
-    with storage.atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return path
-
-
-def atomic_json(obj: Any, path: Path) -> Path:
-    with storage.atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    return path

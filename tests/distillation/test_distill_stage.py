@@ -55,7 +55,7 @@ def test_headless_teacher_distils_then_resumes_exactly(curated, teacher_export, 
     student = tmp_path / "models" / "vit_test"
     assert {p.name for p in student.iterdir()} == {"backbone.pth", "backbone.safetensors", "heads.pth", "model.json"}
     desc = json.loads((student / "model.json").read_text())
-    assert desc["role"] == "student" and desc["iterations"] == 8 and desc["teacher"]["heads"] == "fitted"
+    assert desc["role"] == "student" and desc["iterations"] == 8 and desc["provenance"]["teacher"]["heads"] == "fitted"
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["iterations"] == 8 and set(metrics["final"]) >= {"loss", "vit_test.dino_loss", "vit_test.ibot_loss"}
     curve = pd.read_csv(tmp_path / "curve.csv")

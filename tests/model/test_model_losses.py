@@ -58,6 +58,23 @@ def test_dino_loss_matches_naive_loop():
     torch.testing.assert_close(loss(sg, None, tg).item(), naive_dino(sg, [], tg), rtol=1e-5, atol=1e-6)
 
 
+def test_dino_loss_is_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    G, L, B, K = 2, 4, 8, 512
+    sg, sl = torch.randn(G, B, K) * 3, torch.randn(L, B, K) * 3
+    tg = torch.softmax(torch.randn(G, B, K) / 0.05, dim=-1)
+    loss = DINOLoss(K)
+    reference = loss(sg, sl, tg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(sg, sl, tg)
+        lsm = torch.log_softmax(sl / 0.1, dim=-1)
+        in_bf16 = torch.einsum("tbk,lbk->", tg, lsm)  # what an autocast einsum would give
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, reference, rtol=1e-6, atol=0)
+    exact = torch.einsum("tbk,lbk->", tg.double(), lsm.double())
+    assert in_bf16.dtype == torch.bfloat16 and abs(float(in_bf16) - float(exact)) > 1e-6 * abs(float(exact))
+
+
 def test_dino_loss_gradient_only_through_student():
     sg = torch.randn(2, 3, 5, requires_grad=True)
     tg = torch.softmax(torch.randn(2, 3, 5), -1)
@@ -183,20 +200,18 @@ def test_koleo_with_identical_features_is_finite():
     assert torch.isfinite(value) and torch.isfinite(same.grad).all()
 
 
-def test_dino_head_shapes_and_unit_prototypes():
+def test_dino_head_shapes_and_initial_unit_prototypes():
     torch.manual_seed(0)
     head = DINOHead(in_dim=16, out_dim=11, hidden_dim=32, bottleneck_dim=8)
     assert [type(m).__name__ for m in head.mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
     assert head(torch.randn(5, 16)).shape == (5, 11)  # CLS features (B, D)
     assert head(torch.randn(7, 16)).shape == (7, 11)  # masked patch tokens (M, D)
-    with torch.no_grad():
-        head.last_layer.weight.mul_(10.0)  # the prototypes' norm is fixed to 1: scaling them changes nothing
     x = torch.randn(3, 16)
     logits = head(x)
-    assert logits.abs().max() <= 1.0 + 1e-6  # cosine similarities
+    assert logits.abs().max() <= 1.0 + 1e-6  # at initialisation (g = 1) the logits are cosine similarities
     z = torch.nn.functional.normalize(head.mlp(x), dim=-1)
-    w = head.last_layer.weight / head.last_layer.weight.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(logits, z @ w.t())
+    v = head.last_layer.weight_v
+    torch.testing.assert_close(logits, z @ (v / v.norm(dim=1, keepdim=True)).t())
     assert DINOHead(16, 4, nlayers=1, bottleneck_dim=8).mlp[0].in_features == 16
 
 

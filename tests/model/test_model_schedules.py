@@ -120,8 +120,9 @@ def test_param_groups_rules():
         assert wd(name) == 0.0, name
     for name in ("backbone.cls_token", "backbone.pos_embed", "backbone.register_tokens", "backbone.mask_token"):
         assert wd(name) == 0.0, name
-    assert wd("backbone.blocks.1.attn.qkv.weight") == 1.0 and wd("dino_head.last_layer.weight") == 1.0
-    assert info["dino_head.last_layer.weight"]["is_last_layer"]
+    assert wd("backbone.blocks.1.attn.qkv.weight") == 1.0
+    for name in ("dino_head.last_layer.weight_v", "dino_head.last_layer.weight_g"):  # the prototypes and their norms
+        assert wd(name) == 1.0 and info[name]["is_last_layer"] and lr(name) == 1.0, name
     assert not info["dino_head.mlp.0.weight"]["is_last_layer"]
 
     optimizer = torch.optim.AdamW(groups, lr=0.0)

@@ -41,7 +41,8 @@ def tiny_config(zero_stage: int, batch: int, precision: str = "fp32") -> Pipelin
     raw["dino"].update(head_n_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16, koleo_distributed=True)
     raw["ibot"].update(separate_head=True, head_n_prototypes=48, head_hidden_dim=32, head_bottleneck_dim=16)
     raw["crops"].update(global_crops_size=28, local_crops_size=14, local_crops_number=2)
-    raw["optim"].update(epochs=2, epoch_length=5, warmup_epochs=1, base_lr=0.05)
+    # The prototypes (directions and trained norms) learn from the first step: no last-layer freeze.
+    raw["optim"].update(epochs=2, epoch_length=5, warmup_epochs=1, base_lr=0.05, freeze_last_layer_epochs=0)
     raw["teacher"].update(warmup_teacher_temp_epochs=1)
     raw["train"].update(
         batch_size_per_gpu=batch, zero_stage=zero_stage, num_workers=0, device="cpu", cpu_threads=1, precision=precision
@@ -63,7 +64,8 @@ def run_steps(engine: TrainEngine, cfg: PipelineConfig, manifest: str, nan_step:
     loader = iter(build_loader(uris=read_manifest_uris(manifest), cfg=cfg, rank=engine.rank,
                                world_size=engine.world_size, start_position=0))  # fmt: skip
     schedules = schedules_from_config(cfg, GLOBAL_BATCH)
-    result: dict = {"losses": [], "grad_norms": []}
+    result: dict = {"losses": [], "grad_norms": [], "ema_error": 0.0}
+    previous = engine.full_model_state()
     for step in range(STEPS + 1):
         batch = next(loader)
         if step == nan_step:
@@ -82,9 +84,28 @@ def run_steps(engine: TrainEngine, cfg: PipelineConfig, manifest: str, nan_step:
         else:
             result["losses"].append(terms)
             result["grad_norms"].append(out.grad_norm)
+            current = engine.full_model_state()
+            if engine.rank == 0:  # the teacher is the EMA of the student, every parameter, at every step
+                result["ema_error"] = max(result["ema_error"], ema_error(previous, current, schedules.at(step)))
+            previous = current
         if step == STEPS - 1:
             result["state"] = (engine.full_model_state(), engine.full_optimizer_state())
+            if engine.rank == 0:  # the prototypes' norms after the steps, student and EMA teacher
+                result["weight_g"] = {
+                    k: v.flatten().tolist() for k, v in result["state"][0].items() if k.endswith("last_layer.weight_g")
+                }
     return result
+
+
+def ema_error(before: dict, after: dict, values: dict) -> float:
+    """The largest |teacher - (m teacher_before + (1 - m) student)| over the teacher's parameters after a step."""
+    m = values["momentum"]
+    errors = [
+        float((m * before[k] + (1 - m) * after["student." + k.removeprefix("teacher.")] - after[k]).abs().max())
+        for k in after
+        if k.startswith("teacher.")
+    ]
+    return max(errors)
 
 
 def save(engine: TrainEngine, cfg: PipelineConfig, state: tuple, out: Path) -> None:

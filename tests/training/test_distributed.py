@@ -43,10 +43,21 @@ def test_zero3_on_two_ranks_matches_one_rank_without_zero(runs):
     z3, single = runs[:2]
     assert len(z3["losses"]) == len(single["losses"]) == 3
     for a, b in zip(z3["losses"], single["losses"], strict=True):
-        for term in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
+        for term in ("loss", "dino_loss", "ibot_loss"):
             assert a[term] == pytest.approx(b[term], rel=1e-3), term
+        # The untrained tiny network's CLS features nearly coincide (KoLeo ~14-22: nearest-neighbour distances of
+        # e^-14 and less), so KoLeo reads float rounding and the summation order moves it by up to 0.2 %.
+        assert a["koleo_loss"] == pytest.approx(b["koleo_loss"], rel=1e-2)
     assert z3["losses"][0]["loss"] == pytest.approx(single["losses"][0]["loss"], rel=1e-5)  # before any update
     assert z3["grad_norms"][0] == pytest.approx(single["grad_norms"][0], rel=1e-5)
+    # Under ZeRO-3 the EMA runs on shards, and on the whole copies of the parameters ZeRO keeps gathered (biases,
+    # norms, gammas): the teacher's forward reads this step's EMA, not the previous one.
+    assert z3["ema_error"] < 1e-6 and single["ema_error"] < 1e-6
+    # The prototypes' trainable norms (sharded under ZeRO-3, followed by the EMA teacher) move the same way.
+    assert sorted(z3["weight_g"]) == sorted(single["weight_g"]) and len(z3["weight_g"]) == 4
+    for name, norms in z3["weight_g"].items():
+        assert norms == pytest.approx(single["weight_g"][name], rel=1e-4, abs=1e-6), name
+        assert max(abs(g - 1.0) for g in norms) > 1e-5, name  # they trained (the teacher by 1 - m of it)
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["zero3_nan_on_rank1_only", "stage0"])

@@ -1,0 +1,264 @@
+"""Exported models, read and written in one place: the descriptor, the backbone, the heads and the digest.
+
+An export is a folder (local, or s3:// for reading):
+
+    model.json            the descriptor: preset and geometry, file names, role, iterations, provenance
+    backbone.pth          the backbone in the official DINOv2 layout, float32 (loads into the `torch.hub` models)
+    backbone.safetensors  the same tensors, with the backbone config as metadata
+    heads.pth             the DINO and iBOT heads in the release's layout and the softmax centres (optional)
+
+The training stages write exports (`write_export`); the high-resolution phase, distillation, continued pretraining,
+embedding, evaluation and the report's registry read them (`read_export`, `read_weights`). Nothing else parses a
+descriptor or opens a weight file. Weight files outside an export (the release's `dinov2_vits14_pretrain.pth`, its
+training checkpoints) are read by `read_weights` too.
+
+A descriptor (format 2; format 1, without `format`, `heads_config` or `provenance`, reads the same):
+
+    {"format": 2, "arch": "vit_small", "patch_size": 14, "num_register_tokens": 0, "ffn_layer": "mlp",
+     "img_size": 518, "interpolate_offset": 0.1, "interpolate_antialias": false, "weights": "backbone.pth",
+     "heads": "heads.pth", "role": "teacher", "iterations": 1250, "heads_config": {"dino": {...}, "ibot": {...}},
+     "provenance": {...}}
+
+`weights` and `heads` are relative to the folder (or absolute URIs); an optional `name` names the model in the
+evaluation tables; any key of `OVERRIDE_KEYS`, or a nested `"overrides": {...}`, is passed to `build_backbone`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from components import storage
+from components.config import ModelConfig
+from components.model.adapter import (
+    HeadsState,
+    load_official_heads,
+    load_official_weights,
+    official_heads_state,
+    read_state_dict,
+    save_official_weights,
+)
+from components.model.vit import DinoVisionTransformer, backbone_from_config, build_backbone
+
+DESCRIPTOR = "model.json"
+FORMAT = 2
+"""2: heads in the release's layout (trainable prototype norms); 1: our own head layout (norms fixed to 1)."""
+BACKBONE_FILES = ("backbone.pth", "backbone.safetensors")
+HEADS_FILE = "heads.pth"
+GEOMETRY_KEYS = (
+    "patch_size", "num_register_tokens", "ffn_layer", "img_size", "interpolate_offset", "interpolate_antialias",
+)  # fmt: skip
+"""Descriptor keys that fix a backbone's geometry beside its preset (`arch`); every export records them."""
+OVERRIDE_KEYS = (*GEOMETRY_KEYS, "embed_dim", "depth", "num_heads", "mlp_ratio", "layerscale_init")
+"""Descriptor keys passed to `build_backbone` (a hand-written descriptor may set any of them)."""
+
+
+class ExportError(ValueError):
+    """A descriptor that cannot be read (names the file and the problem)."""
+
+
+@dataclass(frozen=True)
+class Export:
+    """An export as read from its descriptor; file URIs are resolved against its folder."""
+
+    folder: str
+    """The folder (local path or s3:// prefix) the descriptor lies in."""
+    arch: str
+    """Preset of `components.model`."""
+    overrides: dict[str, Any]
+    """Backbone overrides for `build_backbone` (the geometry, and any other `OVERRIDE_KEYS`)."""
+    weights: str | None
+    """The official-layout backbone file; None: the descriptor asks for a seeded random initialisation."""
+    heads: str | None
+    """The heads file, or None when the export has none (a backbone-only export, or an official checkpoint)."""
+    role: str
+    """teacher, student, ... (what the stage that wrote it exported)."""
+    name: str | None = None
+    """The name the descriptor gives the model, if any."""
+    iterations: int | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Where the weights came from (the teacher of a student, the file a continued pretraining started from)."""
+    descriptor: dict[str, Any] = field(default_factory=dict)
+    """The descriptor as read."""
+
+    @property
+    def descriptor_uri(self) -> str:
+        return storage.join(self.folder, DESCRIPTOR)
+
+    def model_config(self, base: ModelConfig) -> ModelConfig:
+        """`base` (the `model` section) with this export's preset and geometry."""
+        geometry = {k: v for k, v in self.overrides.items() if k in ModelConfig.model_fields}
+        return base.model_copy(update={"arch": self.arch, **geometry})
+
+    def build_backbone(self, *, seed: int | None = None) -> DinoVisionTransformer:
+        """The backbone with this export's weights (strictly), or a random init seeded by `seed`."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = build_backbone(self.arch, **self.overrides)
+        if self.weights is not None:
+            load_official_weights(model, read_weights(self.weights)[0])
+        return model
+
+    def load_heads(self, heads: Mapping[str, nn.Module]) -> HeadsState:
+        """Loads the heads file into `heads` (`dino_head`, and `ibot_head` when separate), strictly.
+
+        Raises:
+            ExportError: the export has no heads.
+            CheckpointError: they do not fit (the message names the key and both shapes).
+        """
+        if self.heads is None:
+            raise ExportError(f"{self.folder}: the export has no heads")
+        return load_official_heads(heads, read_weights(self.heads)[0])
+
+    def digest(self) -> str:
+        """sha256 over the backbone and heads files' bytes: the export's identity (short)."""
+        digest = hashlib.sha256()
+        for uri in (self.weights, self.heads):
+            if uri is not None:
+                digest.update(file_digest(uri).encode())
+        return digest.hexdigest()[:16]
+
+
+def is_export(uri: str | Path) -> bool:
+    """True when `uri` is a folder holding a descriptor."""
+    try:
+        return storage.exists(storage.join(str(uri), DESCRIPTOR))
+    except storage.StorageError:
+        return False
+
+
+def read_export(uri: str | Path) -> Export:
+    """Reads an export from its folder or its descriptor file.
+
+    Raises:
+        FileNotFoundError: there is no descriptor.
+        ExportError: it is not JSON, has no `arch`, or has unknown backbone overrides.
+    """
+    uri = str(uri)
+    path = uri if storage.basename(uri) == DESCRIPTOR or uri.endswith(".json") else storage.join(uri, DESCRIPTOR)
+    try:
+        desc = json.loads(storage.read_bytes(path))
+    except storage.StorageNotFoundError:
+        raise FileNotFoundError(f"{path}: no model descriptor; not an export") from None
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path}: not valid JSON: {err}") from None
+    if "arch" not in desc:
+        raise ExportError(f"{path}: a model descriptor needs an `arch`")
+    folder = storage.normalize(os.path.dirname(path)) if storage.is_s3(path) else os.path.dirname(path)
+    heads = _resolve(folder, desc.get("heads"))
+    if heads is not None and not storage.exists(heads):
+        heads = None  # a backbone-only export: its heads are fitted when a run needs them
+    return Export(
+        folder=folder,
+        arch=str(desc["arch"]),
+        overrides=_overrides(path, desc),
+        weights=_resolve(folder, desc.get("weights", BACKBONE_FILES[0])),
+        heads=heads,
+        role=str(desc.get("role", "model")),
+        name=desc.get("name"),
+        iterations=desc.get("iterations"),
+        provenance=dict(desc.get("provenance") or {}),
+        descriptor=desc,
+    )
+
+
+def _resolve(folder: str, name: str | None) -> str | None:
+    if name is None or storage.is_s3(name) or os.path.isabs(name):
+        return name
+    return storage.join(folder, name)
+
+
+def _overrides(path: str, desc: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: desc[k] for k in OVERRIDE_KEYS if desc.get(k) is not None}
+    nested = desc.get("overrides") or {}
+    unknown = set(nested) - set(OVERRIDE_KEYS)
+    if unknown:
+        raise ExportError(f"{path}: unknown backbone overrides {sorted(unknown)}; allowed: {list(OVERRIDE_KEYS)}")
+    return {**out, **nested}
+
+
+def write_export(
+    out_dir: str | Path,
+    *,
+    model: ModelConfig,
+    backbone_state: Mapping[str, Tensor],
+    heads: Mapping[str, Mapping[str, Tensor]] | None,
+    centers: Mapping[str, Tensor | None] | None = None,
+    role: str,
+    iterations: int,
+    heads_config: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Writes an export: the backbone (official layout, .pth and .safetensors), the heads and the descriptor last,
+    each file written aside and renamed, so a reader that finds the descriptor finds every file it names.
+
+    Args:
+        out_dir: the folder (created).
+        model: the backbone's `model` section (preset and geometry).
+        backbone_state: the backbone's state dict (our parameter names).
+        heads: `dino_head` (and `ibot_head`) -> state dict, or None for a backbone-only export.
+        centers: the softmax centres by head name (saved with the heads).
+        role: teacher, student, ...
+        iterations: optimizer steps the weights have seen.
+        heads_config: the `dino` / `ibot` sections the heads were built from.
+        provenance: where the weights came from.
+
+    Returns:
+        The files written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):  # no initialisation is paid, even for ViT-g: the state's tensors are assigned
+        backbone = backbone_from_config(model.model_copy(update={"drop_path_rate": 0.0}))
+    backbone.load_state_dict(dict(backbone_state), strict=True, assign=True)
+    written = []
+    for name in BACKBONE_FILES:
+        with storage.atomic_path(out_dir / name) as tmp:
+            save_official_weights(backbone, tmp)
+        written.append(out_dir / name)
+    if heads is not None:
+        with storage.atomic_path(out_dir / HEADS_FILE) as tmp:
+            torch.save(official_heads_state(heads, centers or {}), tmp)
+        written.append(out_dir / HEADS_FILE)
+    c = backbone.cfg
+    descriptor = {
+        "format": FORMAT,
+        "arch": model.arch,
+        **{k: getattr(c, k) for k in GEOMETRY_KEYS},
+        "weights": BACKBONE_FILES[0],
+        "heads": HEADS_FILE if heads is not None else None,
+        "role": role,
+        "iterations": int(iterations),
+        "heads_config": dict(heads_config or {}),
+        "provenance": dict(provenance or {}),
+    }
+    with storage.atomic_path(out_dir / DESCRIPTOR) as tmp:
+        tmp.write_text(json.dumps(descriptor, indent=2) + "\n")
+    written.append(out_dir / DESCRIPTOR)
+    return written
+
+
+def read_weights(uri: str | Path) -> tuple[dict[str, Any], str]:
+    """A weight file (local or s3://; `.safetensors`, or a torch file loaded with `weights_only=True`) and the
+    sha256 of its bytes."""
+    with storage.local_copy(str(uri)) as path:
+        return read_state_dict(path), storage.sha256_file(path)
+
+
+def file_digest(uri: str | Path) -> str:
+    """sha256 of a file's bytes (local or s3://)."""
+    with storage.local_copy(str(uri)) as path:
+        return storage.sha256_file(path)
+
+
+def export_digest(uri: str | Path) -> str:
+    """The identity of the export at `uri` (see `Export.digest`)."""
+    return read_export(uri).digest()

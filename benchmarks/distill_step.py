@@ -34,9 +34,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.config import PipelineConfig, load_config, validate_config  # noqa: E402
-from components.model import MultiCropCollate, schedules_from_config  # noqa: E402
-from components.training.distill import DistillMetaArch, distill_config  # noqa: E402
+from components.model import MultiCropCollate  # noqa: E402
+from components.training.distill import DistillMetaArch  # noqa: E402
 from components.training.engine import EngineSettings, TrainEngine  # noqa: E402
+from components.training.plan import PhasePlan, WeightsPlan, distill_plan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,12 @@ def bench_config(args: argparse.Namespace, students: list[str]) -> PipelineConfi
     )
     raw["train"].update(batch_size_per_gpu=args.batch_per_gpu, zero_stage=0, device=args.device, num_workers=0)
     raw["distill"].update(students=students)
-    return distill_config(validate_config(raw))
+    return validate_config(raw)
+
+
+def bench_plan(cfg: PipelineConfig) -> PhasePlan:
+    """The distill phase with the `model` preset as its (randomly initialised) teacher."""
+    return distill_plan(cfg, world_size=1, teacher=cfg.model, weights=WeightsPlan("random"))
 
 
 def random_batch(cfg: PipelineConfig, generator: torch.Generator) -> dict:
@@ -93,11 +99,12 @@ def main() -> int:
     engines, configs = {}, {}
     for name, students in runs.items():
         cfg = configs[name] = bench_config(args, students)
+        plan = bench_plan(cfg)
         torch.manual_seed(0)
-        engines[name] = TrainEngine(DistillMetaArch(cfg, cfg.model), EngineSettings.from_config(cfg))
+        engines[name] = TrainEngine(DistillMetaArch(plan), EngineSettings.from_plan(plan, cfg.train))
     any_engine = engines["both"]
     batch = any_engine.to_device(random_batch(configs["both"], torch.Generator().manual_seed(0)))
-    values = schedules_from_config(configs["both"], any_engine.global_batch_size).at(0)
+    values = any_engine.module.plan.schedules().at(0)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def timed(fn) -> float:
@@ -114,7 +121,7 @@ def main() -> int:
             t = timed(lambda engine=engine: engine.train_step([batch], values))
             if step >= args.warmup:
                 times[name].append(t)
-        t = timed(lambda: teacher.teacher_targets(batch["collated_global_crops"], 2, values["teacher_temp"]))
+        t = timed(lambda: teacher.teacher_pass(batch["collated_global_crops"], 2, values["teacher_temp"]))
         if step >= args.warmup:
             times["teacher"].append(t)
     median = {name: statistics.median(ts) for name, ts in times.items()}

@@ -25,9 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.config import load_config, validate_config  # noqa: E402
-from components.model import MultiCropCollate, schedules_from_config  # noqa: E402
+from components.model import MultiCropCollate  # noqa: E402
 from components.training.engine import EngineSettings, TrainEngine  # noqa: E402
 from components.training.meta_arch import SSLMetaArch  # noqa: E402
+from components.training.plan import pretrain_plan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,9 +93,10 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     cfg = bench_config(args)
     torch.manual_seed(0)
-    engine = TrainEngine(SSLMetaArch(cfg), EngineSettings.from_config(cfg))
+    plan = pretrain_plan(cfg, world_size=1)
+    engine = TrainEngine(SSLMetaArch(plan), EngineSettings.from_plan(plan, cfg.train))
     batch = engine.to_device(random_batch(cfg, torch.Generator().manual_seed(0)))
-    schedules = schedules_from_config(cfg, engine.global_batch_size)
+    schedules = plan.schedules()
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     for step in range(args.warmup):

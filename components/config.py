@@ -2,7 +2,7 @@
 
 Sections follow DINOv2's own `ssl_default_config.yaml` (model, dino, ibot, teacher, optim, crops, train) plus one
 section per pipeline stage. Every field carries a docstring; params.yaml repeats it as a comment. A config is frozen:
-code reads it and derives values with pure functions (`scaled_lr`, `total_iterations`), never writes it.
+code reads it and derives values with pure functions (`scaled_lr`; a training phase's plan), never writes it.
 
 Errors name the key and the value: `load_config` turns pydantic's report into lines such as
 `params.yaml: optim.base_lr = -1: Input should be greater than 0`.
@@ -725,6 +725,20 @@ class PipelineConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _distill_fits(self) -> PipelineConfig:
+        """Distillation runs `distill.epochs` epochs with the `optim` warm-up and prototype freeze."""
+        d = self.distill
+        for key in ("warmup_epochs", "freeze_last_layer_epochs"):
+            if getattr(self.optim, key) > d.epochs:
+                raise ValueError(f"optim.{key} = {getattr(self.optim, key)} exceeds distill.epochs = {d.epochs}")
+        if d.momentum_ema > self.teacher.final_momentum_teacher:
+            raise ValueError(
+                f"distill.momentum_ema = {d.momentum_ema} exceeds "
+                f"teacher.final_momentum_teacher = {self.teacher.final_momentum_teacher}"
+            )
+        return self
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Loading, overrides, derived values
@@ -837,6 +851,34 @@ def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:
     return base_lr
 
 
-def total_iterations(optim: OptimConfig) -> int:
-    """Optimizer steps of a pretraining run."""
-    return optim.epochs * optim.epoch_length
+class SectionView:
+    """A read-only view of a config through which a reader reaches only the sections it declares.
+
+    Reading another section raises `ConfigError` naming the reader, the section and the declared ones, so that
+    what a stage declares (dvc.yaml's `params`, which decide when DVC re-runs it) is what it reads. `tracking` is
+    readable by every stage: where runs are logged changes no output. Everything else (`model_dump`, the declared
+    sections' values) is the config's own.
+    """
+
+    UNDECLARED_READABLE = ("tracking",)
+
+    def __init__(self, cfg: PipelineConfig, sections: tuple[str, ...], reader: str) -> None:
+        object.__setattr__(self, "_cfg", cfg)
+        object.__setattr__(self, "_sections", tuple(sections))
+        object.__setattr__(self, "_reader", reader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in PipelineConfig.model_fields and name not in (*self._sections, *self.UNDECLARED_READABLE):
+            raise ConfigError(
+                f"{self._reader} reads params section {name!r}, which it does not declare (it declares "
+                f"{', '.join(self._sections)}): declare it in components/stages/specs.py and dvc.yaml"
+            )
+        return getattr(self._cfg, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a config is frozen")
+
+
+def restrict_sections(cfg: PipelineConfig, sections: tuple[str, ...], *, reader: str) -> PipelineConfig:
+    """`cfg` seen through a `SectionView` that lets `reader` read only `sections`."""
+    return SectionView(cfg, sections, reader)  # type: ignore[return-value]

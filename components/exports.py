@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from components import storage
 from components.config import ModelConfig
+from components.jsonio import write_json
 from components.model.adapter import (
     HeadsState,
     load_official_heads,
@@ -240,10 +241,88 @@ def write_export(
         "heads_config": dict(heads_config or {}),
         "provenance": dict(provenance or {}),
     }
-    with storage.atomic_path(out_dir / DESCRIPTOR) as tmp:
-        tmp.write_text(json.dumps(descriptor, indent=2) + "\n")
-    written.append(out_dir / DESCRIPTOR)
+    written.append(write_json(out_dir / DESCRIPTOR, descriptor))
     return written
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a run's starting weights are: an export folder or a weight file, resolved once."""
+
+    model: ModelConfig
+    """The backbone's preset and geometry (an export's descriptor, or the `model` section for a file)."""
+    weights: str
+    """The official-layout backbone file (local; an s3:// source is downloaded first)."""
+    heads: str | None
+    """The file holding the heads (an export's heads file, or the checkpoint itself), or None: a backbone only."""
+    digest: str
+    """sha256 over the backbone and heads files' bytes: the weights' identity."""
+    origin: str
+    """What the user pointed at, for provenance."""
+    is_export: bool = False
+    """Whether `origin` is an export folder."""
+
+    @property
+    def location(self) -> str:
+        """What a run loads the weights from: the export folder, or the (downloaded) weight file."""
+        return self.origin if self.is_export else self.weights
+
+    @property
+    def kind(self) -> str:
+        return "export" if self.is_export else "file"
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance written into the exports made from these weights."""
+        return {
+            "arch": self.model.arch,
+            "origin": self.origin,
+            "sha256": self.digest,
+            "heads": "exported" if self.heads is not None else "fitted",
+        }
+
+
+def resolve_source(uri: str, base: ModelConfig, *, download_dir: Path | None = None) -> WeightsSource:
+    """An export folder or weight file (local or s3://) as a `WeightsSource`.
+
+    An export gives its geometry, backbone and heads (when it has them). A file takes `base` as its geometry and is a
+    released backbone (no heads) or a training checkpoint (its teacher's heads, when it holds heads). S3 objects are
+    downloaded into `download_dir`, once.
+
+    Raises:
+        FileNotFoundError: the source does not exist.
+    """
+    from components.model.adapter import normalize_heads_state
+
+    exported = is_export(uri)
+    if exported:
+        export = read_export(uri)
+        model, weights, heads = export.model_config(base), export.weights, export.heads
+    else:
+        model, weights, heads = base, uri, None
+    weights = _local(weights, download_dir)
+    if weights is None or not Path(weights).is_file():
+        raise FileNotFoundError(f"{uri}: no backbone weights found ({weights})")
+    heads = _local(heads, download_dir)
+    if heads is None and normalize_heads_state(read_weights(weights)[0]).heads:
+        heads = weights  # a training checkpoint: backbone and heads in one file
+    digest = hashlib.sha256()
+    for f in dict.fromkeys((weights, heads)):
+        if f is not None:
+            digest.update(file_digest(f).encode())
+    model = model.model_copy(update={"pretrained_weights": None})
+    return WeightsSource(
+        model=model, weights=weights, heads=heads, digest=digest.hexdigest(), origin=str(uri), is_export=exported
+    )
+
+
+def _local(uri: str | None, download_dir: Path | None) -> str | None:
+    """`uri` itself, or for an s3:// object its download into `download_dir` (downloaded once)."""
+    if uri is None or not storage.is_s3(uri) or download_dir is None:
+        return uri
+    target = Path(download_dir) / storage.basename(uri)
+    if not target.is_file():
+        storage.download_file(uri, target)
+    return str(target)
 
 
 def read_weights(uri: str | Path) -> tuple[dict[str, Any], str]:

@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 
 from components.config import PipelineConfig, flatten, save_resolved
+from components.jsonio import write_json
 from components.log import get_logger, is_main_process
 from components.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, Tracker, start_run
 
@@ -54,6 +55,10 @@ class StageRun:
         """Logs step metrics to MLflow (non-finite values are logged too: MLflow stores NaN)."""
         with self._timed("tracking_s"):
             self.tracker.log_metrics(metrics, step=step)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        with self._timed("tracking_s"):
+            self.tracker.log_params(params)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         with self._timed("tracking_s"):
@@ -112,7 +117,6 @@ def stage_run(
     name: str,
     cfg: PipelineConfig,
     *,
-    sections: Sequence[str],
     config_out: Path,
     metrics_out: Path | None,
 ) -> Iterator[StageRun]:
@@ -121,12 +125,13 @@ def stage_run(
     Args:
         name: Stage name as in dvc.yaml.
         cfg: The validated config.
-        sections: Top-level config keys the stage reads (logged as params; dvc.yaml lists the same).
         config_out: Where the resolved config is saved (inside the stage's outputs).
         metrics_out: The stage's metrics JSON (dvc.yaml `metrics`), or None.
     """
+    from components.stages.specs import sections_of
+
     dumped = cfg.model_dump(mode="json")
-    params = flatten({s: dumped[s] for s in sections})
+    params = flatten({s: dumped[s] for s in sections_of(name)})  # the sections the stage reads
     with start_run(
         name,
         cfg.tracking.experiment,
@@ -156,10 +161,6 @@ def stage_run(
             "mlflow_run_id": tracker.run_id,
         }
         if metrics_out is not None:
-            metrics_out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = metrics_out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
-            tmp.replace(metrics_out)
-            tracker.log_artifact(metrics_out, artifact_path="metrics")
+            tracker.log_artifact(write_json(metrics_out, report), artifact_path="metrics")
         tracker.log_metrics({f"timing.{k}": v for k, v in timing.items()})
         log.info("stage %s done: %s", name, json.dumps(timing))

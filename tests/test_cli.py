@@ -67,3 +67,27 @@ def test_every_stage_has_help(stage):
 def test_unknown_stage_is_refused():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train_everything"])
+
+
+def test_a_stage_reads_only_the_sections_it_declares(tmp_path, monkeypatch):
+    from components import cli
+    from components.config import ConfigError, load_config, restrict_sections
+    from components.stages.specs import StageSpec
+
+    cfg = restrict_sections(load_config(ROOT / "params.yaml"), ("seed", "embed"), reader="stage embed")
+    assert cfg.embed.arch and cfg.seed == 0 and cfg.tracking.experiment  # declared (tracking: every stage may)
+    with pytest.raises(ConfigError, match="stage embed reads params section 'curate', which it does not declare"):
+        _ = cfg.curate
+    assert cfg.model_dump(mode="json")["curate"]  # the saved resolved config stays whole
+
+    monkeypatch.setitem(cli.STAGES, "synth", StageSpec("x", f"{__name__}:reads_an_undeclared_section", ("seed",), ()))
+    assert cli.main(["synth", "--params", str(ROOT / "params.yaml")]) == cli.EXIT_CONFIG_ERROR
+    assert "model" not in READ
+
+
+READ: dict[str, str] = {}
+
+
+def reads_an_undeclared_section(cfg, **_):
+    """A stage whose code reads a section (`model`) its spec does not list."""
+    READ["model"] = cfg.model.arch

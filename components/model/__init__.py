@@ -27,11 +27,9 @@ from components.model.masking import MaskingGenerator
 from components.model.schedules import (
     CosineSchedule,
     TrainingSchedules,
-    apply_schedules,
     build_schedules,
     cosine_schedule,
     param_groups,
-    schedules_from_config,
 )
 from components.model.vit import (
     IMAGENET_MEAN,
@@ -66,7 +64,6 @@ __all__ = [
     "Preset",
     "TrainingSchedules",
     "ViTConfig",
-    "apply_schedules",
     "augmentation_from_config",
     "backbone_config",
     "backbone_from_config",
@@ -88,6 +85,5 @@ __all__ = [
     "param_groups",
     "read_state_dict",
     "save_official_weights",
-    "schedules_from_config",
     "sinkhorn_knopp",
 ]

@@ -18,7 +18,6 @@ layer L + 1; the patch embedding's lr is further multiplied by 0.2; biases, norm
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,52 +106,32 @@ def build_schedules(
     *,
     lr: float,
     min_lr: float,
-    epochs: int,
-    epoch_length: int,
-    warmup_epochs: int,
+    total_steps: int,
+    warmup_steps: int,
     weight_decay: float,
     weight_decay_end: float,
-    momentum_teacher: float,
-    final_momentum_teacher: float,
+    momentum: float,
+    final_momentum: float,
     teacher_temp: float,
     warmup_teacher_temp: float,
-    warmup_teacher_temp_epochs: int,
-    freeze_last_layer_epochs: int,
+    teacher_temp_warmup_steps: int,
+    freeze_last_layer_steps: int,
 ) -> TrainingSchedules:
-    """The release's schedules (`dinov2/train/train.py: build_schedulers`); `lr` is already batch-scaled."""
-    total = epochs * epoch_length
-    temp_steps = warmup_teacher_temp_epochs * epoch_length
+    """The release's schedules (`dinov2/train/train.py: build_schedulers`), every length in steps; `lr` is already
+    batch-scaled (a phase's plan derives these values: `components.training.plan`)."""
     return TrainingSchedules(
-        lr=CosineSchedule(lr, min_lr, total, warmup_steps=warmup_epochs * epoch_length),
-        weight_decay=CosineSchedule(weight_decay, weight_decay_end, total),
-        momentum=CosineSchedule(momentum_teacher, final_momentum_teacher, total),
+        lr=CosineSchedule(lr, min_lr, total_steps, warmup_steps=warmup_steps),
+        weight_decay=CosineSchedule(weight_decay, weight_decay_end, total_steps),
+        momentum=CosineSchedule(momentum, final_momentum, total_steps),
         # The temperature schedule ends with its warm-up and then holds `teacher_temp`.
         teacher_temp=CosineSchedule(
-            teacher_temp, teacher_temp, temp_steps, warmup_steps=temp_steps, start_warmup_value=warmup_teacher_temp
+            teacher_temp,
+            teacher_temp,
+            teacher_temp_warmup_steps,
+            warmup_steps=teacher_temp_warmup_steps,
+            start_warmup_value=warmup_teacher_temp,
         ),
-        freeze_last_layer_steps=freeze_last_layer_epochs * epoch_length,
-    )
-
-
-def schedules_from_config(cfg: Any, global_batch_size: int) -> TrainingSchedules:
-    """`build_schedules` from the project's `PipelineConfig` (optim and teacher sections) and the global batch."""
-    from components.config import scaled_lr  # the config module owns the scaling rule
-
-    optim, teacher = cfg.optim, cfg.teacher
-    return build_schedules(
-        lr=scaled_lr(optim.base_lr, global_batch_size, optim.scaling_rule),
-        min_lr=optim.min_lr,
-        epochs=optim.epochs,
-        epoch_length=optim.epoch_length,
-        warmup_epochs=optim.warmup_epochs,
-        weight_decay=optim.weight_decay,
-        weight_decay_end=optim.weight_decay_end,
-        momentum_teacher=teacher.momentum_teacher,
-        final_momentum_teacher=teacher.final_momentum_teacher,
-        teacher_temp=teacher.teacher_temp,
-        warmup_teacher_temp=teacher.warmup_teacher_temp,
-        warmup_teacher_temp_epochs=teacher.warmup_teacher_temp_epochs,
-        freeze_last_layer_epochs=optim.freeze_last_layer_epochs,
+        freeze_last_layer_steps=freeze_last_layer_steps,
     )
 
 
@@ -219,13 +198,3 @@ def param_groups(
         group["params"].append(p)
         group["names"].append(name)
     return list(groups.values())
-
-
-def apply_schedules(
-    param_groups: Iterable[dict[str, Any]], *, lr: float, weight_decay: float, last_layer_lr: float
-) -> None:
-    """Sets each group's lr and weight decay for this step (call with `optimizer.param_groups`)."""
-    for group in param_groups:
-        base = last_layer_lr if group.get("is_last_layer", False) else lr
-        group["lr"] = base * group.get("lr_multiplier", 1.0)
-        group["weight_decay"] = weight_decay * group.get("wd_multiplier", 1.0)

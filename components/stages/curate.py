@@ -85,9 +85,7 @@ def run_curate(cfg: PipelineConfig, *, prepared: str, embeddings: str, out: str,
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    with stage_run(
-        "curate", cfg, sections=("seed", "curate"), config_out=staging / "config.yaml", metrics_out=Path(metrics)
-    ) as run:
+    with stage_run("curate", cfg, config_out=staging / "config.yaml", metrics_out=Path(metrics)) as run:
         manifest = read_prepared(prepared)
         meta = read_meta(embeddings)
         ids, x = load_embeddings(embeddings)

@@ -3,137 +3,97 @@
     python -m components distill --curated data/curated --teacher models/pretrain --checkpoints checkpoints/distill \
         --out models/distill --metrics metrics/distill.json --curve metrics/distill_curve.csv
 
-The teacher is the `--teacher` export (the pretrain stage's `models/pretrain`: backbone, heads, model.json), or
-`distill.teacher_weights`: an official-layout backbone file (preset `distill.teacher_arch`) or another export folder.
-A teacher without heads (the official release has backbones only) first gets DINO and iBOT heads fitted on its
-frozen backbone (`distill.head_fit_iterations`, its own nested MLflow run `distill_teacher_heads`); then every
-student in `distill.students` is distilled from it in one run, one teacher forward per batch
-(`components.training.distill`). The run is the pretraining stage's shell and machinery (`train_stage`): MLflow step
-metrics (per student: `<preset>.dino_loss`, ...; `<preset>.knn_top1` with `train.knn_eval_period`), the curve CSV,
-the training-metrics gate, checkpoints with exact resume, `torchrun` relaunch for `train.nproc_per_node` > 1.
+The teacher is the `--teacher` export (the pretrain stage's `models/pretrain`), or `distill.teacher_weights`: an
+export folder, or a weight file of preset `distill.teacher_arch`: a released backbone, or a training checkpoint of
+the release (its teacher's heads are used). Two phases, each resumable (`components.training.trainer`):
 
-Checkpoints live under `--checkpoints` in folders named after the teacher's sha256 and the `distill` section
-(`students-<key>/`, `teacher_heads-<key>/`): a new teacher or student list never resumes a stale run, and the
-folders of a previous teacher are removed. Outputs: `<out>/<preset>/` per student (the spare EMA's backbone in the
-official layout, `heads.pth`, `model.json` with role `student` and the teacher's provenance), `<out>/config.yaml`
-(the derived config that ran), gate reports; the curve (a DVC plot) and the metrics JSON.
+1. `head_fit`, only for a teacher without heads: DINO and iBOT heads fitted on its frozen backbone with the
+   pretraining losses (`distill.head_fit_iterations`; its own MLflow run `distill_head_fit`); its export, under
+   `--checkpoints`, is the next phase's teacher.
+2. `distill`: every student of `distill.students` distilled from the teacher in one run, one teacher forward per
+   batch (`components.training.distill`), with the pretraining stage's machinery: MLflow step metrics (per student:
+   `<preset>.dino_loss`, ...; `<preset>.knn_top1` with `train.knn_eval_period`), the curve CSV, the
+   training-metrics gate, checkpoints with exact resume, `torchrun` relaunch for `train.nproc_per_node` > 1.
+
+Each phase's checkpoints are named after its plan's fingerprint, which covers the teacher's weights: another
+teacher or student list never resumes a stale run (the older checkpoints are kept). Outputs: `<out>/<preset>/` per
+student (an export of its spare EMA, role `student`, with the teacher's provenance), `<out>/config.yaml` and
+`<out>/plan.yaml`, gate reports; the curve (a DVC plot) and the metrics JSON.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from components.config import PipelineConfig, flatten
-from components.log import get_logger, is_main_process
-from components.stages.pretrain import needs_launcher, relaunch, train_stage
+from components.config import ConfigError, PipelineConfig
+from components.stages.common import train_stage
 
-log = get_logger(__name__)
-
-RUN_PREFIXES = ("students-", "teacher_heads-")
-"""Folders under --checkpoints that this stage owns (one per teacher and configuration)."""
+if TYPE_CHECKING:
+    from components.exports import WeightsSource
+    from components.training.trainer import Phase
 
 
 def run_distill(
     cfg: PipelineConfig, *, curated: str, teacher: str, checkpoints: str, out: str, metrics: str, curve: str
 ) -> None:
     """The `distill` stage (see the module docstring)."""
+    from components import exports
+    from components.log import get_logger
+
+    log = get_logger(__name__)
     paths = {"curated": curated, "teacher": teacher, "checkpoints": checkpoints, "out": out}
     paths |= {"metrics": metrics, "curve": curve}
-    if needs_launcher(cfg):
-        relaunch("distill", cfg, paths)
-        return
-    from components.training.distill import DistillMetaArch, check_geometry, distill_config, resolve_teacher
-
-    derived = distill_config(cfg)  # validated before any file is read
     with tempfile.TemporaryDirectory(prefix="distill-teacher-") as tmp:
-        source = resolve_teacher(cfg, teacher, download_dir=Path(tmp))
-        check_geometry(cfg, source.model)
+        base = cfg.model.model_copy(update={"arch": cfg.distill.teacher_arch or cfg.model.arch})
+        source = exports.resolve_source(cfg.distill.teacher_weights or teacher, base, download_dir=Path(tmp))
         log.info(
-            "teacher %s (%s, sha256 %s, heads %s); students %s",
-            source.origin, source.model.arch, source.digest[:12], source.describe()["heads"],
-            ", ".join(cfg.distill.students),
+            "teacher %s (%s, sha256 %s, heads %s); students %s", source.origin, source.model.arch,
+            source.digest[:12], source.describe()["heads"], ", ".join(cfg.distill.students),
         )  # fmt: skip
-        root = Path(checkpoints)
-        students_dir = root / f"students-{run_key(source.digest, cfg)}"
-        heads_dir = root / f"teacher_heads-{source.digest[:16]}"
-        remove_stale_runs(root, keep={students_dir.name, *([heads_dir.name] if source.heads is None else [])})
-
-        def init(module: Any) -> None:  # a fresh run only: a resumed one holds its teacher in the checkpoint
-            backbone, heads = source.weights, source.heads
-            if heads is None:
-                export = fit_heads(cfg, source, curated=curated, workdir=heads_dir)
-                backbone, heads = export / "backbone.pth", export / "heads.pth"
-            module.load_teacher(backbone, heads)
-
+        if source.heads is None:
+            log.info(
+                "the teacher has no heads: fitting DINO / iBOT heads on its frozen backbone for %d iterations first",
+                cfg.distill.head_fit_iterations,
+            )
         train_stage(
-            "distill", derived, {**paths, "checkpoints": str(students_dir)},
-            build=lambda: DistillMetaArch(derived, source.model, source.describe()), init=init,
-        )  # fmt: skip
-    if is_main_process():
-        log_student_exports(Path(metrics), Path(out))
-
-
-def run_key(teacher_digest: str, cfg: PipelineConfig) -> str:
-    """The students' checkpoint folder key: the teacher's identity and the `distill` section (students, head fit).
-
-    The training fingerprint (`checkpoint.config_fingerprint`) covers the other sections; this covers what it
-    leaves out, so a checkpoint never resumes with another teacher or another set of students.
-    """
-    blob = json.dumps({"teacher": teacher_digest, "distill": cfg.distill.model_dump(mode="json")}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def remove_stale_runs(root: Path, keep: set[str]) -> None:
-    """Removes this stage's run folders of other teachers or configurations (rank 0; DVC keeps the folder)."""
-    if not is_main_process() or not root.is_dir():
-        return
-    for d in root.iterdir():
-        if d.is_dir() and d.name.startswith(RUN_PREFIXES) and d.name not in keep:
-            log.info("removing %s: checkpoints of another teacher or configuration", d)
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def fit_heads(cfg: PipelineConfig, source: Any, *, curated: str, workdir: Path) -> Path:
-    """`fit_teacher_heads` in its own MLflow run (`distill_teacher_heads`, beside the stage's), with its curve CSV."""
-    import pandas as pd
-
-    from components.tracking import PARENT_RUN_ENV, start_run
-    from components.training.distill import fit_teacher_heads
-
-    with start_run(
-        "distill_teacher_heads",
-        cfg.tracking.experiment,
-        parent_run_id=os.environ.get(PARENT_RUN_ENV) or None,
-        tags={"stage": "distill", "phase": "teacher_heads", "teacher_sha256": source.digest},
-    ) as tracker:
-        tracker.log_params(flatten({"distill": cfg.distill.model_dump(mode="json")}))
-        export, history = fit_teacher_heads(
-            cfg, source, curated=curated, workdir=workdir, log_metrics=lambda row, step: tracker.log_metrics(row, step)
+            "distill", cfg, paths, lambda world: distill_phases(cfg, source, Path(checkpoints), Path(out), world)
         )
-        if is_main_process() and history:
-            curve = workdir / "curve.csv"
-            pd.DataFrame(history).to_csv(curve, index=False)
-            tracker.log_artifact(curve, "plots")
-    return export
 
 
-def log_student_exports(metrics: Path, out: Path) -> None:
-    """Adds each student's model.json and heads to the stage's MLflow run (the shared shell logs a single model)."""
-    from components.stages.pretrain import MAX_LOGGED_EXPORT_BYTES
-    from components.tracking import MlflowTracker, mlflow_client, tracking_enabled
+def distill_phases(cfg: PipelineConfig, source: WeightsSource, checkpoints: Path, out: Path, world: int) -> list[Phase]:
+    """The stage's phases: the head fit of a headless teacher, then distillation from the teacher (or its fit)."""
+    from components.training.distill import DistillMetaArch
+    from components.training.meta_arch import SSLMetaArch
+    from components.training.plan import WeightsPlan, distill_plan, fingerprint, head_fit_plan
+    from components.training.trainer import Phase
 
-    run_id = json.loads(metrics.read_text()).get("mlflow_run_id") if metrics.is_file() else None
-    if not tracking_enabled() or not run_id:
-        return
-    tracker = MlflowTracker(mlflow_client(), run_id)
-    for descriptor in sorted(out.glob("*/model.json")):
-        for f in ("model.json", "heads.pth", "backbone.safetensors"):
-            p = descriptor.parent / f
-            if p.is_file() and (f == "model.json" or p.stat().st_size <= MAX_LOGGED_EXPORT_BYTES):
-                tracker.log_artifact(p, artifact_path=f"model/{descriptor.parent.name}")
+    check_patch_grid(cfg, source.model.patch_size)
+    teacher_weights = WeightsPlan(source.kind, source.origin, source.digest)
+    phases, location = [], source.location
+    if source.heads is None:
+        fit = head_fit_plan(cfg, stage="distill", world_size=world, model=source.model, weights=teacher_weights)
+        fit_export = checkpoints / "head_fit" / f"export-{source.digest[:16]}"
+        phases.append(Phase(fit, SSLMetaArch, checkpoints / "head_fit", fit_export, source.location))
+        teacher_weights = WeightsPlan(
+            "phase", "head_fit", fingerprint(fit.fingerprint_items(), {"teacher": source.digest})
+        )
+        location = str(fit_export)
+    plan = distill_plan(cfg, world_size=world, teacher=source.model, weights=teacher_weights)
+    info = source.describe()
+    phases.append(Phase(plan, lambda p: DistillMetaArch(p, info), checkpoints / "distill", out, location))
+    return phases
+
+
+def check_patch_grid(cfg: PipelineConfig, teacher_patch_size: int) -> None:
+    """Students share the teacher's patch grid: iBOT compares their patch tokens position by position.
+
+    Raises:
+        ConfigError: `model.patch_size` differs from the teacher's.
+    """
+    if cfg.model.patch_size != teacher_patch_size:
+        raise ConfigError(
+            f"model.patch_size = {cfg.model.patch_size} (the students') differs from the teacher's patch size "
+            f"{teacher_patch_size}: the iBOT loss compares patch tokens one to one"
+        )

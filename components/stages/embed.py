@@ -81,9 +81,7 @@ def run_embed(cfg: PipelineConfig, *, prepared: str, out: str, metrics: str) -> 
         _barrier(world)  # rank 0 finalises after this one
         _barrier(world, last=True)
         return
-    with stage_run(
-        "embed", cfg, sections=("seed", "embed"), config_out=out_dir / "config.yaml", metrics_out=Path(metrics)
-    ) as run:
+    with stage_run("embed", cfg, config_out=out_dir / "config.yaml", metrics_out=Path(metrics)) as run:
         embedder = build_embedder(cfg.embed, cfg.seed)
         run_fp = run_fingerprint(cfg.embed, cfg.seed, embedder.weights_digest)
         shards = plan_shards(manifest, cfg.embed.shard_size, run_fp)

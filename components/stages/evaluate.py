@@ -53,7 +53,6 @@ from components.stage import stage_run
 
 log = get_logger(__name__)
 
-SECTIONS = ("seed", "model", "distill", "evaluate")
 NOT_OURS = ("baseline", "official")
 """Roles of models that the pipeline did not train."""
 
@@ -140,9 +139,7 @@ def run_evaluate(
 
     out_dir = Path(out)
     clear_output(out_dir, markers=("metrics.csv", "models.json", "config.yaml"))
-    with stage_run(
-        "evaluate", cfg, sections=SECTIONS, config_out=out_dir / "config.yaml", metrics_out=Path(metrics)
-    ) as run:
+    with stage_run("evaluate", cfg, config_out=out_dir / "config.yaml", metrics_out=Path(metrics)) as run:
         manifest_path = Path(prepared) / "manifest.parquet"
         manifest = pd.read_parquet(manifest_path) if manifest_path.is_file() else None
         if manifest is None:

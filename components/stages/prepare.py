@@ -15,9 +15,7 @@ from components.stage import stage_run
 
 def run_prepare(cfg: PipelineConfig, *, raw: str | None, out: str, metrics: str) -> None:
     out_dir = Path(out)
-    with stage_run(
-        "prepare", cfg, sections=("data", "prepare"), config_out=out_dir / "config.yaml", metrics_out=Path(metrics)
-    ) as run:
+    with stage_run("prepare", cfg, config_out=out_dir / "config.yaml", metrics_out=Path(metrics)) as run:
         # Listing fails on a missing folder or an unreachable bucket before anything is decoded or written.
         manifest, rejects = prepare(raw=raw or cfg.data.raw, extra_pool=cfg.data.extra_pool, cfg=cfg.prepare)
         run.gate(

@@ -43,8 +43,6 @@ from components.stage import stage_run
 
 log = get_logger(__name__)
 
-SECTIONS = ("report",)
-
 
 def run_report(cfg: PipelineConfig, *, evals: str, pretrained: str, distilled: str, out: str, metrics: str) -> None:
     """Builds the report from the evaluate stage's outputs, gates the best candidate and registers it.
@@ -58,9 +56,7 @@ def run_report(cfg: PipelineConfig, *, evals: str, pretrained: str, distilled: s
     rc = cfg.report
     out_dir = Path(out)
     clear_output(out_dir, markers=("table.md", "quality_gate.json", "config.yaml"))
-    with stage_run(
-        "report", cfg, sections=SECTIONS, config_out=out_dir / "config.yaml", metrics_out=Path(metrics)
-    ) as run:
+    with stage_run("report", cfg, config_out=out_dir / "config.yaml", metrics_out=Path(metrics)) as run:
         frame, models = load_evaluation(evals)
         ranked = rank_candidates(frame, models, rc.gate_metric, rc.candidate_roles)
         candidate = ranked[0] if ranked else None

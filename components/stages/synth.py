@@ -24,9 +24,7 @@ def run_synth(cfg: PipelineConfig, *, out: str, metrics: str) -> None:
     out_dir = Path(out)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    with stage_run(
-        "synth", cfg, sections=("seed", "synthetic"), config_out=staging / "config.yaml", metrics_out=Path(metrics)
-    ) as run:
+    with stage_run("synth", cfg, config_out=staging / "config.yaml", metrics_out=Path(metrics)) as run:
         truth = render_world(cfg.synthetic, cfg.seed, staging)
         counts = truth.get("counts", {})
         replace_dir(staging, out_dir)

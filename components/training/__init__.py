@@ -13,8 +13,11 @@ The pieces and what each knows:
 - `data`: the deterministic, rank-sharded stream of multi-crop batches over a curated manifest.
 - `checkpoint`: atomic, pruned, resumable checkpoints of that state, and the model exports beside them.
 - `loop.train`: the loop that ties them together, with metrics, progress and periodic kNN evaluation (`knn`).
-- `run.run_training`: a whole run from a config (seeding, resume, engine, stream, loop, checkpoints, exports) for
-  any `TrainModule`; `components.stages.pretrain.train_stage` wraps it in the stage shell (MLflow, gate, curve).
+- `plan`: what each phase of a training stage computes (networks, crops, global batch, scaled lr, schedule lengths
+  in steps, what is frozen, where the weights come from), built once by pure functions of the config.
+- `trainer.Trainer`: one phase from its plan (`resume_or_init`, `fit`, `save`, `export`) for any `TrainModule`;
+  `components.stages.common.train_stage` runs a stage's phases in sequence inside the stage shell (MLflow, gate,
+  curve).
 
 Nothing here runs at import; DeepSpeed is imported when an engine is built.
 """

@@ -8,7 +8,7 @@ the write leaves only a `.tmp-` folder, removed at the next save). `state.pt` ho
 - `optimizer`: AdamW's moments per parameter name and its step count (`TrainEngine.full_optimizer_state`);
 - `loop`: step, samples seen (the data position), skipped-step and decode-failure counters;
 - `rng`: every rank's torch / CUDA / Python / NumPy generator states;
-- `fingerprint` and `config`: the configuration it belongs to.
+- `fingerprint` and `plan`: the configuration it belongs to.
 
 Because weights and moments are stored per parameter, whole, a checkpoint loads on any number of ranks and any ZeRO
 stage (the consolidation route; DeepSpeed's own per-rank files would tie a resume to the world size that saved
@@ -16,10 +16,10 @@ them). On the same world size, a resume reproduces the uninterrupted run bit for
 the schedules are functions of the step, and the generators are restored. With another world size each new rank
 takes a seeded generator state.
 
-Only checkpoints of the same configuration are resumed (`config_fingerprint`: the sections that change what is
-computed, and the digests of the curated set and of any weights the run starts from; run mechanics such as workers,
-logging or the checkpoint period are left out). A checkpoint of another configuration is ignored, and removed when
-the new run saves its first checkpoint.
+Only checkpoints of the same configuration are resumed: the trainer keeps each configuration's checkpoints in a
+folder named after its fingerprint (`plan.fingerprint`: what the phase computes, its global batch but not how the
+batch is split over ranks, and the digests of the curated set and of the weights it starts from; run mechanics such
+as workers, logging or the checkpoint period are left out).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.config import PipelineConfig
+from components.jsonio import dumps
 from components.log import get_logger
 
 log = get_logger(__name__)
@@ -48,24 +48,6 @@ META_FILE = "meta.json"
 FORMAT = 2
 """2: heads with trainable prototype norms (`last_layer.weight_g`, `weight_v`); 1: prototypes of norm 1."""
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-FINGERPRINT_SECTIONS = ("seed", "model", "dino", "ibot", "teacher", "optim", "crops")
-"""Config sections whose values decide what a run computes (train mechanics excluded, except the batch)."""
-
-
-def config_fingerprint(cfg: PipelineConfig, inputs: Mapping[str, str] | None = None) -> str:
-    """A short hash of the sections a checkpoint depends on, plus the per-rank batch and accumulation.
-
-    `inputs` names the digests of what the run reads besides its config (the curated set, the weights it starts
-    from): a run on other data or from other weights computes something else, and must not resume these.
-    """
-    dumped = cfg.model_dump(mode="json")
-    keys = {s: dumped[s] for s in FINGERPRINT_SECTIONS}
-    keys["batch"] = [cfg.train.batch_size_per_gpu, cfg.train.grad_accum_steps]
-    if inputs:
-        keys["inputs"] = dict(inputs)
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
-
 
 CODE_PARTS = ("config.py", "model", "training", "stages")
 """What `code_digest` covers, relative to the `components` package: the code a training run executes."""
@@ -143,7 +125,7 @@ class CheckpointManager:
     Args:
         root: the checkpoints folder (dvc.yaml keeps it across runs: `persist: true`).
         keep_last: complete checkpoints of this configuration kept after each save.
-        fingerprint: `config_fingerprint` of the run.
+        fingerprint: the configuration's fingerprint (`plan.fingerprint`).
         code: `code_digest` of the code writing the checkpoints (recorded in meta.json; see `supersede`).
     """
 
@@ -165,7 +147,8 @@ class CheckpointManager:
                 found.append((int(m.group(1)), d))
         return sorted(found)
 
-    def meta(self, path: Path) -> dict[str, Any]:
+    @staticmethod
+    def meta(path: Path) -> dict[str, Any]:
         """A checkpoint's meta.json ({} when unreadable)."""
         try:
             return json.loads((path / META_FILE).read_text())
@@ -194,8 +177,9 @@ class CheckpointManager:
         """
         self._superseded |= set(self._mine())
 
-    def save(self, state: dict[str, Any], step: int) -> Path:
-        """Writes `state` as the checkpoint of `step` atomically, then prunes (rank 0 only)."""
+    def save(self, state: dict[str, Any], step: int, *, plan: Mapping[str, Any] | None = None) -> Path:
+        """Writes `state` as the checkpoint of `step` atomically, then prunes (rank 0 only). `plan` (the plan's
+        fingerprint items) goes into meta.json, so that a run of another configuration can say what changed."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -203,7 +187,8 @@ class CheckpointManager:
         torch.save({**state, "format": FORMAT, "fingerprint": self.fingerprint}, tmp / STATE_FILE)
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "code": self.code, "step": step}
         meta["loop"] = state.get("loop")
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        meta["plan"] = dict(plan or {})
+        (tmp / META_FILE).write_text(dumps(meta))
         _fsync_dir_files(tmp)
         if final.exists():  # a re-run that reaches the same step again: replace it
             shutil.rmtree(final)

@@ -297,44 +297,42 @@ class PlannedMaskCollate:
 def build_loader(
     *,
     uris: Sequence[str],
-    cfg: Any,
+    plan: Any,
     rank: int,
     world_size: int,
     start_position: int,
-    micro_batch_size: int | None = None,
+    num_workers: int,
     pin_memory: bool = False,
 ) -> DataLoader:
     """The endless loader of this rank's collated micro-batches from `start_position` (see the module docstring).
 
     Args:
         uris: the curated manifest's URIs.
-        cfg: the `PipelineConfig` (seed, model.patch_size, crops, ibot, train.num_workers, train.batch_size_per_gpu).
+        plan: the phase's `PhasePlan` (seed, model.patch_size, crops, ibot masking, batch.per_rank).
         rank: this process's rank; world_size: the number of ranks.
         start_position: the stream position to start from (`samples_seen` of a checkpoint; 0 for a fresh run).
-        micro_batch_size: images per rank per micro-batch (default `train.batch_size_per_gpu`).
+        num_workers: data-loading processes (`train.num_workers`).
         pin_memory: pin batches for asynchronous copies to a GPU.
     """
     from components.model import augmentation_from_config
 
-    B = micro_batch_size or cfg.train.batch_size_per_gpu
-    dataset = MultiCropDataset(uris, cfg.seed, augmentation_from_config(cfg.crops))
+    dataset = MultiCropDataset(uris, plan.seed, augmentation_from_config(plan.crops))
     collate = PlannedMaskCollate(
-        seed=cfg.seed,
-        patch_grid=cfg.crops.global_crops_size // cfg.model.patch_size,
-        mask_ratio_min_max=cfg.ibot.mask_ratio_min_max,
-        mask_probability=cfg.ibot.mask_sample_probability,
+        seed=plan.seed,
+        patch_grid=plan.crops.global_crops_size // plan.model.patch_size,
+        mask_ratio_min_max=plan.ibot.mask_ratio_min_max,
+        mask_probability=plan.ibot.mask_sample_probability,
     )
-    workers = cfg.train.num_workers
     return DataLoader(
         dataset,
-        batch_sampler=_Refs(StreamPlan(B, rank, world_size), start_position),
+        batch_sampler=_Refs(StreamPlan(plan.batch.per_rank, rank, world_size), start_position),
         collate_fn=collate,
-        num_workers=workers,
+        num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-        worker_init_fn=_worker_init if workers else None,
-        generator=torch.Generator().manual_seed(cfg.seed),  # never draw from (and shift) the training generator
+        prefetch_factor=4 if num_workers else None,
+        worker_init_fn=_worker_init if num_workers else None,
+        generator=torch.Generator().manual_seed(plan.seed),  # never draw from (and shift) the training generator
     )
 
 

@@ -43,8 +43,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from components.config import PipelineConfig
+from components.config import TrainConfig
 from components.log import get_logger
+from components.runtime import resolve_device
 from components.training.module import LossOutput, TrainModule
 
 log = get_logger(__name__)
@@ -74,7 +75,7 @@ def deepspeed_config_dir() -> Path | None:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """Everything the engine needs, resolved from the config (see `from_config`)."""
+    """Everything the engine needs, resolved from a phase's plan and the run mechanics (see `from_plan`)."""
 
     zero_stage: int
     device: str
@@ -93,32 +94,23 @@ class EngineSettings:
     """Folder of the `zero<stage>.json` templates; None: `deepspeed_config_dir()`."""
 
     @classmethod
-    def from_config(cls, cfg: PipelineConfig, **overrides: Any) -> EngineSettings:
-        train, optim = cfg.train, cfg.optim
-        device = resolve_device(train.device)
+    def from_plan(cls, plan: Any, train: TrainConfig, **overrides: Any) -> EngineSettings:
+        """A phase's settings: its batch split and optimizer (`plan`), the run mechanics (`train`)."""
+        device = resolve_device(train.device, key="train.device")
         values = {
             "zero_stage": train.zero_stage,
             "device": device,
             "precision": resolve_precision(train.precision, device),
-            "micro_batch_size": train.batch_size_per_gpu,
-            "grad_accum_steps": train.grad_accum_steps,
-            "clip_grad": optim.clip_grad,
-            "betas": (optim.adamw_beta1, optim.adamw_beta2),
-            "layerwise_decay": optim.layerwise_decay,
-            "patch_embed_lr_mult": optim.patch_embed_lr_mult,
+            "micro_batch_size": plan.batch.per_rank,
+            "grad_accum_steps": plan.batch.grad_accum_steps,
+            "clip_grad": plan.optim.clip_grad,
+            "betas": tuple(plan.optim.betas),
+            "layerwise_decay": plan.optim.layerwise_decay,
+            "patch_embed_lr_mult": plan.optim.patch_embed_lr_mult,
             "activation_checkpointing": train.activation_checkpointing,
             "compile": train.compile,
         }
         return cls(**{**values, **overrides})
-
-
-def resolve_device(choice: str) -> str:
-    """`auto` -> `cuda` when a GPU is visible, else `cpu`; an explicit `cuda` without a GPU is an error."""
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device = cuda but no CUDA device is visible")
-    return choice
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -262,7 +254,7 @@ class TrainEngine:
 
     Args:
         module: what is trained (plain torch, on the CPU).
-        settings: see `EngineSettings.from_config`.
+        settings: see `EngineSettings.from_plan`.
         initial_state: a state from `full_model_state` / `full_optimizer_state` (as saved by `checkpoint`), loaded
             on any number of ranks: `{"model": ..., "optimizer": ...}`; None starts fresh.
     """

@@ -6,15 +6,17 @@ One step, as in the release's `SSLMetaArch.forward_backward`:
    through the DINO head, its patch tokens at the positions masked for the student through the iBOT head (the same
    head when `ibot.separate_head` is false: one head call on both). Targets are sharpened at the scheduled teacher
    temperature and centred: Sinkhorn-Knopp (3 iterations, sums over all ranks) or softmax after subtracting the EMA
-   centre of the teacher's logits.
+   centre of the teacher's logits (`teacher_targets`, shared with distillation).
 2. The student sees the 2 global crops, with the iBOT mask token at the masked patches, and the N local crops.
 3. Losses: DINO cross-entropy of every student crop against every teacher global crop but itself; iBOT
    cross-entropy on the masked patches (each image's patches weighted by 1 / its masked count, averaged over the
    global crops); KoLeo on the student's global CLS features, summed over the 2 global crops. Each is weighted by
    params.yaml (`dino.loss_weight`, `ibot.loss_weight`, `dino.koleo_loss_weight`).
 
-The EMA itself, devices, precision and distribution belong to the engine; this module only says which modules
-form the EMA pair (`ema_pairs`). Stochastic depth is the backbone's own (efficient above a rate of 0.1).
+The same module fits heads on a frozen backbone (the `head_fit` phase of a teacher without heads): the plan freezes
+both backbones, and the EMA pairs are then the heads alone. The EMA itself, devices, precision and distribution
+belong to the engine; this module only says which modules form the EMA pairs (`ema_pairs`). Stochastic depth is the
+backbone's own (efficient above a rate of 0.1).
 """
 
 from __future__ import annotations
@@ -28,31 +30,37 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from components import exports
-from components.config import PipelineConfig
-from components.model import (
-    DINOHead,
-    DINOLoss,
-    backbone_from_config,
-    iBOTPatchLoss,
-    koleo_loss,
-    load_official_weights,
-    param_groups,
-)
-from components.model.adapter import load_official_heads, normalize_heads_state
+from components.config import DinoConfig, IbotConfig
+from components.model import DINOHead, DINOLoss, backbone_from_config, iBOTPatchLoss, koleo_loss, param_groups
+from components.model.adapter import HeadsState, load_official_heads, load_official_weights, normalize_heads_state
 from components.training.module import LossOutput, TrainModule
+from components.training.plan import PhasePlan
+
+HEAD_NAMES = ("dino_head", "ibot_head")
 
 
-def _head(in_dim: int, section: Any) -> DINOHead:
-    return DINOHead(
-        in_dim,
-        section.head_n_prototypes,
-        nlayers=section.head_nlayers,
-        hidden_dim=section.head_hidden_dim,
-        bottleneck_dim=section.head_bottleneck_dim,
-    )
+def build_network(model: Any, dino: DinoConfig, ibot: IbotConfig) -> nn.ModuleDict:
+    """A backbone of the `model` section's preset with its DINO head, and its iBOT head when it is separate."""
+    backbone = backbone_from_config(model)
+    parts: dict[str, nn.Module] = {"backbone": backbone}
+    for name, section in (("dino_head", dino), ("ibot_head", ibot)):
+        if name == "dino_head" or ibot.separate_head:
+            parts[name] = DINOHead(
+                backbone.embed_dim,
+                section.head_n_prototypes,
+                nlayers=section.head_nlayers,
+                hidden_dim=section.head_hidden_dim,
+                bottleneck_dim=section.head_bottleneck_dim,
+            )
+    return nn.ModuleDict(parts)
 
 
-def _gathered(features: Tensor) -> Tensor:
+def heads_of(network: nn.ModuleDict) -> dict[str, nn.Module]:
+    """`dino_head` (and `ibot_head` when separate) of a network, by their release names."""
+    return {name: network[name] for name in HEAD_NAMES if name in network}
+
+
+def gathered(features: Tensor) -> Tensor:
     """All ranks' rows, differentiable (the backward sums each rank's gradient back to its own rows)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features
@@ -61,41 +69,130 @@ def _gathered(features: Tensor) -> Tensor:
     return torch.cat(all_gather(features.contiguous()))
 
 
-class SSLMetaArch(TrainModule):
+def build_losses(plan: PhasePlan) -> tuple[DINOLoss, iBOTPatchLoss]:
+    """The DINO and iBOT losses of a plan (the iBOT loss predicts the DINO head's prototypes when tied)."""
+    dino, ibot, momentum = plan.dino, plan.ibot, plan.teacher.center_momentum
+    ibot_out = ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes
+    return DINOLoss(dino.head_n_prototypes, center_momentum=momentum), iBOTPatchLoss(ibot_out, center_momentum=momentum)
+
+
+def load_centers(found: HeadsState, dino_loss: DINOLoss, ibot_loss: iBOTPatchLoss) -> None:
+    """The softmax centres a checkpoint holds (unused by Sinkhorn-Knopp), when their shapes fit."""
+    for loss, key in ((dino_loss, "dino"), (ibot_loss, "ibot")):
+        center = found.centers.get(key)
+        if center is not None and center.shape == loss.center.shape:
+            loss.center.copy_(center)
+
+
+@torch.no_grad()
+def teacher_targets(
+    teacher: nn.ModuleDict,
+    global_crops: Tensor,
+    patch_rows: Tensor | None,
+    losses: tuple[DINOLoss, iBOTPatchLoss],
+    *,
+    centering: str,
+    temp: float,
+) -> tuple[Tensor, Tensor]:
+    """Centred, sharpened teacher targets of the global crops, for pretraining and distillation alike.
+
+    Args:
+        teacher: backbone and heads (eval mode).
+        global_crops: (G B, 3, H, W), crop-major.
+        patch_rows: indices into the (G B N) flattened patch tokens of the iBOT targets (the masked patches), or
+            None for every patch (distillation).
+        losses: the DINO and iBOT losses (their EMA centres are updated on the softmax path).
+        centering: `sinkhorn_knopp` or `softmax` (`teacher.centering`).
+        temp: the teacher temperature of this step.
+
+    Returns:
+        DINO targets (G B, K) of the CLS tokens and iBOT targets (M, K) of the selected patches, float32.
+    """
+    out = teacher.backbone(global_crops, is_training=True)
+    cls = out["x_norm_clstoken"]  # (G B, D)
+    patches = out["x_norm_patchtokens"].flatten(0, 1)  # (G B N, D)
+    if patch_rows is not None:
+        patches = patches.index_select(0, patch_rows)  # (M, D)
+    if "ibot_head" in teacher:
+        cls_logits, patch_logits = teacher.dino_head(cls), teacher.ibot_head(patches)
+    else:  # one head call for both: the release's "tied" path
+        cls_logits, patch_logits = teacher.dino_head(torch.cat((cls, patches))).split([len(cls), len(patches)])
+    dino_loss, ibot_loss = losses
+    if centering == "sinkhorn_knopp":
+        dino_t = dino_loss.sinkhorn_knopp_teacher(cls_logits, temp)  # (G B, K)
+        ibot_t = ibot_loss.sinkhorn_knopp_teacher(patch_logits, temp)  # (M, K), M counted over all ranks
+    else:
+        dino_t = dino_loss.softmax_center_teacher(cls_logits, temp)
+        ibot_t = ibot_loss.softmax_center_teacher(patch_logits, temp)
+        dino_loss.update_center(cls_logits)
+        ibot_loss.update_center(patch_logits)
+    return dino_t, ibot_t
+
+
+def load_network_weights(network: nn.ModuleDict, source: str, *, heads: bool) -> HeadsState | None:
+    """Loads a network's backbone (and its heads when `heads` and the source has them) from an export folder or a
+    weight file (a released backbone, or a training checkpoint of the release or ours), strictly.
+
+    Returns:
+        What the heads' source held (its centres too), or None when no heads were loaded.
+    """
+    if exports.is_export(source):
+        export = exports.read_export(source)
+        state, heads_state = exports.read_weights(export.weights)[0], None
+        if export.heads is not None:
+            heads_state = exports.read_weights(export.heads)[0]
+    else:
+        state = heads_state = exports.read_weights(source)[0]
+    load_official_weights(network.backbone, state)
+    if heads and heads_state is not None and normalize_heads_state(heads_state).heads:
+        return load_official_heads(heads_of(network), heads_state)
+    return None
+
+
+class SelfDistillation(TrainModule):
+    """What pretraining and distillation share: a plan, the DINO and iBOT losses with their centring, and the weighted
+    total of DINO + iBOT + KoLeo (`dino.loss_weight`, `ibot.loss_weight`, `dino.koleo_loss_weight`)."""
+
+    def __init__(self, plan: PhasePlan) -> None:
+        super().__init__()
+        self.plan = plan
+        self.dino_loss, self.ibot_loss = build_losses(plan)
+
+    def targets(self, teacher: nn.ModuleDict, global_crops: Tensor, patch_rows: Tensor | None, temp: float):
+        """`teacher_targets` with this module's losses and centring."""
+        losses, centering = (self.dino_loss, self.ibot_loss), self.plan.teacher.centering
+        return teacher_targets(teacher, global_crops, patch_rows, losses, centering=centering, temp=temp)
+
+    def weighted(self, dino: Tensor, ibot: Tensor, global_cls: Tensor, n_global: int) -> LossOutput:
+        """The weighted total and its terms; KoLeo on each global crop's CLS features (all ranks' when
+        `dino.koleo_distributed`), summed over the crops."""
+        d, distributed = self.plan.dino, self.plan.dino.koleo_distributed
+        koleo = sum(koleo_loss(gathered(c) if distributed else c) for c in global_cls.chunk(n_global))
+        loss = d.loss_weight * dino + self.plan.ibot.loss_weight * ibot + d.koleo_loss_weight * koleo
+        return {"loss": loss, "dino_loss": dino.detach(), "ibot_loss": ibot.detach(), "koleo_loss": koleo.detach()}
+
+    def sync_state(self) -> None:
+        self.dino_loss.apply_center_update()
+        self.ibot_loss.apply_center_update()
+
+
+class SSLMetaArch(SelfDistillation):
     """Student and EMA teacher (same preset), DINO head, tied or separate iBOT head, and the three losses.
 
     Args:
-        cfg: the validated config; reads the `model`, `dino`, `ibot` and `teacher` sections.
+        plan: the phase's plan (`pretrain`, `highres` or `head_fit`): networks, losses, what stays frozen.
     """
 
-    def __init__(self, cfg: PipelineConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        dino, ibot = cfg.dino, cfg.ibot
-        self.separate_ibot_head = ibot.separate_head
-        self.dino_weight, self.ibot_weight, self.koleo_weight = (
-            dino.loss_weight,
-            ibot.loss_weight,
-            dino.koleo_loss_weight,
-        )
-        self.koleo_distributed = dino.koleo_distributed
-        self.centering = cfg.teacher.centering
-        self.student = self._network(cfg.model.drop_path_rate)
-        self.teacher = self._network(0.0)
+    def __init__(self, plan: PhasePlan) -> None:
+        super().__init__(plan)
+        dino, ibot = plan.dino, plan.ibot
+        self.student = build_network(plan.model, dino, ibot)
+        self.teacher = build_network(plan.model.model_copy(update={"drop_path_rate": 0.0}), dino, ibot)
         self.teacher.load_state_dict(self.student.state_dict())  # the teacher starts as a copy of the student
         self.teacher.requires_grad_(False)
-        ibot_out = ibot.head_n_prototypes if ibot.separate_head else dino.head_n_prototypes
-        self.dino_loss = DINOLoss(dino.head_n_prototypes, center_momentum=cfg.teacher.center_momentum)
-        self.ibot_loss = iBOTPatchLoss(ibot_out, center_momentum=cfg.teacher.center_momentum)
-        if cfg.model.pretrained_weights:
-            self.load_pretrained(cfg.model.pretrained_weights)
-
-    def _network(self, drop_path_rate: float) -> nn.ModuleDict:
-        backbone = backbone_from_config(self.cfg.model.model_copy(update={"drop_path_rate": drop_path_rate}))
-        parts: dict[str, nn.Module] = {"backbone": backbone, "dino_head": _head(backbone.embed_dim, self.cfg.dino)}
-        if self.separate_ibot_head:
-            parts["ibot_head"] = _head(backbone.embed_dim, self.cfg.ibot)
-        return nn.ModuleDict(parts)
+        for name, p in self.named_parameters():
+            if name.startswith(plan.frozen):
+                p.requires_grad_(False)  # `param_groups` leaves frozen parameters out
 
     def train(self, mode: bool = True) -> SSLMetaArch:
         super().train(mode)
@@ -103,28 +200,6 @@ class SSLMetaArch(TrainModule):
         return self
 
     # -- the step --------------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def teacher_targets(
-        self, global_crops: Tensor, mask_indices: Tensor, n_global: int, temp: float
-    ) -> tuple[Tensor, Tensor]:
-        """Centred, sharpened teacher targets: DINO (G, B, K) for the global crops, iBOT (M, K) for masked patches."""
-        out = self.teacher.backbone(global_crops, is_training=True)
-        cls = out["x_norm_clstoken"]  # (G B, D)
-        masked = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)  # (M, D)
-        if self.separate_ibot_head:
-            cls_logits, patch_logits = self.teacher.dino_head(cls), self.teacher.ibot_head(masked)
-        else:  # one head call for both: the release's "tied" path
-            cls_logits, patch_logits = self.teacher.dino_head(torch.cat((cls, masked))).split([len(cls), len(masked)])
-        if self.centering == "sinkhorn_knopp":
-            dino_t = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, temp)  # (G B, K)
-            ibot_t = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, temp)  # (M, K), M counted over all ranks
-        else:
-            dino_t = self.dino_loss.softmax_center_teacher(cls_logits, temp)
-            ibot_t = self.ibot_loss.softmax_center_teacher(patch_logits, temp)
-            self.dino_loss.update_center(cls_logits)
-            self.ibot_loss.update_center(patch_logits)
-        return dino_t.view(n_global, -1, dino_t.shape[-1]), ibot_t  # (G, B, K), (M, K)
 
     def forward(self, batch: Mapping[str, Any], values: Mapping[str, float]) -> LossOutput:
         """The weighted DINO + iBOT + KoLeo loss of one collated multi-crop batch (see the module docstring)."""
@@ -134,7 +209,8 @@ class SSLMetaArch(TrainModule):
         mask_indices = batch["mask_indices_list"]  # (M,) flat indices into masks
         n_global, n_local = int(batch["n_global_crops"]), int(batch["n_local_crops"])
         B = global_crops.shape[0] // n_global
-        dino_t, ibot_t = self.teacher_targets(global_crops, mask_indices, n_global, float(values["teacher_temp"]))
+        temp = float(values["teacher_temp"])
+        dino_t, ibot_t = self.targets(self.teacher, global_crops, mask_indices, temp)
 
         if n_local:
             g_out, l_out = self.student.backbone([global_crops, local_crops], masks=[masks, None], is_training=True)
@@ -144,7 +220,7 @@ class SSLMetaArch(TrainModule):
             l_cls = global_crops.new_zeros(0, g_out["x_norm_clstoken"].shape[-1])
         g_cls = g_out["x_norm_clstoken"]  # (G B, D)
         g_masked = g_out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)  # (M, D)
-        if self.separate_ibot_head:
+        if "ibot_head" in self.student:
             g_logits, l_logits = self.student.dino_head(torch.cat((g_cls, l_cls))).split([len(g_cls), len(l_cls)])
             patch_logits = self.student.ibot_head(g_masked)
         else:
@@ -152,11 +228,10 @@ class SSLMetaArch(TrainModule):
             g_logits, l_logits, patch_logits = self.student.dino_head(torch.cat((g_cls, l_cls, g_masked))).split(sizes)
 
         K = g_logits.shape[-1]
-        dino = self.dino_loss(g_logits.view(n_global, B, K), l_logits.view(n_local, B, K) if n_local else None, dino_t)
+        local = l_logits.view(n_local, B, K) if n_local else None
+        dino = self.dino_loss(g_logits.view(n_global, B, K), local, dino_t.view(n_global, B, K))
         ibot = self.ibot_loss.forward_masked(patch_logits, ibot_t, batch["masks_weight"], n_images=n_global * B)
-        koleo = sum(koleo_loss(_gathered(c) if self.koleo_distributed else c) for c in g_cls.chunk(n_global))
-        loss = self.dino_weight * dino + self.ibot_weight * ibot + self.koleo_weight * koleo
-        return {"loss": loss, "dino_loss": dino.detach(), "ibot_loss": ibot.detach(), "koleo_loss": koleo.detach()}
+        return self.weighted(dino, ibot, g_cls, n_global)
 
     # -- hooks for the engine --------------------------------------------------------------------------------------
 
@@ -164,10 +239,15 @@ class SSLMetaArch(TrainModule):
         return param_groups(self.student, layerwise_decay=layerwise_decay, patch_embed_lr_mult=patch_embed_lr_mult)
 
     def ema_pairs(self) -> Sequence[tuple[nn.Module, nn.Module]]:
+        if self.plan.frozen:
+            # Heads only: an EMA of two equal frozen backbones would drift by rounding (m x + (1 - m) x != x).
+            return list(zip(heads_of(self.student).values(), heads_of(self.teacher).values(), strict=True))
         return ((self.student, self.teacher),)
 
     def checkpointed_blocks(self) -> Sequence[nn.Module]:
-        return list(self.student.backbone.blocks)
+        if any(p.requires_grad for p in self.student.backbone.parameters()):
+            return list(self.student.backbone.blocks)
+        return ()  # no gradient flows through frozen blocks: nothing to recompute
 
     def compiled_blocks(self) -> Sequence[nn.Module]:
         return [*self.student.backbone.blocks, *self.teacher.backbone.blocks]
@@ -175,47 +255,33 @@ class SSLMetaArch(TrainModule):
     def monitored_backbone(self) -> nn.Module:
         return self.teacher.backbone
 
-    def sync_state(self) -> None:
-        self.dino_loss.apply_center_update()
-        self.ibot_loss.apply_center_update()
-
     # -- weights in and out ----------------------------------------------------------------------------------------
 
-    def heads(self, network: nn.ModuleDict) -> dict[str, nn.Module]:
-        """`dino_head` (and `ibot_head` when separate) of the student or the teacher, by their release names."""
-        return {name: network[name] for name in ("dino_head", "ibot_head") if name in network}
-
-    def load_pretrained(self, source: str) -> None:
-        """`model.pretrained_weights`: an export folder (backbone, and heads when it has them), or a weight file in
-        the official layout (`.pth` / `.safetensors`, local or s3://): a released backbone, whose heads start fresh,
-        or a training checkpoint of the release, whose teacher heads are used. The teacher starts as the student."""
-        if exports.is_export(source):
-            export = exports.read_export(source)
-            state, heads_state = exports.read_weights(export.weights)[0], None
-            if export.heads is not None:
-                heads_state = exports.read_weights(export.heads)[0]
-        else:
-            state = heads_state = exports.read_weights(source)[0]
-        load_official_weights(self.student.backbone, state)
-        if heads_state is not None and normalize_heads_state(heads_state).heads:
-            found = load_official_heads(self.heads(self.student), heads_state)
-            for loss, key in ((self.dino_loss, "dino"), (self.ibot_loss, "ibot")):
-                center = found.centers.get(key)
-                if center is not None and center.shape == loss.center.shape:
-                    loss.center.copy_(center)  # the softmax centre (unused by Sinkhorn-Knopp)
-        self.teacher.load_state_dict(self.student.state_dict())
+    def initial_state(self, source: str | None) -> dict[str, Tensor]:
+        """The student and teacher at the start of the phase: the seeded initialisation, or `source` (an export
+        folder, or a weight file: a released backbone, whose heads stay fresh, or a training checkpoint, whose
+        teacher heads are used); the teacher starts as the student."""
+        if source is not None:
+            found = load_network_weights(self.student, source, heads=True)
+            if found is not None:
+                load_centers(found, self.dino_loss, self.ibot_loss)
+            self.teacher.load_state_dict(self.student.state_dict())
+        return self.state_dict()
 
     def export(self, state: Mapping[str, Tensor], out_dir: Path, *, iterations: int) -> list[Path]:
         """The teacher (backbone and heads) as an export (`components.exports`)."""
         return exports.write_export(
             out_dir,
-            model=self.cfg.model,
+            model=self.plan.model,
             backbone_state=prefixed(state, "teacher.backbone."),
-            heads={name: prefixed(state, f"teacher.{name}.") for name in self.heads(self.teacher)},
+            heads={name: prefixed(state, f"teacher.{name}.") for name in heads_of(self.teacher)},
             centers={"dino": state.get("dino_loss.center"), "ibot": state.get("ibot_loss.center")},
             role="teacher",
             iterations=iterations,
-            heads_config={"dino": self.cfg.dino.model_dump(mode="json"), "ibot": self.cfg.ibot.model_dump(mode="json")},
+            heads_config={
+                "dino": self.plan.dino.model_dump(mode="json"),
+                "ibot": self.plan.ibot.model_dump(mode="json"),
+            },
         )
 
 

@@ -58,6 +58,12 @@ class TrainModule(nn.Module):
         `<name>.knn_top1` (distillation watches each student). Default: `monitored_backbone()`, unprefixed."""
         return {"": self.monitored_backbone()}
 
+    def initial_state(self, source: str | None) -> dict[str, Tensor]:
+        """The module's state at the start of a phase: its seeded initialisation with the weights of `source` (an
+        export folder or a weight file; None: none) loaded where they belong. The trainer hands this state, or a
+        checkpoint's on resume, to the engine: weights enter a run one way."""
+        raise NotImplementedError
+
     def sync_state(self) -> None:
         """Completes any deferred update of buffers (e.g. a pending centre reduction) before a checkpoint."""
 

@@ -7,17 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distillation.tiny import tiny_config
+from tests.distillation.tiny import pretrain_module, tiny_config
 
 
 @pytest.fixture(scope="session")
 def teacher_export(tmp_path_factory) -> Path:
     """A pretrain-stage export (backbone, heads, model.json) of a seeded vit_test `SSLMetaArch`, separate iBOT head."""
-    from components.training.meta_arch import SSLMetaArch
-
     cfg = tiny_config(ibot={"separate_head": True})
     torch.manual_seed(123)
-    arch = SSLMetaArch(cfg)
+    arch = pretrain_module(cfg)
     out = tmp_path_factory.mktemp("teacher")
     arch.export(arch.state_dict(), out, iterations=0)
     return out

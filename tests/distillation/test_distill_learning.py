@@ -105,7 +105,7 @@ def test_distilled_students_reach_the_teacher_and_beat_scratch(tmp_path):
         acc[student] = {"distilled": distilled, "scratch": scratch, "matched": matched}
     headless = run("headless", "distill", _config(cfg, distill={"teacher_weights": str(teacher / "backbone.pth")}),
                    teacher=str(tmp_path / "unused"))  # fmt: skip
-    fit = pd.read_csv(next((headless / "ck").glob("teacher_heads-*")) / "curve.csv")
+    fit = pd.read_csv(headless / "ck" / "head_fit" / "curve.csv")
     acc["headless"] = {s: _knn(headless / "out" / s, root, size) for s in d.students}
     print(json.dumps({
         "steps": {"teacher": cfg.optim.epochs * cfg.optim.epoch_length, "students": d.epochs * cfg.optim.epoch_length,

@@ -1,5 +1,5 @@
 """The `distill` stage through its CLI: a teacher without heads (heads fitted first), per-student exports, metrics,
-curve and kNN monitoring, and an exact resume from the last checkpoint; the checkpoint folders are keyed by teacher."""
+curve and kNN monitoring, and an exact resume from the last checkpoint; the checkpoints are keyed by teacher."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
+from components import exports
 from components.cli import main
 from components.config import save_resolved
-from components.stages.distill import remove_stale_runs, run_key
+from components.stages.distill import distill_phases
+from components.training.plan import fingerprint
 from tests.distillation.tiny import tiny_config
 
 
@@ -50,7 +52,7 @@ def test_headless_teacher_distils_then_resumes_exactly(curated, teacher_export, 
     )
     params = save_resolved(cfg, tmp_path / "params.yaml")
     log = _run(params, curated, tmp_path, tmp_path / "unused", caplog_dinov2)
-    assert "has no heads: fitting" in log
+    assert "the teacher has no heads: fitting" in log
 
     student = tmp_path / "models" / "vit_test"
     assert {p.name for p in student.iterdir()} == {"backbone.pth", "backbone.safetensors", "heads.pth", "model.json"}
@@ -60,18 +62,20 @@ def test_headless_teacher_distils_then_resumes_exactly(curated, teacher_export, 
     assert metrics["iterations"] == 8 and set(metrics["final"]) >= {"loss", "vit_test.dino_loss", "vit_test.ibot_loss"}
     curve = pd.read_csv(tmp_path / "curve.csv")
     assert curve["vit_test.knn_top1"].notna().sum() == 2  # steps 4 and 8
-    runs = sorted(p.name.split("-")[0] for p in (tmp_path / "ck").iterdir())
-    assert runs == ["students", "teacher_heads"]
-    heads_dir = next((tmp_path / "ck").glob("teacher_heads-*"))
-    assert (heads_dir / "export" / "heads.pth").is_file() and (heads_dir / "curve.csv").is_file()
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["distill", "head_fit"]  # one folder per phase
+    (fit_export,) = (tmp_path / "ck" / "head_fit").glob("export-*")
+    assert (fit_export / "heads.pth").is_file() and (tmp_path / "ck" / "head_fit" / "curve.csv").is_file()
+    (fit_dir,) = [d for d in (tmp_path / "ck" / "head_fit").iterdir() if (d / "step_00000004").is_dir()]
+    fitted = (fit_dir / "step_00000004" / "state.pt").stat().st_mtime_ns
 
     # A crash after the step-4 checkpoint: the re-run resumes there and ends exactly where the first run ended.
-    students_dir = next((tmp_path / "ck").glob("students-*"))
+    (students_dir,) = (tmp_path / "ck" / "distill").iterdir()
     final = _state(students_dir / "step_00000008")
     shutil.rmtree(students_dir / "step_00000008")
     shutil.rmtree(tmp_path / "models")  # DVC removes the outputs before re-running
     log = _run(params, curated, tmp_path, tmp_path / "unused", caplog_dinov2)
-    assert "resuming from" in log and "has no heads: fitting" not in log  # the teacher comes from the checkpoint
+    assert "resuming from" in log and "already at the final step 4" in log  # the head fit is not trained again
+    assert (fit_dir / "step_00000004" / "state.pt").stat().st_mtime_ns == fitted
     again = _state(students_dir / "step_00000008")
     assert final["model"].keys() == again["model"].keys()
     assert all(torch.equal(final["model"][k], again["model"][k]) for k in final["model"])
@@ -79,13 +83,15 @@ def test_headless_teacher_distils_then_resumes_exactly(curated, teacher_export, 
     assert (student / "model.json").is_file()
 
 
-def test_checkpoint_folders_are_keyed_by_teacher_and_students(tmp_path):
-    cfg = tiny_config()
-    key = run_key("a" * 64, cfg)
-    assert key == run_key("a" * 64, cfg)
-    assert key != run_key("b" * 64, cfg)
-    assert key != run_key("a" * 64, tiny_config(distill={"students": ["vit_test", "vit_tiny"]}))
-    for name in (f"students-{key}", "students-old", "teacher_heads-old", "unrelated"):
-        (tmp_path / name).mkdir()
-    remove_stale_runs(tmp_path, keep={f"students-{key}"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"students-{key}", "unrelated"]
+def test_the_students_checkpoints_are_keyed_by_teacher_and_students(teacher_export, tmp_path):
+    def key(cfg, source):
+        (phase,) = distill_phases(cfg, source, tmp_path, tmp_path, world=1)
+        return fingerprint(phase.plan.fingerprint_items(), {"curated": "x"})
+
+    cfg = tiny_config(ibot={"separate_head": True})
+    source = exports.resolve_source(str(teacher_export), cfg.model)
+    other = exports.WeightsSource(**{**vars(source), "digest": "b" * 64})  # another teacher's weights
+    assert key(cfg, source) == key(cfg, source)
+    assert key(cfg, source) != key(cfg, other)
+    two = tiny_config(ibot={"separate_head": True}, distill={"students": ["vit_test", "vit_tiny"]})
+    assert key(cfg, source) != key(two, source)

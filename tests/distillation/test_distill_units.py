@@ -1,4 +1,4 @@
-"""Distillation's pieces on tiny models: the derived recipe, the frozen teacher shared by every student (one forward
+"""Distillation's pieces on tiny models: the phases' plans, the frozen teacher shared by every student (one forward
 per batch), students that train exactly as they would alone, the per-student exports, and the head-fitting phase for
 teachers without heads."""
 
@@ -10,38 +10,43 @@ from pathlib import Path
 import pytest
 import torch
 
+from components import exports
 from components.config import ConfigError, validate_config
-from components.model import schedules_from_config
+from components.stages.distill import distill_phases
 from components.training.checkpoint import LoopState
 from components.training.data import build_loader, read_manifest_uris
-from components.training.distill import (
-    DistillMetaArch,
-    TeacherHeadFit,
-    distill_config,
-    fit_teacher_heads,
-    head_fit_config,
-    resolve_teacher,
-)
+from components.training.distill import DistillMetaArch
 from components.training.engine import EngineSettings, TrainEngine
 from components.training.loop import LoopSettings, train
+from components.training.meta_arch import SSLMetaArch
+from components.training.plan import WeightsPlan, distill_plan, head_fit_plan
+from components.training.trainer import run_phase
 from tests.distillation.tiny import tiny_config, tiny_raw
 
 SEPARATE = {"separate_head": True}
 
 
+def _plan(cfg, teacher_export: Path):
+    source = exports.resolve_source(str(teacher_export), cfg.model)
+    plan = distill_plan(cfg, world_size=1, teacher=source.model, weights=WeightsPlan("export", None, source.digest))
+    return plan, source
+
+
 def _module(cfg, teacher_export: Path, seed: int = 0) -> DistillMetaArch:
-    derived = distill_config(cfg)
-    source = resolve_teacher(derived, str(teacher_export), download_dir=teacher_export)
+    plan, source = _plan(cfg, teacher_export)
     torch.manual_seed(seed)
-    module = DistillMetaArch(derived, source.model, source.describe())
-    module.load_teacher(source.weights, source.heads)
+    module = DistillMetaArch(plan, source.describe())
+    module.initial_state(source.location)
     return module
 
 
-def _batches(cfg, curated: Path, start: int = 0):
-    return iter(
-        build_loader(uris=read_manifest_uris(str(curated)), cfg=cfg, rank=0, world_size=1, start_position=start)
-    )
+def _engine(module: DistillMetaArch, cfg) -> TrainEngine:
+    return TrainEngine(module, EngineSettings.from_plan(module.plan, cfg.train))
+
+
+def _batches(plan, curated: Path, start: int = 0):
+    uris = read_manifest_uris(str(curated))
+    return iter(build_loader(uris=uris, plan=plan, rank=0, world_size=1, start_position=start, num_workers=0))
 
 
 # -- config ----------------------------------------------------------------------------------------------------------
@@ -64,27 +69,32 @@ def test_bad_distill_values_name_the_key(distill, needle):
         validate_config(tiny_raw(distill=distill))
 
 
-def test_distill_length_must_hold_the_warmup():
-    cfg = tiny_config(optim={"warmup_epochs": 2}, distill={"epochs": 1})
+def test_distill_length_must_hold_the_warmup_when_the_config_loads():
     with pytest.raises(ConfigError, match="optim.warmup_epochs = 2 exceeds distill.epochs = 1"):
-        distill_config(cfg)  # the stage's first call, before any file is read
+        tiny_config(optim={"warmup_epochs": 2}, distill={"epochs": 1})
     with pytest.raises(ConfigError, match="distill.momentum_ema = 0.999 exceeds"):
-        distill_config(tiny_config(teacher={"final_momentum_teacher": 0.995}, distill={"momentum_ema": 0.999}))
+        tiny_config(teacher={"final_momentum_teacher": 0.995}, distill={"momentum_ema": 0.999})
 
 
-def test_derived_config_is_the_papers_recipe():
+def test_the_phases_follow_the_papers_recipe(teacher_export, tmp_path):
     cfg = tiny_config(model={"drop_path_rate": 0.3}, distill={"students": ["vit_test", "vit_tiny"], "base_lr": 0.01})
-    d = distill_config(cfg)
+    source = exports.resolve_source(str(teacher_export / "backbone.pth"), cfg.model)
+    fit, d = (p.plan for p in distill_phases(cfg, source, tmp_path, tmp_path / "out", world=1))
     assert d.model.drop_path_rate == 0.0  # no stochastic depth
     assert d.ibot.mask_sample_probability == 0.0  # no masking
-    assert d.teacher.warmup_teacher_temp_epochs == 0  # a trained teacher: its final temperature from the start
-    assert d.teacher.momentum_teacher == cfg.distill.momentum_ema  # the spare EMA's schedule
-    assert d.optim.epochs == cfg.distill.epochs and d.optim.base_lr == 0.01
+    assert d.schedule.teacher_temp_warmup_steps == 0  # a trained teacher: its final temperature from the start
+    assert d.schedule.warmup_teacher_temp == d.schedule.teacher_temp == cfg.teacher.teacher_temp
+    assert d.schedule.momentum == cfg.distill.momentum_ema  # the spare EMA's schedule
+    assert d.schedule.total_steps == cfg.distill.epochs * cfg.optim.epoch_length and d.schedule.base_lr == 0.01
     assert d.optim.clip_grad == pytest.approx(cfg.optim.clip_grad * 2**0.5)  # the joint norm of 2 students
-    h = head_fit_config(cfg, cfg.model.model_copy(update={"arch": "vit_tiny"}))
-    assert h.model.arch == "vit_tiny" and h.model.drop_path_rate == 0.0
-    assert h.optim.epochs * h.optim.epoch_length == cfg.distill.head_fit_iterations
-    assert h.ibot.mask_sample_probability == cfg.ibot.mask_sample_probability  # the pretraining losses, masked
+    assert d.students == ("vit_test", "vit_tiny") and d.teacher_model.arch == "vit_test"
+    assert d.weights.kind == "phase" and d.weights.source == "head_fit"  # the fitted heads are its teacher
+    assert fit.phase == "head_fit" and fit.model.drop_path_rate == 0.0
+    assert fit.schedule.total_steps == cfg.distill.head_fit_iterations and fit.schedule.freeze_last_layer_steps == 0
+    assert fit.ibot.mask_sample_probability == cfg.ibot.mask_sample_probability  # the pretraining losses, masked
+    assert fit.frozen == ("student.backbone.", "teacher.backbone.")
+    (only,) = distill_phases(cfg, exports.resolve_source(str(teacher_export), cfg.model), tmp_path, tmp_path, 1)
+    assert only.plan.weights.kind == "export"  # an export with heads: no head fit
 
 
 # -- the meta-architecture -------------------------------------------------------------------------------------------
@@ -117,12 +127,11 @@ def test_two_students_call_the_teacher_once_per_batch(teacher_export, curated):
     module.teacher.backbone.register_forward_hook(lambda *_: calls.append(1))
     teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     students_before = {k: v.clone() for k, v in module.students.state_dict().items()}
-    engine = TrainEngine(module, EngineSettings.from_config(distill_config(cfg)))
-    d = distill_config(cfg)
+    engine = _engine(module, cfg)
     rows: list[dict] = []
     steps = 2
     train(
-        engine, _batches(d, curated), schedules_from_config(d, engine.global_batch_size), LoopState(),
+        engine, _batches(module.plan, curated), module.plan.schedules(), LoopState(),
         LoopSettings(total_steps=steps, log_period=1, checkpoint_period=100, max_nonfinite_steps=2),
         save_checkpoint=lambda s: None, log_metrics=lambda row, step: rows.append(row),
     )  # fmt: skip
@@ -148,12 +157,9 @@ def test_each_student_trains_exactly_as_it_would_alone(teacher_export, curated):
     single.load_state_dict(
         {k: v for k, v in pair.state_dict().items() if ".vit_tiny." not in k}, strict=True
     )  # same teacher, same vit_test weights
-    d = distill_config(both)
-    batch = next(_batches(d, curated))
-    values = schedules_from_config(d, 8).at(5)
-    engines = [
-        TrainEngine(m, EngineSettings.from_config(distill_config(c))) for m, c in ((pair, both), (single, alone))
-    ]
+    batch = next(_batches(pair.plan, curated))
+    values = pair.plan.schedules().at(5)
+    engines = [_engine(m, c) for m, c in ((pair, both), (single, alone))]
     outs = [e.train_step([batch], values) for e in engines]
     assert float(outs[0].terms["vit_test.loss"]) == pytest.approx(float(outs[1].terms["vit_test.loss"]), rel=1e-6)
     a = engines[0].module.students["vit_test"].state_dict()
@@ -178,7 +184,7 @@ def test_export_writes_each_students_ema_in_the_official_layout(teacher_export, 
         assert desc["arch"] == name and desc["role"] == "student" and desc["iterations"] == 7
         teacher = desc["provenance"]["teacher"]
         assert teacher["heads"] == "exported" and len(teacher["sha256"]) == 64
-        geometry = distill_config(cfg).model.model_copy(update={"arch": name})
+        geometry = module.plan.model.model_copy(update={"arch": name})
         loaded = load_official_weights(backbone_from_config(geometry), folder / "backbone.pth")
         assert torch.equal(loaded.cls_token, module.students_ema[name].backbone.cls_token)
         heads = torch.load(folder / "heads.pth", weights_only=True)  # the release's layout
@@ -197,10 +203,11 @@ def test_teacher_heads_must_fit_the_heads_sections(teacher_export):
         _module(tiny_config(), teacher_export)  # exported separate, configured tied
 
 
-def test_students_must_share_the_teachers_patch_grid(teacher_export):
+def test_students_must_share_the_teachers_patch_grid(teacher_export, tmp_path):
     cfg = tiny_config(ibot=SEPARATE, model={"patch_size": 7})
-    with pytest.raises(ValueError, match="model.patch_size = 7"):
-        _module(cfg, teacher_export)
+    source = exports.resolve_source(str(teacher_export), tiny_config().model)
+    with pytest.raises(ConfigError, match="model.patch_size = 7"):
+        distill_phases(cfg, source, tmp_path, tmp_path, world=1)
 
 
 # -- teachers without heads ------------------------------------------------------------------------------------------
@@ -208,27 +215,28 @@ def test_students_must_share_the_teachers_patch_grid(teacher_export):
 
 def test_head_fit_trains_only_the_heads_and_learns(teacher_export, curated, tmp_path):
     cfg = tiny_config(distill={"head_fit_iterations": 24, "head_fit_base_lr": 0.5}, train={"log_period": 4})
-    source = resolve_teacher(
-        tiny_config(distill={"teacher_weights": str(teacher_export / "backbone.pth")}), "", download_dir=tmp_path
-    )
+    source = exports.resolve_source(str(teacher_export / "backbone.pth"), cfg.model)
     assert source.heads is None
-    export, history = fit_teacher_heads(cfg, source, curated=str(curated), workdir=tmp_path / "heads",
-                                        log_metrics=lambda row, step: None)  # fmt: skip
-    first, last = history[0], history[-1]
+    fit, _ = distill_phases(cfg, source, tmp_path / "ck", tmp_path / "out", world=1)
+    done = run_phase(fit, train=cfg.train, curated=str(curated), log_metrics=lambda row, step: None)
+    first, last = done.result.history[0], done.result.history[-1]
     assert last["dino_loss"] < first["dino_loss"] - 0.05, (first, last)  # the heads learn the frozen features
-    state = torch.load(sorted((tmp_path / "heads").glob("step_*"))[-1] / "state.pt", weights_only=True)["model"]
+    (final,) = (tmp_path / "ck" / "head_fit" / done.fingerprint).glob("step_00000024")
+    state = torch.load(final / "state.pt", weights_only=True)["model"]
     official = torch.load(teacher_export / "backbone.pth", weights_only=True)
     assert torch.equal(state["teacher.backbone.cls_token"], official["cls_token"])  # backbone never moves
     assert torch.equal(state["student.backbone.cls_token"], official["cls_token"])
-    assert {p.name for p in export.iterdir()} >= {"backbone.pth", "heads.pth", "model.json"}
-    module = DistillMetaArch(distill_config(cfg), source.model)
-    module.load_teacher(export / "backbone.pth", export / "heads.pth")  # the fitted heads serve as targets
+    assert {p.name for p in fit.out.iterdir()} >= {"backbone.pth", "heads.pth", "model.json"}
+    plan = distill_plan(cfg, world_size=1, teacher=source.model, weights=WeightsPlan("phase", "head_fit", "x"))
+    DistillMetaArch(plan).initial_state(str(fit.out))  # the fitted heads serve as targets
 
 
 def test_head_fit_module_freezes_the_backbone():
-    cfg = head_fit_config(tiny_config(), tiny_config().model)
-    module = TeacherHeadFit(cfg)
+    cfg = tiny_config()
+    plan = head_fit_plan(cfg, stage="distill", world_size=1, model=cfg.model, weights=WeightsPlan("random"))
+    module = SSLMetaArch(plan)
     groups = module.optim_param_groups(layerwise_decay=0.9, patch_embed_lr_mult=0.2)
     optimised = {id(p) for g in groups for p in g["params"]}
     assert optimised == {id(p) for p in module.student.dino_head.parameters()}
     assert [t for _, t in module.ema_pairs()] == [module.teacher.dino_head]
+    assert module.checkpointed_blocks() == ()

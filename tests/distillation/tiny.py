@@ -33,3 +33,11 @@ def tiny_raw(**sections: dict[str, Any]) -> dict[str, Any]:
 
 def tiny_config(**sections: dict[str, Any]) -> PipelineConfig:
     return validate_config(tiny_raw(**sections))
+
+
+def pretrain_module(cfg: PipelineConfig) -> Any:
+    """`SSLMetaArch` of the pretrain phase's plan of `cfg` on one rank."""
+    from components.training.meta_arch import SSLMetaArch
+    from components.training.plan import pretrain_plan
+
+    return SSLMetaArch(pretrain_plan(cfg, world_size=1))

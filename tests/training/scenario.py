@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from components.config import PipelineConfig, load_config, validate_config
-from components.model import schedules_from_config
-from components.training.checkpoint import CheckpointManager, LoopState, config_fingerprint
+from components.training.checkpoint import CheckpointManager, LoopState
 from components.training.data import build_loader, read_manifest_uris
 from components.training.engine import EngineSettings, TrainEngine, all_reduce_mean, init_distributed
 from components.training.loop import LoopSettings, NonFiniteError, train
 from components.training.meta_arch import SSLMetaArch
+from components.training.plan import PhasePlan, pretrain_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_BATCH = 8
@@ -50,9 +50,23 @@ def tiny_config(zero_stage: int, batch: int, precision: str = "fp32") -> Pipelin
     return validate_config(raw)
 
 
+def plan_of(cfg: PipelineConfig) -> PhasePlan:
+    """The pretrain plan at this process's world size (the per-rank batch is the config's)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return pretrain_plan(cfg, world_size=world)
+
+
 def build(cfg: PipelineConfig, state: dict | None = None) -> TrainEngine:
     torch.manual_seed(cfg.seed)
-    return TrainEngine(SSLMetaArch(cfg), EngineSettings.from_config(cfg), initial_state=state)
+    plan = plan_of(cfg)
+    return TrainEngine(SSLMetaArch(plan), EngineSettings.from_plan(plan, cfg.train), initial_state=state)
+
+
+def loader(engine: TrainEngine, manifest: str, start: int = 0, rank: int | None = None, world: int | None = None):
+    uris = read_manifest_uris(manifest)
+    rank, world = (engine.rank, engine.world_size) if rank is None else (rank, world)
+    plan = engine.module.plan
+    return iter(build_loader(uris=uris, plan=plan, rank=rank, world_size=world, start_position=start, num_workers=0))
 
 
 def equal_states(a: dict, b: dict) -> bool:
@@ -61,13 +75,12 @@ def equal_states(a: dict, b: dict) -> bool:
 
 def run_steps(engine: TrainEngine, cfg: PipelineConfig, manifest: str, nan_step: int, nan_rank: int) -> dict:
     """STEPS normal steps (losses recorded), then one step with a NaN input on `nan_rank`."""
-    loader = iter(build_loader(uris=read_manifest_uris(manifest), cfg=cfg, rank=engine.rank,
-                               world_size=engine.world_size, start_position=0))  # fmt: skip
-    schedules = schedules_from_config(cfg, GLOBAL_BATCH)
+    batches = loader(engine, manifest)
+    schedules = engine.module.plan.schedules()
     result: dict = {"losses": [], "grad_norms": [], "ema_error": 0.0}
     previous = engine.full_model_state()
     for step in range(STEPS + 1):
-        batch = next(loader)
+        batch = next(batches)
         if step == nan_step:
             if engine.rank == nan_rank:
                 batch["collated_global_crops"][0, 0, 0, 0] = float("nan")
@@ -110,7 +123,7 @@ def ema_error(before: dict, after: dict, values: dict) -> float:
 
 def save(engine: TrainEngine, cfg: PipelineConfig, state: tuple, out: Path) -> None:
     if engine.rank == 0:
-        manager = CheckpointManager(out / "ckpt", keep_last=2, fingerprint=config_fingerprint(cfg))
+        manager = CheckpointManager(out / "ckpt", keep_last=2, fingerprint="scenario")
         loop = {"step": STEPS, "samples_seen": STEPS * GLOBAL_BATCH, "skipped_steps": 0, "nonfinite_in_a_row": 0,
                 "decode_failures": 0}  # fmt: skip
         manager.save({"model": state[0], "optimizer": state[1], "loop": loop, "rng": [], "history": []}, STEPS)
@@ -118,20 +131,20 @@ def save(engine: TrainEngine, cfg: PipelineConfig, state: tuple, out: Path) -> N
 
 def guard_stops(engine: TrainEngine, cfg: PipelineConfig, manifest: str, out: Path) -> dict:
     """Non-finite steps in a row stop the loop with NonFiniteError; the checkpoint on disk stays the newest."""
-    loader = iter(build_loader(uris=read_manifest_uris(manifest), cfg=cfg, rank=0, world_size=1, start_position=0))
+    batches = loader(engine, manifest, rank=0, world=1)
 
     def poisoned():
         while True:
-            batch = next(loader)
+            batch = next(batches)
             batch["collated_local_crops"][:] = float("inf")
             yield batch
 
-    manager = CheckpointManager(out / "ckpt", keep_last=2, fingerprint=config_fingerprint(cfg))
+    manager = CheckpointManager(out / "ckpt", keep_last=2, fingerprint="scenario")
     before = manager.latest()
     settings = LoopSettings(total_steps=10, log_period=1, checkpoint_period=1, max_nonfinite_steps=2)
     try:
         train(
-            engine, poisoned(), schedules_from_config(cfg, GLOBAL_BATCH), LoopState(step=STEPS), settings,
+            engine, poisoned(), engine.module.plan.schedules(), LoopState(step=STEPS), settings,
             save_checkpoint=lambda s: manager.save({"loop": vars(s)}, s.step), log_metrics=lambda r, s: None,
         )  # fmt: skip
     except NonFiniteError as err:
@@ -162,9 +175,8 @@ def main() -> int:
         saved = CheckpointManager.load(CheckpointManager(args.load, keep_last=1, fingerprint="").complete()[-1][1])
         loaded = build(cfg, state=saved)
         model, opt = loaded.full_model_state(), loaded.full_optimizer_state()
-        batches = build_loader(uris=read_manifest_uris(args.manifest), cfg=cfg, rank=loaded.rank,
-                               world_size=loaded.world_size, start_position=STEPS * GLOBAL_BATCH)  # fmt: skip
-        step = loaded.train_step([next(iter(batches))], schedules_from_config(cfg, GLOBAL_BATCH).at(STEPS))
+        batches = loader(loaded, args.manifest, start=STEPS * GLOBAL_BATCH)
+        step = loaded.train_step([next(batches)], loaded.module.plan.schedules().at(STEPS))
         result["loaded_then_trains"] = not step.skipped and math.isfinite(step.grad_norm)
         if engine.rank == 0:
             result["loaded_model_equal"] = equal_states(model, saved["model"])

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from components.training.distill import DistillMetaArch, distill_config, resolve_teacher
-from components.training.meta_arch import SSLMetaArch
-from tests.distillation.tiny import tiny_config
+from components import exports
+from components.training.distill import DistillMetaArch
+from components.training.plan import WeightsPlan, distill_plan
+from tests.distillation.tiny import pretrain_module, tiny_config
 
 
 def release_training_checkpoint(path, cfg) -> dict:
     """What the release's checkpointer saves: {"model": SSLMetaArch's state dict, "optimizer", "iteration"}, with
     the networks under `student.` / `teacher.` and the centres as `dino_loss.center`, `ibot_patch_loss.center`."""
     torch.manual_seed(7)
-    source = SSLMetaArch(cfg)
+    source = pretrain_module(cfg)
     with torch.no_grad():
         for p in source.teacher.parameters():
             p.add_(torch.randn_like(p))  # a teacher unlike the student, to see which one is read
@@ -28,10 +29,8 @@ def release_training_checkpoint(path, cfg) -> dict:
 def test_continued_pretraining_starts_from_a_release_checkpoints_teacher(tmp_path):
     cfg = tiny_config(ibot={"separate_head": True}, teacher={"centering": "softmax"})
     teacher = release_training_checkpoint(tmp_path / "model_0000999.rank_0.pth", cfg)
-    module = SSLMetaArch(tiny_config(
-        ibot={"separate_head": True}, teacher={"centering": "softmax"},
-        model={"pretrained_weights": str(tmp_path / "model_0000999.rank_0.pth")},
-    ))  # fmt: skip
+    module = pretrain_module(cfg)
+    module.initial_state(str(tmp_path / "model_0000999.rank_0.pth"))
     for net in (module.student, module.teacher):  # both start as the release's teacher, heads included
         assert all(torch.equal(v, teacher[k]) for k, v in net.state_dict().items())
     assert torch.equal(module.dino_loss.center, torch.full_like(module.dino_loss.center, 0.25))
@@ -42,9 +41,9 @@ def test_distillation_takes_a_release_checkpoints_teacher_heads(tmp_path):
     cfg = tiny_config(ibot={"separate_head": True})
     path = tmp_path / "teacher_checkpoint.pth"
     teacher = release_training_checkpoint(path, cfg)
-    dcfg = tiny_config(ibot={"separate_head": True}, distill={"teacher_weights": str(path)})
-    source = resolve_teacher(dcfg, "", download_dir=tmp_path)
-    assert source.heads == path  # no head fit: the checkpoint has the teacher's heads
-    module = DistillMetaArch(distill_config(dcfg), source.model)
-    module.load_teacher(source.weights, source.heads)
+    source = exports.resolve_source(str(path), cfg.model)
+    assert source.heads == str(path)  # no head fit: the checkpoint has the teacher's heads
+    plan = distill_plan(cfg, world_size=1, teacher=source.model, weights=WeightsPlan("file", str(path), source.digest))
+    module = DistillMetaArch(plan)
+    module.initial_state(source.location)
     assert all(torch.equal(v, teacher[k]) for k, v in module.teacher.state_dict().items())

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from components.config import load_config, validate_config
-from components.training import run as run_module
+from components.training import trainer as trainer_module
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -39,7 +39,8 @@ def _pretrain(cfg, curated: Path, work: Path, stage: str = "pretrain") -> dict:
         run_pretrain(cfg, **paths)
     else:
         run_pretrain_highres(cfg, pretrained=str(work / "pretrain" / "out"), **paths)
-    (final,) = [p for p in (work / stage / "ck").iterdir() if p.name == f"step_{_steps(cfg, stage):08d}"]
+    finals = (work / stage / "ck").glob(f"*/*/step_{_steps(cfg, stage):08d}")  # <phase>/<fingerprint>/step_N
+    final = max(finals, key=lambda p: (p / "state.pt").stat().st_mtime_ns)
     return {
         "meta": json.loads((final / "meta.json").read_text()),
         "mtime": (final / "state.pt").stat().st_mtime_ns,
@@ -81,24 +82,26 @@ def test_a_finished_run_is_redone_when_its_data_weights_or_code_change(
     # Other code, same fingerprint: the finished run is set aside and trained afresh (its checkpoints replaced).
     before = _pretrain(cfg, other, tmp_path)
     assert before["mtime"] == moved["mtime"]  # reused while the code is the same
-    monkeypatch.setattr(run_module, "code_digest", lambda: "0" * 16)
-    with caplog.at_level("INFO", logger="dinov2.training.run"):
+    monkeypatch.setattr(trainer_module, "code_digest", lambda: "0" * 16)
+    with caplog.at_level("INFO", logger="dinov2.training.trainer"):
         redone = _pretrain(cfg, other, tmp_path)
     assert "finished this run with other code" in caplog.text
     assert redone["meta"]["code"] == "0" * 16 and redone["meta"]["fingerprint"] == moved["meta"]["fingerprint"]
     assert redone["mtime"] != moved["mtime"]
     assert _same(redone["weights"], moved["weights"])  # the same inputs and code paths: the same weights
-    metas = [json.loads((p / "meta.json").read_text()) for p in sorted((tmp_path / "pretrain" / "ck").iterdir())]
+    folder = tmp_path / "pretrain" / "ck" / "pretrain" / moved["meta"]["fingerprint"]
+    metas = [json.loads((p / "meta.json").read_text()) for p in sorted(folder.iterdir())]
     assert {m["code"] for m in metas} == {"0" * 16}  # the old code's checkpoints are gone
 
 
 def test_an_unfinished_run_resumes_across_a_code_change(curated, tmp_path, monkeypatch, caplog, in_process_training):
     monkeypatch.setenv("DINOV2_TRACKING", "off")
     cfg = _config()
-    _pretrain(cfg, curated, tmp_path)
-    (tmp_path / "pretrain" / "ck" / f"step_{STEPS:08d}").rename(tmp_path / "pretrain" / "ck" / "crashed")
-    monkeypatch.setattr(run_module, "code_digest", lambda: "1" * 16)
-    with caplog.at_level("INFO", logger="dinov2.training.run"):
+    first = _pretrain(cfg, curated, tmp_path)
+    folder = tmp_path / "pretrain" / "ck" / "pretrain" / first["meta"]["fingerprint"]
+    (folder / f"step_{STEPS:08d}").rename(folder / "crashed")
+    monkeypatch.setattr(trainer_module, "code_digest", lambda: "1" * 16)
+    with caplog.at_level("INFO", logger="dinov2.training.trainer"):
         done = _pretrain(cfg, curated, tmp_path)
     assert "resuming with this code" in caplog.text and "resuming from" in caplog.text
     assert done["meta"]["code"] == "1" * 16

@@ -1,5 +1,5 @@
-"""Pure pieces of training: the derived high-resolution config, DeepSpeed configs, the positional stream and its
-rank-invariant masks, undecodable images, and the checkpoint folder."""
+"""Pure pieces of training: DeepSpeed configs, the positional stream and its rank-invariant masks, undecodable images,
+the checkpoint folder and the manifest digest. (The phases' plans: test_plan.py.)"""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.config import ConfigError, load_config, validate_config
-from components.training.checkpoint import CheckpointManager, code_digest, config_fingerprint
+from components.config import load_config
+from components.training.checkpoint import CheckpointManager, code_digest
 from components.training.data import MultiCropDataset, PlannedMaskCollate, SampleRef, StreamPlan, manifest_digest
 from components.training.engine import EngineSettings, deepspeed_config
-from components.training.run import derived_values, highres_config
+from components.training.plan import pretrain_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,27 +23,10 @@ def cfg():
     return load_config(ROOT / "params.yaml")
 
 
-def test_highres_config_compresses_the_schedules(cfg):
-    h = highres_config(cfg)
-    assert h.crops.global_crops_size == cfg.highres.global_crops_size
-    assert h.train.batch_size_per_gpu == cfg.highres.batch_size_per_gpu
-    assert h.optim.epochs * h.optim.epoch_length == cfg.highres.iterations
-    assert h.optim.warmup_epochs == cfg.highres.warmup_iterations and h.optim.freeze_last_layer_epochs == 0
-    assert h.optim.weight_decay == h.optim.weight_decay_end == cfg.optim.weight_decay_end
-    assert h.teacher.momentum_teacher == cfg.highres.momentum_teacher and h.teacher.warmup_teacher_temp_epochs == 0
-    assert derived_values(h, 1)["total_iterations"] == cfg.highres.iterations
-
-
-def test_highres_crop_sizes_are_checked_at_load(cfg):
-    raw = cfg.model_dump(mode="json")
-    raw["highres"]["global_crops_size"] = 500
-    with pytest.raises(ConfigError, match="highres.global_crops_size = 500"):
-        validate_config(raw)
-
-
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_config_fills_the_templates(cfg, stage):
-    settings = EngineSettings.from_config(cfg, zero_stage=stage, grad_accum_steps=2, precision="bf16")
+    settings = EngineSettings.from_plan(pretrain_plan(cfg, world_size=4), cfg.train, zero_stage=stage,
+                                        grad_accum_steps=2, precision="bf16")  # fmt: skip
     ds = deepspeed_config(settings, world_size=4)
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["train_batch_size"] == cfg.train.batch_size_per_gpu * 2 * 4
@@ -110,14 +93,9 @@ def test_superseded_checkpoints_are_skipped_then_replaced(tmp_path):
     assert new.latest() == tmp_path / "step_00000002"
 
 
-def test_fingerprint_inputs_and_digests(tmp_path):
+def test_manifest_and_code_digests(tmp_path):
     import pandas as pd
 
-    cfg = load_config(ROOT / "params.yaml")
-    assert config_fingerprint(cfg) == config_fingerprint(cfg, {}) == config_fingerprint(cfg, None)
-    fp = config_fingerprint(cfg, {"curated": "x"})
-    assert fp != config_fingerprint(cfg) and fp != config_fingerprint(cfg, {"curated": "y"})
-    assert fp == config_fingerprint(cfg, {"curated": "x"})
     frame = pd.DataFrame({"uri": ["a.jpg", "b.jpg"], "sha256": ["1", "2"], "label": ["p", "q"]})
     digests = []
     for name, f in [
@@ -164,8 +142,8 @@ def test_activation_checkpointing_keeps_keys_loss_and_gradients():
 
 
 def test_precision_device_and_threads_resolve_as_documented(monkeypatch):
+    from components.runtime import cpu_threads
     from components.training.engine import resolve_precision
-    from components.training.run import cpu_threads
 
     assert resolve_precision("auto", "cuda") == "bf16" and resolve_precision("auto", "cpu") == "fp32"
     monkeypatch.setattr("os.cpu_count", lambda: 2)
@@ -175,7 +153,8 @@ def test_precision_device_and_threads_resolve_as_documented(monkeypatch):
 
 
 def test_deepspeed_config_without_templates_uses_deepspeed_defaults(cfg, tmp_path):
-    settings = EngineSettings.from_config(cfg, zero_stage=2, config_dir=tmp_path)  # an installed package: no infra/
+    plan = pretrain_plan(cfg, world_size=2)
+    settings = EngineSettings.from_plan(plan, cfg.train, zero_stage=2, config_dir=tmp_path)  # installed: no infra/
     ds = deepspeed_config(settings, world_size=2)
     assert ds["zero_optimization"] == {"stage": 2}
     assert ds["train_batch_size"] == cfg.train.batch_size_per_gpu * 2

@@ -1,0 +1,40 @@
+"""Where code runs: the device a `device` setting picks, and the CPU threads a process may use.
+
+One copy for every stage: training (`train.device`, `train.cpu_threads`), embedding (`embed.device`) and evaluation
+(`evaluate.device`) resolve their settings here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def resolve_device(choice: str, *, key: str = "device") -> str:
+    """`auto` -> `cuda` when a GPU is visible, else `cpu`; an explicit `cuda` without a GPU is an error naming `key`."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{key} = cuda but no CUDA device is visible")
+    return choice
+
+
+def local_device(choice: str, *, key: str = "device") -> torch.device:
+    """`resolve_device` as a `torch.device`, on this process's GPU (`LOCAL_RANK`) under a launcher."""
+    device = resolve_device(choice, key=key)
+    if device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def cpu_threads(configured: int, num_workers: int) -> int:
+    """Intra-op threads of a CPU process: as configured, else the cores per local rank minus its data workers.
+
+    Oversubscribed cores hurt small models badly (PyTorch's thread pool waits on busy cores: a ViT-tiny step ran 20x
+    slower with 2 threads than with 1 on a loaded 2-core machine), so the default never oversubscribes.
+    """
+    if configured:
+        return configured
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 1) // local_ranks - num_workers)

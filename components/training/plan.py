@@ -1,0 +1,284 @@
+"""What a training phase computes, decided once: a frozen plan, a pure function of the config and the phase's inputs.
+
+A training stage runs one or more phases, one after the other, each resumable on its own:
+
+    pretrain          pretrain
+    pretrain_highres  highres (from the pretrain export)
+    distill           head_fit (a teacher without heads: its heads fitted on its frozen backbone), then distill
+
+Each phase's plan holds every value the run derives: the networks (presets and geometry), the crops, the global
+batch and how it is split over ranks, the batch-scaled learning rate, every schedule length in steps, what trains
+and what stays frozen, and where the weights come from. params.yaml keys keep one meaning each: the high-resolution
+phase's length is `highres.iterations` steps, not an `optim.epochs` of one-step epochs, and the students' EMA
+momentum is `distill.momentum_ema`, not `teacher.momentum_teacher`. The plan is logged to MLflow and saved as
+`plan.yaml` beside `config.yaml`; its fingerprint (every value except how the global batch is split over ranks and
+accumulation steps) names the phase's checkpoints, so a run resumes on any number of GPUs with the same global batch.
+
+Run mechanics (ZeRO stage, precision, device, workers, periods, compile) stay in `train` and are not part of a plan:
+they change how a run goes, not what it computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from components.config import (
+    CropsConfig,
+    DinoConfig,
+    IbotConfig,
+    ModelConfig,
+    PipelineConfig,
+    TeacherConfig,
+    flatten,
+    scaled_lr,
+)
+from components.model.schedules import TrainingSchedules, build_schedules
+
+PhaseName = Literal["pretrain", "highres", "head_fit", "distill"]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The global batch and its split: images per rank per micro-batch x accumulation steps x ranks."""
+
+    per_rank: int
+    grad_accum_steps: int
+    world_size: int
+
+    @property
+    def global_size(self) -> int:
+        """Images per optimizer step over all ranks."""
+        return self.per_rank * self.grad_accum_steps * self.world_size
+
+
+@dataclass(frozen=True)
+class SchedulePlan:
+    """The release's schedules, every length in optimizer steps (`components.model.build_schedules`)."""
+
+    total_steps: int
+    warmup_steps: int
+    """Linear learning-rate warm-up from 0."""
+    base_lr: float
+    """The configured rate for a global batch of 1024."""
+    lr: float
+    """`base_lr` scaled to the global batch (`scaling_rule`); the peak of the cosine."""
+    min_lr: float
+    weight_decay: float
+    weight_decay_end: float
+    momentum: float
+    """EMA momentum at the first step (cosine to `final_momentum`)."""
+    final_momentum: float
+    warmup_teacher_temp: float
+    teacher_temp: float
+    teacher_temp_warmup_steps: int
+    freeze_last_layer_steps: int
+    """Steps during which the heads' prototypes (directions and norms) stay put."""
+
+
+@dataclass(frozen=True)
+class OptimPlan:
+    """The optimizer's fixed settings."""
+
+    clip_grad: float
+    betas: tuple[float, float]
+    layerwise_decay: float
+    patch_embed_lr_mult: float
+
+
+@dataclass(frozen=True)
+class WeightsPlan:
+    """Where a phase's weights come from, and their identity (part of the fingerprint)."""
+
+    kind: Literal["random", "file", "export", "phase"]
+    """A seeded random init; a weight file (a released backbone or training checkpoint); an export folder; or the
+    export of an earlier phase of the same stage (`source` names the phase)."""
+    source: str | None = None
+    digest: str | None = None
+    """sha256 of the files (`file`, `export`), the earlier phase's fingerprint (`phase`), None for `random`."""
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """Everything one training phase computes (see the module docstring)."""
+
+    stage: str
+    phase: PhaseName
+    seed: int
+    model: ModelConfig
+    """The trained network's backbone (the students' geometry for `distill`, the teacher's for `head_fit`)."""
+    dino: DinoConfig
+    ibot: IbotConfig
+    teacher: TeacherConfig
+    """Centring of the targets (the momentum and temperatures are in `schedule`)."""
+    crops: CropsConfig
+    batch: BatchPlan
+    schedule: SchedulePlan
+    optim: OptimPlan
+    weights: WeightsPlan
+    frozen: tuple[str, ...] = ()
+    """Parameter-name prefixes of the trained module that never train (e.g. `student.backbone.` for `head_fit`)."""
+    students: tuple[str, ...] = ()
+    """`distill`: the student presets (geometry of `model`)."""
+    teacher_model: ModelConfig | None = None
+    """`distill`: the frozen teacher's backbone."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain data (what plan.yaml and MLflow hold), with the global batch spelled out."""
+        out = {k: _plain(v) for k, v in asdict(self).items()}
+        for key in ("model", "dino", "ibot", "teacher", "crops", "teacher_model"):
+            value = getattr(self, key)
+            out[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        out["batch"]["global_size"] = self.batch.global_size
+        return out
+
+    def schedules(self) -> TrainingSchedules:
+        """The per-step schedules of this phase."""
+        values = asdict(self.schedule)
+        del values["base_lr"]  # `lr` is the scaled one
+        return build_schedules(**values)
+
+    def fingerprint_items(self) -> dict[str, Any]:
+        """What a checkpoint of this phase depends on: the plan without the split of its global batch."""
+        items = flatten(self.to_dict())
+        for key in ("batch.per_rank", "batch.grad_accum_steps", "batch.world_size", "weights.source"):
+            del items[key]
+        return items
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def fingerprint(items: dict[str, Any], inputs: dict[str, str] | None = None) -> str:
+    """A short hash of a plan's fingerprint items and the digests of what the run reads (the curated set, ...)."""
+    blob = json.dumps({"plan": items, "inputs": dict(inputs or {})}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The phases
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _batch(cfg: PipelineConfig, world_size: int, per_rank: int | None = None) -> BatchPlan:
+    return BatchPlan(per_rank or cfg.train.batch_size_per_gpu, cfg.train.grad_accum_steps, world_size)
+
+
+def _optim(cfg: PipelineConfig, clip_grad: float | None = None) -> OptimPlan:
+    o = cfg.optim
+    return OptimPlan(
+        clip_grad=o.clip_grad if clip_grad is None else clip_grad,
+        betas=(o.adamw_beta1, o.adamw_beta2),
+        layerwise_decay=o.layerwise_decay,
+        patch_embed_lr_mult=o.patch_embed_lr_mult,
+    )
+
+
+def _schedule(cfg: PipelineConfig, batch: BatchPlan, **values: Any) -> SchedulePlan:
+    """The pretraining recipe in steps (`optim` and `teacher` epochs times `optim.epoch_length`), then `values`."""
+    o, t, n = cfg.optim, cfg.teacher, cfg.optim.epoch_length
+    base = {
+        "total_steps": o.epochs * n,
+        "warmup_steps": o.warmup_epochs * n,
+        "base_lr": o.base_lr,
+        "min_lr": o.min_lr,
+        "weight_decay": o.weight_decay,
+        "weight_decay_end": o.weight_decay_end,
+        "momentum": t.momentum_teacher,
+        "final_momentum": t.final_momentum_teacher,
+        "warmup_teacher_temp": t.warmup_teacher_temp,
+        "teacher_temp": t.teacher_temp,
+        "teacher_temp_warmup_steps": t.warmup_teacher_temp_epochs * n,
+        "freeze_last_layer_steps": o.freeze_last_layer_epochs * n,
+    } | values
+    base["lr"] = scaled_lr(base["base_lr"], batch.global_size, o.scaling_rule)
+    return SchedulePlan(**base)
+
+
+def pretrain_plan(cfg: PipelineConfig, *, world_size: int, weights: WeightsPlan | None = None) -> PhasePlan:
+    """The DINOv2 recipe as params.yaml states it: `optim` / `teacher` epochs of `optim.epoch_length` steps."""
+    batch = _batch(cfg, world_size)
+    return PhasePlan(
+        stage="pretrain", phase="pretrain", seed=cfg.seed,
+        model=cfg.model.model_copy(update={"pretrained_weights": None}),
+        dino=cfg.dino, ibot=cfg.ibot, teacher=cfg.teacher, crops=cfg.crops, batch=batch,
+        schedule=_schedule(cfg, batch), optim=_optim(cfg), weights=weights or WeightsPlan("random"),
+    )  # fmt: skip
+
+
+def highres_plan(cfg: PipelineConfig, *, world_size: int, weights: WeightsPlan) -> PhasePlan:
+    """The high-resolution phase (paper, appendix B.2) from the pretrain export: `highres.iterations` steps at the
+    `highres` crop sizes and batch, lr warm-up over `highres.warmup_iterations` to `highres.base_lr` (batch-scaled),
+    weight decay held at `optim.weight_decay_end`, EMA momentum from `highres.momentum_teacher`, the final teacher
+    temperature throughout, no prototype freeze."""
+    h, t = cfg.highres, cfg.teacher
+    batch = _batch(cfg, world_size, per_rank=h.batch_size_per_gpu)
+    crops = cfg.crops.model_copy(
+        update={"global_crops_size": h.global_crops_size, "local_crops_size": h.local_crops_size}
+    )
+    schedule = _schedule(
+        cfg, batch, total_steps=h.iterations, warmup_steps=h.warmup_iterations, base_lr=h.base_lr,
+        weight_decay=cfg.optim.weight_decay_end, momentum=h.momentum_teacher, warmup_teacher_temp=t.teacher_temp,
+        teacher_temp_warmup_steps=0, freeze_last_layer_steps=0,
+    )  # fmt: skip
+    return PhasePlan(
+        stage="pretrain_highres", phase="highres", seed=cfg.seed,
+        model=cfg.model.model_copy(update={"pretrained_weights": None}), dino=cfg.dino, ibot=cfg.ibot,
+        teacher=t, crops=crops, batch=batch, schedule=schedule, optim=_optim(cfg), weights=weights,
+    )  # fmt: skip
+
+
+def head_fit_plan(
+    cfg: PipelineConfig, *, stage: str, world_size: int, model: ModelConfig, weights: WeightsPlan
+) -> PhasePlan:
+    """Heads fitted on a frozen backbone with the pretraining losses: `distill.head_fit_iterations` steps, lr
+    warm-up over the first tenth to `distill.head_fit_base_lr` (batch-scaled), the final teacher temperature from
+    the first step (the features are trained), no prototype freeze, masking as in pretraining."""
+    t, n = cfg.teacher, cfg.distill.head_fit_iterations
+    batch = _batch(cfg, world_size)
+    schedule = _schedule(
+        cfg, batch, total_steps=n, warmup_steps=n // 10, base_lr=cfg.distill.head_fit_base_lr,
+        warmup_teacher_temp=t.teacher_temp, teacher_temp_warmup_steps=0, freeze_last_layer_steps=0,
+    )  # fmt: skip
+    return PhasePlan(
+        stage=stage, phase="head_fit", seed=cfg.seed,
+        model=model.model_copy(update={"drop_path_rate": 0.0, "pretrained_weights": None}), dino=cfg.dino,
+        ibot=cfg.ibot, teacher=t, crops=cfg.crops, batch=batch, schedule=schedule, optim=_optim(cfg),
+        weights=weights, frozen=("student.backbone.", "teacher.backbone."),
+    )  # fmt: skip
+
+
+def distill_plan(cfg: PipelineConfig, *, world_size: int, teacher: ModelConfig, weights: WeightsPlan) -> PhasePlan:
+    """Distillation (paper, section 5): `distill.epochs` epochs of `optim.epoch_length` steps at `distill.base_lr`,
+    the students' spare EMA from `distill.momentum_ema`, the final teacher temperature throughout (the teacher is
+    trained), no masking and no stochastic depth, gradients clipped at `optim.clip_grad` x sqrt(#students) (the
+    engine clips the joint norm of students whose norms are alike)."""
+    d, t, n = cfg.distill, cfg.teacher, cfg.optim.epoch_length
+    batch = _batch(cfg, world_size)
+    schedule = _schedule(
+        cfg, batch, total_steps=d.epochs * n, base_lr=d.base_lr, momentum=d.momentum_ema,
+        warmup_teacher_temp=t.teacher_temp, teacher_temp_warmup_steps=0,
+    )  # fmt: skip
+    return PhasePlan(
+        stage="distill", phase="distill", seed=cfg.seed,
+        model=cfg.model.model_copy(update={"drop_path_rate": 0.0, "pretrained_weights": None}), dino=cfg.dino,
+        ibot=cfg.ibot.model_copy(update={"mask_sample_probability": 0.0}), teacher=t, crops=cfg.crops, batch=batch,
+        schedule=schedule, optim=_optim(cfg, clip_grad=cfg.optim.clip_grad * math.sqrt(len(d.students))),
+        weights=weights, students=tuple(d.students),
+        teacher_model=teacher.model_copy(update={"drop_path_rate": 0.0, "pretrained_weights": None}),
+    )  # fmt: skip
+
+
+def with_world_size(plan: PhasePlan, world_size: int) -> PhasePlan:
+    """The same plan on another number of ranks (the per-rank batch kept)."""
+    return replace(plan, batch=replace(plan.batch, world_size=world_size))

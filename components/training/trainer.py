@@ -1,0 +1,281 @@
+"""The trainer: one phase of a training stage, from its plan, resumable on any number of ranks.
+
+    trainer = Trainer(phase, train=cfg.train, curated="data/curated", log_metrics=sink)
+    trainer.resume_or_init()   # the newest checkpoint of this plan, or the phase's starting weights
+    result = trainer.fit()     # the loop to the plan's last step: checkpoints and exports along the way
+    trainer.export()           # again, for a run that resumed at its last step (DVC removed the old export)
+
+A stage runs its phases one after the other (a headless teacher's head fit, then distillation: `run_phase` for each),
+each a `Trainer` with its own checkpoints: a phase that finished is only re-exported, and the next reads its export.
+
+Checkpoints live in `<phase checkpoints>/<fingerprint>/step_<N>/`, the fingerprint being the plan's (without the
+split of its global batch), the digests of what the phase reads (the curated set, the weights it starts from) and
+nothing else: a run resumes with another number of ranks or accumulation steps as long as the global batch is the
+same. Checkpoints of another configuration are kept, and one line names the plan keys that changed.
+
+Weights enter a phase one way: the module's `initial_state` (its seeded initialisation with the phase's starting
+weights loaded) on a fresh start, or the checkpoint's state on resume, handed to the engine.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.config import TrainConfig
+from components.log import get_logger
+from components.runtime import cpu_threads
+from components.training.checkpoint import (
+    CheckpointManager,
+    LoopState,
+    code_digest,
+    loop_state_dict,
+    loop_state_from,
+    restore_rng,
+    rng_state,
+)
+from components.training.data import build_loader, mix_seed, read_manifest
+from components.training.engine import EngineSettings, TrainEngine, init_distributed
+from components.training.knn import knn_accuracy
+from components.training.loop import LoopResult, LoopSettings, train
+from components.training.module import TrainModule
+from components.training.plan import PhasePlan, fingerprint
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a stage: its plan, how to build its module, where its weights come from and where it writes."""
+
+    plan: PhasePlan
+    build: Callable[[PhasePlan], TrainModule]
+    checkpoints: Path
+    """The phase's checkpoint root (one folder per fingerprint inside)."""
+    out: Path
+    """The export folder (written at each checkpoint and at the end)."""
+    source: str | None = None
+    """The starting weights (an export folder or a weight file); None: the seeded initialisation."""
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    """Digests of what the phase reads besides its plan (the curated set's is added by the trainer)."""
+
+
+@dataclass
+class PhaseResult:
+    """What a finished phase hands back to its stage."""
+
+    plan: PhasePlan
+    result: LoopResult
+    fingerprint: str
+    resumed_from: Path | None
+    rank: int
+
+
+class Trainer:
+    """Runs one `Phase`: `resume_or_init`, then `fit`; `save` and `export` are called by the loop and the stage.
+
+    Args:
+        phase: what to train.
+        train: the run mechanics (`train` section: device, ZeRO stage, workers, periods, resume, kNN monitor).
+        curated: folder or s3:// prefix of the curated manifest.
+        log_metrics: step-metrics sink, called on every rank (log on rank 0).
+    """
+
+    def __init__(
+        self,
+        phase: Phase,
+        *,
+        train: TrainConfig,
+        curated: str,
+        log_metrics: Callable[[dict[str, float], int], None],
+    ) -> None:
+        self.phase, self.plan, self.train_cfg = phase, phase.plan, train
+        self.curated, self.log_metrics = curated, log_metrics
+        self.engine: TrainEngine | None = None
+        self.history: list[dict[str, float]] = []
+        self.loop = LoopState()
+        self.resumed_from: Path | None = None
+
+    # -- start -------------------------------------------------------------------------------------------------------
+
+    def resume_or_init(self) -> None:
+        """Finds this plan's newest checkpoint (or none), builds the module and the engine from its state or from the
+        phase's starting weights, restores the generators and positions the data stream."""
+        settings = EngineSettings.from_plan(self.plan, self.train_cfg)
+        self.rank, self.world = init_distributed(settings.device)
+        if settings.device == "cpu":
+            torch.set_num_threads(cpu_threads(self.train_cfg.cpu_threads, self.train_cfg.num_workers))
+        uris, data_digest = read_manifest(self.curated)
+        self.fingerprint = fingerprint(self.plan.fingerprint_items(), {"curated": data_digest, **self.phase.inputs})
+        self.manager = CheckpointManager(
+            self.phase.checkpoints / self.fingerprint, keep_last=self.train_cfg.keep_last,
+            fingerprint=self.fingerprint, code=code_digest(),
+        )  # fmt: skip
+        note_other_configurations(self.phase.checkpoints, self.fingerprint, self.plan.fingerprint_items())
+        state = self._resume_state()
+        torch.manual_seed(self.plan.seed)  # identical initialisation on every rank
+        module = self.phase.build(self.plan)
+        initial = state or {"model": module.initial_state(self.phase.source)}
+        self.engine = TrainEngine(module, settings, initial_state=initial)
+        if self.engine.global_batch_size != self.plan.batch.global_size:  # the plan was built for this world
+            raise RuntimeError(
+                f"the plan's global batch {self.plan.batch.global_size} is not the engine's "
+                f"{self.engine.global_batch_size} ({self.world} ranks)"
+            )
+        if state is not None:
+            self.loop, self.history = loop_state_from(state), list(state.get("history", []))
+            restore_rng(state["rng"], self.rank, self.plan.seed, self.loop.step)
+            log.info(
+                "resuming from %s (step %d, %d samples seen)", self.resumed_from, self.loop.step, self.loop.samples_seen
+            )
+        else:
+            torch.manual_seed(mix_seed(self.plan.seed, self.rank, 0xD40))  # ranks draw different drop-path subsets
+        del state, initial
+        self.loader = build_loader(
+            uris=uris, plan=self.plan, rank=self.rank, world_size=self.world, start_position=self.loop.samples_seen,
+            num_workers=self.train_cfg.num_workers, pin_memory=settings.device == "cuda",
+        )  # fmt: skip
+
+    def _resume_state(self) -> dict[str, Any] | None:
+        """The newest checkpoint's state, unless resuming is off or it finished the run with other code."""
+        resume = self.manager.latest() if self.train_cfg.resume else None
+        if (
+            resume is not None
+            and (made_by := self.manager.meta(resume).get("code", self.manager.code)) != self.manager.code
+        ):
+            # The stage runs again because its code changed (DVC tracks it): a finished run is redone, not re-exported.
+            # An unfinished one is resumed, so that a fix to the code that crashed it does not cost the steps done.
+            codes = (resume, made_by, self.manager.code)
+            if int(self.manager.meta(resume).get("step", 0)) >= self.plan.schedule.total_steps:
+                log.info("%s finished this run with other code (%s, now %s): training afresh", *codes)
+                self.manager.supersede()
+                resume = None
+            else:
+                log.warning("%s was written by other code (%s, now %s): resuming with this code", *codes)
+        self.resumed_from = resume
+        return CheckpointManager.load(resume) if resume is not None else None
+
+    # -- the run -----------------------------------------------------------------------------------------------------
+
+    def fit(self) -> LoopResult:
+        """Trains from the current step to the plan's last one (nothing when a checkpoint is already there)."""
+        if self.engine is None:
+            raise RuntimeError("resume_or_init() first")
+        settings = LoopSettings(
+            total_steps=self.plan.schedule.total_steps,
+            log_period=self.train_cfg.log_period,
+            checkpoint_period=self.train_cfg.checkpoint_period,
+            max_nonfinite_steps=self.train_cfg.max_nonfinite_steps,
+            knn_eval_period=self.train_cfg.knn_eval_period if self._backbone_trains() else 0,
+            desc=f"{self.plan.stage}: {self.plan.phase}",
+        )
+        if self.loop.step >= settings.total_steps:
+            log.info("the checkpoint is already at the final step %d: nothing to train", self.loop.step)
+        result = train(
+            self.engine, iter(self.loader), self.plan.schedules(), self.loop, settings, save_checkpoint=self.save,
+            log_metrics=self.log_metrics, knn_eval=self._knn_monitor() if settings.knn_eval_period else None,
+            history=self.history,
+        )  # fmt: skip
+        if result.last_checkpoint is None and self.resumed_from is not None:  # resumed at the final step
+            self.export()
+            result.last_checkpoint = self.resumed_from if self.rank == 0 else None
+        return result
+
+    def save(self, loop_state: LoopState) -> Path | None:
+        """Writes a checkpoint of the whole training state and exports the module (collective; rank 0 writes)."""
+        engine = self.engine
+        model = engine.full_model_state()  # collective under ZeRO-3
+        optimizer = engine.full_optimizer_state()  # collective under ZeRO
+        rngs = gathered_rng_states(self.world)
+        if self.rank:
+            return None
+        state = {
+            "model": model, "optimizer": optimizer, "loop": loop_state_dict(loop_state), "rng": rngs,
+            "history": self.history, "world_size": self.world, "plan": self.plan.to_dict(),
+        }  # fmt: skip
+        path = self.manager.save(state, loop_state.step, plan=self.plan.fingerprint_items())
+        engine.module.export(model, self.phase.out, iterations=loop_state.step)
+        log.info("checkpoint %s; exported to %s", path, self.phase.out)
+        return path
+
+    def export(self) -> None:
+        """Exports the module's current weights to the phase's folder (collective; rank 0 writes)."""
+        model = self.engine.full_model_state()
+        if self.rank == 0:
+            self.engine.module.export(model, self.phase.out, iterations=self.loop.step)
+
+    def close(self) -> None:
+        """Frees the engine before the next phase builds its own on the device."""
+        self.engine = self.loader = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+
+    def _backbone_trains(self) -> bool:
+        return not any(prefix.endswith("backbone.") for prefix in self.plan.frozen)
+
+    def _knn_monitor(self) -> Callable[[], dict[str, float]]:
+        """kNN top-1 of the monitored backbones on `train.knn_eval_root` (train -> val), on every rank."""
+        backbones = self.engine.module.monitored_backbones()  # ZeRO-3 gathers their weights through module hooks
+        root, size, device = self.train_cfg.knn_eval_root, self.plan.crops.global_crops_size, self.engine.device
+
+        def evaluate() -> dict[str, float]:
+            return {
+                f"{name}.knn_top1" if name else "knn_top1": knn_accuracy(b, root, image_size=size, device=device)
+                for name, b in backbones.items()
+            }
+
+        return evaluate
+
+
+def gathered_rng_states(world_size: int) -> list[dict[str, Any]]:
+    """Every rank's generator states, on every rank (collective)."""
+    states: list[Any] = [None] * world_size
+    if world_size > 1:
+        torch.distributed.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    return states
+
+
+def note_other_configurations(root: Path, current: str, items: Mapping[str, Any]) -> None:
+    """Logs one line when `root` holds checkpoints of another configuration: which plan keys differ (they are kept)."""
+    if not root.is_dir():
+        return
+    complete = {
+        d: CheckpointManager(d, keep_last=1, fingerprint=d.name).complete() for d in root.iterdir() if d.is_dir()
+    }
+    others = {d: found for d, found in complete.items() if found and d.name != current}
+    if not others:
+        return
+    newest = max(others, key=lambda d: d.stat().st_mtime)
+    latest = others[newest][-1][1]
+    previous = CheckpointManager.meta(latest).get("plan") or {}
+    changed = sorted(k for k in set(previous) | set(items) if previous.get(k) != items.get(k))
+    shown = ", ".join(f"{k} {previous.get(k)!r} -> {items.get(k)!r}" for k in changed[:8])
+    more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+    log.info(
+        "checkpoints in %s belong to another configuration (kept); changed: %s%s",
+        newest, shown or "the data or the starting weights", more,
+    )  # fmt: skip
+
+
+def run_phase(
+    phase: Phase, *, train: TrainConfig, curated: str, log_metrics: Callable[[dict[str, float], int], None]
+) -> PhaseResult:
+    """Runs one phase to its end with a `Trainer`, then frees it; the next phase may read its export."""
+    trainer = Trainer(phase, train=train, curated=curated, log_metrics=log_metrics)
+    trainer.resume_or_init()
+    loop_result = trainer.fit()
+    result = PhaseResult(phase.plan, loop_result, trainer.fingerprint, trainer.resumed_from, trainer.rank)
+    trainer.close()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 wrote the export the next phase reads
+    return result

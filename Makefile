@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) torch torchvision
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) hjson ninja psutil py-cpuinfo pydantic msgpack packaging tqdm einops
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) --no-build-isolation deepspeed
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[$(FAISS_EXTRA),dev]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[$(FAISS_EXTRA),dev,bench]"
 	$(BIN)/pip check
 	touch $(STAMP)
 

@@ -294,6 +294,9 @@ class TrainConfig(Section):
     """Continue from the newest complete checkpoint of the same configuration when one exists."""
     compile: bool = False
     """torch.compile each transformer block (ZeRO stage 0-2 only)."""
+    pack_crops: bool = False
+    """Run the student's global and local crops through each block together: one pass of its norms and linear layers
+    over every crop's tokens, attention per crop size (the same numbers up to float rounding)."""
     knn_eval_period: int = Field(0, ge=0)
     """Iterations between kNN evaluations of the teacher (0: off)."""
     knn_eval_root: str | None = None

@@ -40,6 +40,11 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     mass over the global batch) and whose per-sample columns sum to 1. The sample count B is the number of rows
     summed over all ranks (for iBOT: the masked patches of every rank), so ranks may hold different counts.
 
+    Q is K-by-B as in the paper, Q = diag(r) P diag(c) with P = exp(logits / tau_t): each round of the release's
+    row and column normalisations sets r = 1 / (K P c) and c = 1 / (B r^T P). Keeping the two scaling vectors
+    instead of rescaling Q reads P twice per round and writes it once at the end (the release's rounds each read and
+    write the whole (K, B) matrix several times); the result is the same up to float rounding.
+
     Args:
         teacher_logits: (B_local, K) teacher head outputs.
         teacher_temp: tau_t.
@@ -49,20 +54,17 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
         (B_local, K) float32 targets, each row a probability distribution.
     """
     logits = teacher_logits.float() / teacher_temp
-    # A global shift leaves Q unchanged after the first normalisation and keeps exp() finite at low temperatures.
+    # A global shift cancels in the normalisations and keeps exp() finite at low temperatures.
     shift = logits.amax() if logits.numel() else logits.new_full((), float("-inf"))
     shift = _all_reduce(shift.clone(), "max")
-    Q = torch.exp(logits - shift).t()  # Q is K-by-B, as in the paper: (K, B_local)
-    K = Q.shape[0]
-    B = _all_reduce(torch.tensor(float(Q.shape[1]), device=Q.device))  # samples over all ranks
-    Q /= _all_reduce(Q.sum())  # the whole matrix sums to 1
+    P = torch.exp(logits - shift)  # P^T: (B_local, K)
+    K = P.shape[1]
+    B = _all_reduce(P.new_full((), P.shape[0]))  # samples over all ranks, counted on the device
+    c = P.new_ones(P.shape[0])  # (B_local,) column scales
     for _ in range(n_iterations):
-        Q /= _all_reduce(Q.sum(dim=1, keepdim=True))  # each prototype (row) gets total mass 1 / K ...
-        Q /= K
-        Q /= Q.sum(dim=0, keepdim=True)  # ... and each sample (column) 1 / B; columns are local to a rank
-        Q /= B
-    Q *= B  # columns sum to 1: Q is an assignment
-    return Q.t()  # (B_local, K)
+        r = 1.0 / (K * _all_reduce(c @ P))  # (K,) each prototype (row of Q) gets total mass 1 / K ...
+        c = 1.0 / (B * (P @ r))  # (B_local,) ... and each sample (column of Q) 1 / B; columns are local
+    return P.mul_(r).mul_((B * c).unsqueeze(1))  # B Q^T: rows sum to 1, an assignment per sample
 
 
 class _CenteredTeacher(nn.Module):
@@ -165,8 +167,7 @@ class DINOLoss(_CenteredTeacher):
         t = teacher_global.float()
         lsm = F.log_softmax(student_global.float() / self.student_temp, dim=-1)  # (G, B, K)
         pair_ce = -torch.einsum("tbk,sbk->st", t, lsm) / t.shape[1]  # (G_student, G_teacher) batch-mean CE
-        off_diagonal = ~torch.eye(G, dtype=torch.bool, device=t.device)  # a crop is not matched to itself
-        total, n_terms = pair_ce[off_diagonal].sum(), G * (G - 1)
+        total, n_terms = pair_ce.sum() - pair_ce.diagonal().sum(), G * (G - 1)  # a crop is not matched to itself
         if student_local is not None and student_local.shape[0] > 0:
             lsm_local = F.log_softmax(student_local.float() / self.student_temp, dim=-1)  # (L, B, K)
             total = total - torch.einsum("tbk,lbk->", t, lsm_local) / t.shape[1]

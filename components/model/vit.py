@@ -346,6 +346,52 @@ class Block(nn.Module):
         x = x + drop_path(self._attn_branch(x), rate, self.training)
         return x + drop_path(self._ffn_branch(x), rate, self.training)
 
+    # -- several token batches at once (the multi-crop student) ------------------------------------------------------
+
+    def forward_packed(self, xs: Sequence[Tensor]) -> list[Tensor]:
+        """`forward` on several batches of different token counts (global and local crops) in one pass.
+
+        The norms, linear layers and LayerScales run once over the rows of every batch (larger matrix products, half
+        the kernel launches for two crop sizes), attention once per batch. Stochastic-depth subsets are drawn per
+        batch in the order `forward` on each batch draws them, so both compute the same thing up to float rounding.
+        """
+        rate = self.drop_path_rate if self.training else 0.0
+        if 0.0 < rate <= 0.1:  # per-sample masks: kept as `forward` draws them
+            return [self(x) for x in xs]
+        if rate == 0.0:
+            xs = [x + a for x, a in zip(xs, self._attn_branches(xs), strict=True)]
+            return [x + f for x, f in zip(xs, self._ffn_branches(xs), strict=True)]
+        subsets = [max(int(x.shape[0] * (1.0 - rate)), 1) for x in xs]
+        keeps = [
+            (torch.randperm(x.shape[0], device=x.device)[:n], torch.randperm(x.shape[0], device=x.device)[:n])
+            for x, n in zip(xs, subsets, strict=True)
+        ]  # (attention, FFN) subsets of each batch, drawn batch after batch as `forward` draws them
+        for branch, which in ((self._attn_branches, 0), (self._ffn_branches, 1)):
+            outs = branch([x[k[which]] for x, k in zip(xs, keeps, strict=True)])
+            xs = [
+                torch.index_add(x.flatten(1), 0, k[which], o.flatten(1).to(x.dtype), alpha=x.shape[0] / n).view_as(x)
+                for x, k, o, n in zip(xs, keeps, outs, subsets, strict=True)
+            ]
+        return xs
+
+    def _attn_branches(self, xs: Sequence[Tensor]) -> list[Tensor]:
+        """LS1(Attn(LN1(x))) of each batch: qkv and proj over all rows at once, attention per batch."""
+        shapes, rows = [x.shape for x in xs], [x.shape[0] * x.shape[1] for x in xs]
+        D, heads = shapes[0][-1], self.attn.num_heads
+        qkv = self.attn.qkv(self.norm1(torch.cat([x.reshape(-1, D) for x in xs])))  # (sum B N, 3 D)
+        outs = []
+        for (B, N, _), part in zip(shapes, qkv.split(rows), strict=True):
+            q, k, v = part.view(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, hd)
+            outs.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B * N, D))
+        out = self.ls1(self.attn.proj(torch.cat(outs)))  # (sum B N, D)
+        return [o.view(shape) for o, shape in zip(out.split(rows), shapes, strict=True)]
+
+    def _ffn_branches(self, xs: Sequence[Tensor]) -> list[Tensor]:
+        """LS2(FFN(LN2(x))) of each batch, over all rows at once."""
+        shapes, rows = [x.shape for x in xs], [x.shape[0] * x.shape[1] for x in xs]
+        out = self._ffn_branch(torch.cat([x.reshape(-1, shapes[0][-1]) for x in xs]))  # (sum B N, D)
+        return [o.view(shape) for o, shape in zip(out.split(rows), shapes, strict=True)]
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # The backbone
@@ -371,6 +417,8 @@ class DinoVisionTransformer(nn.Module):
         self.interpolate_offset = cfg.interpolate_offset
         self.interpolate_antialias = cfg.interpolate_antialias
         self.chunked_blocks = False
+        self.pack_crops = False
+        """Run the crop sizes of a list input through each block together (a run mechanic: `train.pack_crops`)."""
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size**2 + 1, D))  # CLS + grid^2 positions
@@ -496,9 +544,11 @@ class DinoVisionTransformer(nn.Module):
         hs = [self.prepare_tokens_with_masks(xi, mi) for xi, mi in zip(x, masks_list, strict=True)]
         # Block-major order, as the release: each block's weights are used once per step for all crop sizes
         # (what ZeRO-3 / FSDP gather). The release concatenates the crops into one xFormers block-diagonal
-        # attention; running them one after the other computes the same thing.
+        # attention; `pack_crops` runs each block's norms and linear layers once over every crop's tokens
+        # (`Block.forward_packed`), otherwise the crop sizes go through each block one after the other. Both
+        # compute the same thing.
         for blk in self.blocks:
-            hs = [blk(h) for h in hs]
+            hs = blk.forward_packed(hs) if self.pack_crops else [blk(h) for h in hs]
         return [self._split(h, m) for h, m in zip(hs, masks_list, strict=True)]
 
     def forward(self, x: Tensor | Sequence[Tensor], masks: Any = None, is_training: bool = False) -> Any:

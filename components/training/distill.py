@@ -184,6 +184,9 @@ class DistillMetaArch(SelfDistillation):
     def checkpointed_blocks(self) -> Sequence[nn.Module]:
         return [blk for s in self.students.values() for blk in s.backbone.blocks]
 
+    def multicrop_backbones(self) -> Sequence[nn.Module]:
+        return [s.backbone for s in self.students.values()]
+
     def compiled_blocks(self) -> Sequence[nn.Module]:
         return [*self.checkpointed_blocks(), *self.teacher.backbone.blocks]
 

@@ -18,8 +18,9 @@ What it owns, so that models, losses and the loop do not:
   optional activation checkpointing and `torch.compile`.
 - **The numerical guard.** A non-finite loss on any rank is all-reduced before the backward pass and poisons every
   rank's gradients; a non-finite gradient norm (over all ranks) then skips the optimizer step everywhere: stage 0
-  drops the gradients before `step()`, ZeRO 1-3 skip in DeepSpeed's own overflow check (verified after each step).
-  The EMA is not applied on a skipped step, so nothing non-finite reaches student or teacher.
+  hands the flag to the fused AdamW (`found_inf`: weights, moments and step count untouched, decided on the
+  device, without a host synchronisation), ZeRO 1-3 skip in DeepSpeed's own overflow check (verified after each
+  step). The student is unchanged by a skipped step, so the EMA that follows keeps the teacher finite too.
 - **Rank-independent state.** `full_model_state` / `full_optimizer_state` gather the training state into plain,
   per-parameter tensors on rank 0 (the same layout whatever the stage and world size); `TrainEngine(...,
   initial_state=...)` loads such a state on any number of ranks and any stage.
@@ -90,6 +91,7 @@ class EngineSettings:
     patch_embed_lr_mult: float
     activation_checkpointing: bool = False
     compile: bool = False
+    pack_crops: bool = False
     config_dir: Path | None = None
     """Folder of the `zero<stage>.json` templates; None: `deepspeed_config_dir()`."""
 
@@ -109,6 +111,7 @@ class EngineSettings:
             "patch_embed_lr_mult": plan.optim.patch_embed_lr_mult,
             "activation_checkpointing": train.activation_checkpointing,
             "compile": train.compile,
+            "pack_crops": train.pack_crops,
         }
         return cls(**{**values, **overrides})
 
@@ -228,12 +231,21 @@ def all_reduce_max(t: Tensor) -> Tensor:
 
 @dataclass
 class StepOutput:
-    """One optimizer step: this rank's mean loss terms over the micro-batches, the global gradient norm (before
-    clipping; inf when non-finite) and whether the step was skipped by the guard."""
+    """One optimizer step, as device tensors (reading them as Python values synchronises with the device, which the
+    loop does on logging and checkpoint steps only): this rank's mean loss terms over the micro-batches, the global
+    gradient norm before clipping (inf when non-finite) and whether the guard skipped the step."""
 
     terms: dict[str, Tensor]
-    grad_norm: float
-    skipped: bool
+    grad_norm_t: Tensor
+    skipped_t: Tensor
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad_norm_t)
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.skipped_t)
 
 
 def _checkpoint_activations(block: nn.Module) -> None:
@@ -273,13 +285,17 @@ class TrainEngine:
         if settings.compile:
             for block in module.compiled_blocks():
                 block.compile()
+        for backbone in module.multicrop_backbones():
+            backbone.pack_crops = settings.pack_crops
         groups = module.optim_param_groups(
             layerwise_decay=settings.layerwise_decay, patch_embed_lr_mult=settings.patch_embed_lr_mult
         )
         self.group_meta = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) for g in groups]
         torch_groups = [{"params": g["params"], "lr": 0.0, "weight_decay": 0.0} for g in groups]
-        fused = settings.device == "cuda"
-        optimizer = torch.optim.AdamW(torch_groups, lr=0.0, betas=settings.betas, fused=fused or None)
+        # Fused AdamW (one kernel per device and dtype, on GPUs and CPUs alike) reads a device flag to skip a step, so
+        # the guard decides without a host synchronisation (`found_inf`, as torch's GradScaler uses it).
+        optimizer = torch.optim.AdamW(torch_groups, lr=0.0, betas=settings.betas, fused=True)
+        self._adamw = optimizer
         self.trained = [p for g in groups for p in g["params"]]
         names = {id(p): n for n, p in module.named_parameters()}
         self.trained_names = [names[id(p)] for p in self.trained]
@@ -332,6 +348,8 @@ class TrainEngine:
     def train_step(self, micro_batches: Sequence[Mapping[str, Any]], values: Mapping[str, float]) -> StepOutput:
         """One optimizer step over `grad_accum_steps` micro-batches, guarded; then the EMA with `values["momentum"]`.
 
+        No host synchronisation on one rank with ZeRO 0: the clipping factor and the skip are decided on the device.
+
         Args:
             micro_batches: collated batches (on the CPU), one per accumulation step.
             values: this step's schedule values: lr, last_layer_lr, weight_decay, momentum, teacher_temp.
@@ -347,32 +365,39 @@ class TrainEngine:
             if i < len(micro_batches) - 1:
                 self.ds.step()  # DeepSpeed counts micro-steps; it updates only at the accumulation boundary
         grad_norm, skipped = self._guarded_step()
-        if not skipped:
-            self.ema_update(values["momentum"])
+        self.ema_update(values["momentum"])  # a skipped step left the student as it was: the EMA stays finite
         terms = {k: v / len(micro_batches) for k, v in sums.items()}
-        return StepOutput(terms=terms, grad_norm=grad_norm, skipped=skipped)
+        return StepOutput(terms=terms, grad_norm_t=grad_norm, skipped_t=skipped)
 
-    def _guarded_step(self) -> tuple[float, bool]:
-        loss_bad = bool(self._loss_nonfinite.item())
+    def _guarded_step(self) -> tuple[Tensor, Tensor]:
+        """The optimizer step, skipped on every rank when any rank's loss or the gradient norm is non-finite.
+
+        Returns:
+            The gradient norm before clipping (inf on a skipped step) and the skip flag, as device tensors.
+        """
+        loss_bad = self._loss_nonfinite.clone()
         self._loss_nonfinite.zero_()
         if self.stage == 0:
             # Gradients are full and already averaged over ranks; the flag is reduced anyway, for certainty.
             grads = [p.grad for p in self.trained if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-            bad = all_reduce_max((~torch.isfinite(norm)).float().to(self.device)).item() > 0 or loss_bad
-            if bad:
-                for p in self.trained:
-                    p.grad = None  # AdamW leaves parameters without gradients (and their moments) untouched
-            elif self.settings.clip_grad and float(norm) > self.settings.clip_grad:
-                torch._foreach_mul_(grads, self.settings.clip_grad / (float(norm) + 1e-6))  # DeepSpeed's formula
-            self.ds.step()
-            return (math.inf if bad else float(norm)), bad
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss_bad * 0
+            bad = torch.maximum(all_reduce_max((~torch.isfinite(norm)).float()), loss_bad)
+            if self.settings.clip_grad and grads:  # torch's and DeepSpeed's formula, as a device factor
+                torch._foreach_mul_(grads, (self.settings.clip_grad / (norm + 1e-6)).clamp(max=1.0))
+            self._adamw.found_inf = bad  # the fused step leaves weights, moments and step count as they are
+            try:
+                self.ds.step()
+            finally:
+                self._adamw.found_inf = None
+            skipped = bad > 0
+            return torch.where(skipped, torch.inf, norm), skipped
         self.ds.step()
-        skipped = bool(getattr(self.ds.optimizer, "overflow", False))
-        if loss_bad and not skipped:  # an invariant of the guard, not a hypothetical: fail loudly
+        skipped = bool(getattr(self.ds.optimizer, "overflow", False))  # DeepSpeed's own check (it synchronises)
+        if bool(loss_bad) and not skipped:  # an invariant of the guard, not a hypothetical: fail loudly
             raise RuntimeError("a non-finite loss reached a ZeRO step that DeepSpeed did not skip")
         norm = self.ds.get_global_grad_norm()
-        return (math.inf if skipped or norm is None else float(norm)), skipped
+        value = math.inf if skipped or norm is None else float(norm)
+        return torch.tensor(value), torch.tensor(skipped)
 
     def apply_schedules(self, values: Mapping[str, float]) -> None:
         """Sets each group's lr and weight decay: base value x the group's multiplier (the last layer follows
@@ -383,7 +408,8 @@ class TrainEngine:
 
     @torch.no_grad()
     def ema_update(self, momentum: float) -> None:
-        """target <- m target + (1 - m) source for every EMA pair; on local shards under ZeRO-3.
+        """target <- target + (1 - m) (source - target) for every EMA pair (one `_foreach_lerp_` per pair); on local
+        shards under ZeRO-3.
 
         ZeRO-3 keeps its persistent parameters (those under `stage3_param_persistence_threshold`: biases, norms,
         LayerScale gammas) gathered whole, refreshed from the shards only after each optimizer step, which comes
@@ -397,8 +423,7 @@ class TrainEngine:
             else:
                 pairs = list(zip(src, tgt, strict=True))
             sources, targets = [s for s, _ in pairs], [t for _, t in pairs]
-            torch._foreach_mul_(targets, momentum)
-            torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+            torch._foreach_lerp_(targets, sources, 1.0 - momentum)
 
     def _check_ema_shards(self) -> None:
         for src, tgt in self._ema:

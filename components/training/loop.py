@@ -3,9 +3,10 @@
 It knows nothing of what is trained (the `TrainModule` inside the engine) nor of DeepSpeed (the engine): each
 iteration takes `grad_accum_steps` micro-batches from the stream, reads the schedules at the step, lets the engine
 run one guarded optimizer step, and every `log_period` steps reports the mean over ranks of every loss term with
-lr, weight decay, momentum, teacher temperature, gradient norm, images/s and memory. A skipped (non-finite) step is
-counted; `max_nonfinite_steps` of them in a row stop the run with `NonFiniteError`, before any checkpoint is
-written, so the newest checkpoint on disk is the last good one.
+lr, weight decay, momentum, teacher temperature, gradient norm, images/s and memory. Between logging and checkpoint
+steps the host never waits for the device. A skipped (non-finite) step is counted on the device and settled at the
+next logging or checkpoint step; `max_nonfinite_steps` of them in a row stop the run with `NonFiniteError` there,
+before any checkpoint is written, so the newest checkpoint on disk is the last good one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import psutil
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from components.log import get_logger
@@ -89,7 +91,7 @@ def train(
         dynamic_ncols=True, mininterval=1.0,
     )  # fmt: skip
     window_start, window_steps, failures = time.perf_counter(), 0, 0
-    out = None
+    skips = SkipCounter(engine.device, state)
     while state.step < settings.total_steps:
         micro = [next(batches) for _ in range(accum)]
         failures += sum(int(b.get("decode_failures", 0)) for b in micro)
@@ -98,10 +100,15 @@ def train(
         state.step += 1
         state.samples_seen += engine.global_batch_size
         window_steps += 1
-        _count(state, out.skipped, settings)
+        skips.add(out.skipped_t)  # on the device: the host learns of skipped steps when it logs or checkpoints
         bar.update(1)
         last = state.step == settings.total_steps
-        if state.step % settings.log_period == 0 or last:
+        logging = state.step % settings.log_period == 0 or last
+        saving = state.step % settings.checkpoint_period == 0 or last
+        if not (logging or saving):
+            continue
+        skipped = skips.settle(state, settings.max_nonfinite_steps)  # raises before any checkpoint is written
+        if logging:
             elapsed = time.perf_counter() - window_start
             row = _metrics(engine, out, values, state, failures, window_steps * engine.global_batch_size / elapsed)
             failures, window_steps, window_start = 0, 0, time.perf_counter()
@@ -113,30 +120,58 @@ def train(
                 row.update(knn_eval())
             log_metrics(row, state.step)
             bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-            if not out.skipped:
+            if not skipped:
                 result.history.append({"step": state.step, **row})
-        if (state.step % settings.checkpoint_period == 0 and not out.skipped) or last:
+        if (saving and not skipped) or last:
             result.last_checkpoint = save_checkpoint(state)  # never right after a skipped step, unless the last
     bar.close()
     return result
 
 
-def _count(state: LoopState, skipped: bool, settings: LoopSettings) -> None:
-    if not skipped:
-        state.nonfinite_in_a_row = 0
-        return
-    state.skipped_steps += 1
-    state.nonfinite_in_a_row += 1
-    log.warning(
-        "step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, %d in total)",
-        state.step - 1, state.nonfinite_in_a_row, state.skipped_steps,
-    )  # fmt: skip
-    if state.nonfinite_in_a_row >= settings.max_nonfinite_steps:
-        raise NonFiniteError(
-            f"{state.nonfinite_in_a_row} consecutive optimizer steps had a non-finite loss or gradient norm "
-            f"(last at step {state.step - 1}; train.max_nonfinite_steps = {settings.max_nonfinite_steps}); "
-            "no weights were updated by them and the newest checkpoint on disk is the last good one"
-        )
+class SkipCounter:
+    """Skipped (non-finite) steps counted on the device, settled into the loop state when the host looks.
+
+    Args:
+        device: where the engine's step outputs live.
+        state: the loop state whose `nonfinite_in_a_row` the count continues (a resumed run).
+    """
+
+    def __init__(self, device: torch.device, state: LoopState) -> None:
+        self.in_a_row = torch.full((), float(state.nonfinite_in_a_row), device=device)
+        self.longest = self.in_a_row.clone()  # the longest run of skipped steps since the last settle
+        self.total = torch.zeros((), device=device)
+        self.last = torch.zeros((), dtype=torch.bool, device=device)
+
+    def add(self, skipped: Tensor) -> None:
+        skipped = skipped.to(self.total.device)
+        s = skipped.float()
+        self.in_a_row = (self.in_a_row + 1) * s  # 0 after a good step
+        self.longest = torch.maximum(self.longest, self.in_a_row)
+        self.total += s
+        self.last = skipped
+
+    def settle(self, state: LoopState, max_in_a_row: int) -> bool:
+        """Adds the skipped steps to `state` (one host synchronisation) and returns whether the newest step was
+        skipped.
+
+        Raises:
+            NonFiniteError: `max_in_a_row` or more consecutive steps were skipped since the last settle.
+        """
+        in_a_row, longest, total, last = (float(x) for x in (self.in_a_row, self.longest, self.total, self.last))
+        self.longest, self.total = self.in_a_row.clone(), torch.zeros_like(self.total)
+        state.nonfinite_in_a_row, state.skipped_steps = int(in_a_row), state.skipped_steps + int(total)
+        if total:
+            log.warning(
+                "%d optimizer step(s) up to step %d skipped: non-finite loss or gradient norm (%d in a row now, "
+                "%d in total)", total, state.step, in_a_row, state.skipped_steps,
+            )  # fmt: skip
+        if longest >= max_in_a_row:
+            raise NonFiniteError(
+                f"{int(longest)} consecutive optimizer steps had a non-finite loss or gradient norm (by step "
+                f"{state.step}; train.max_nonfinite_steps = {max_in_a_row}); no weights were updated by them and the "
+                "newest checkpoint on disk is the last good one"
+            )
+        return bool(last)
 
 
 def _metrics(
@@ -150,7 +185,7 @@ def _metrics(
     state.decode_failures += round(float(packed[-1]) * engine.world_size)
     row.update({k: float(v) for k, v in values.items()})
     row.update(
-        grad_norm=out.grad_norm if math.isfinite(out.grad_norm) else float("nan"),
+        grad_norm=out.grad_norm if math.isfinite(out.grad_norm) else float("nan"),  # synchronises: a logging step
         images_per_s=images_per_s,
         memory_gib=memory_gib(engine.device),
         skipped_steps=float(state.skipped_steps),

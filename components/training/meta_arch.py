@@ -249,6 +249,9 @@ class SSLMetaArch(SelfDistillation):
             return list(self.student.backbone.blocks)
         return ()  # no gradient flows through frozen blocks: nothing to recompute
 
+    def multicrop_backbones(self) -> Sequence[nn.Module]:
+        return [self.student.backbone]
+
     def compiled_blocks(self) -> Sequence[nn.Module]:
         return [*self.student.backbone.blocks, *self.teacher.backbone.blocks]
 

@@ -45,6 +45,10 @@ class TrainModule(nn.Module):
         """Modules whose activations are recomputed in the backward pass when activation checkpointing is on."""
         return ()
 
+    def multicrop_backbones(self) -> Sequence[nn.Module]:
+        """Backbones that see several crop sizes per step (packed with `train.pack_crops`)."""
+        return ()
+
     def compiled_blocks(self) -> Sequence[nn.Module]:
         """Modules compiled in place (`nn.Module.compile`) when `train.compile` is on."""
         return ()

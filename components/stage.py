@@ -103,6 +103,12 @@ def _flat_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]
     return out
 
 
+def _section(tree: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
 def _process_age_s() -> float:
     return max(0.0, time.time() - psutil.Process().create_time())
 
@@ -121,12 +127,13 @@ def stage_run(
     Args:
         name: Stage name as in dvc.yaml.
         cfg: The validated config.
-        sections: Top-level config keys the stage reads (logged as params; dvc.yaml lists the same).
+        sections: Config sections the stage reads, or single keys of a section it reads only in part (`data.raw`);
+            logged as params, and dvc.yaml lists the same.
         config_out: Where the resolved config is saved (inside the stage's outputs).
         metrics_out: The stage's metrics JSON (dvc.yaml `metrics`), or None.
     """
     dumped = cfg.model_dump(mode="json")
-    params = flatten({s: dumped[s] for s in sections})
+    params = flatten({s: _section(dumped, s) for s in sections})
     with start_run(
         name,
         cfg.tracking.experiment,

@@ -13,6 +13,7 @@ import torch
 from components.cli import STAGES
 from components.config import load_config
 from components.stages.evaluate import SECTIONS
+from tests.evaluation.eval_fixtures import TINY_M2F
 
 LIGHT = {
     "evaluate.image_size": 28,
@@ -23,6 +24,8 @@ LIGHT = {
     "evaluate.logreg_num_c": 3,
     "evaluate.segmentation_epochs": 2,
     "evaluate.segmentation_ms_scales": [1.0],
+    "evaluate.segmentation_variants": ["linear", "ms", "mask2former"],
+    **{f"evaluate.{k}": v for k, v in TINY_M2F.items()},
     "evaluate.depth_epochs": 2,
     "evaluate.corruptions": ["gaussian_noise", "frost"],
     "evaluate.corruption_severities": [1, 5],
@@ -88,7 +91,7 @@ def test_evaluate_then_report(tiny_world, tmp_path: Path, monkeypatch: pytest.Mo
     frame = pd.read_csv(out / "metrics.csv")
     tasks = set(frame["task"])
     assert tasks == {"knn", "linear", "logreg", "retrieval", "segmentation_linear", "segmentation_ms",
-                     "depth_linear", "depth_linear4", "robustness"}  # fmt: skip
+                     "segmentation_m2f", "depth_linear", "depth_linear4", "robustness"}  # fmt: skip
     assert ((frame["value"] >= frame["lower"]) & (frame["value"] <= frame["upper"])).all()
     knn = json.loads((out / "teacher/knn.json").read_text())
     assert knn["model"] == "teacher" and 0 <= knn["metrics"]["top1"] <= 1 and knn["details"]["headline_k"] == 20
@@ -111,6 +114,7 @@ def test_evaluate_then_report(tiny_world, tmp_path: Path, monkeypatch: pytest.Mo
         "registry.json",
         "figures/pca_patch_features.png",
         "figures/segmentation.png",
+        "figures/segmentation_m2f.png",
         "figures/depth.png",
         "figures/robustness.png",
         "figures/knn_k.png",

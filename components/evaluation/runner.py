@@ -9,7 +9,7 @@ baseline's. A new task is a module with its task function and one line of `TASKS
 of that task's own table (`segmentation.PROTOCOLS`).
 
 Result names (the tasks in metrics/eval/<model>/<task>.json): knn, linear, logreg, retrieval, segmentation_linear,
-segmentation_ms, depth_linear, depth_linear4, depth_dpt, robustness.
+segmentation_ms, segmentation_m2f, depth_linear, depth_linear4, depth_dpt, robustness.
 """
 
 from __future__ import annotations

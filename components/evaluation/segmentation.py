@@ -1,4 +1,5 @@
-"""Semantic segmentation with a linear head on frozen patch tokens (DINOv2, section 7.4, "linear" and "+ms").
+"""The segmentation task: its protocols (`PROTOCOLS`), and the linear heads on frozen patch tokens (DINOv2, section
+7.4, "linear" and "+ms"); the paper's third protocol, ViT-Adapter + Mask2Former, is `mask2former/`.
 
 - `linear`: the last block's patch-token map (B, D, h, w) -> BatchNorm -> 1x1 convolution to C classes; logits
   upsampled bilinearly to the mask. This is DINOv2's `BNHead` on one layer.

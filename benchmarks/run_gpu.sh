@@ -6,7 +6,8 @@
 # Appends one JSON line per benchmark to OUT_DIR/results.jsonl ({"bench", "args", "rc", "seconds", "result"}) and
 # every benchmark's stderr to OUT_DIR/log.txt. Order: the same-card baseline of the release's model code first, then
 # this project's backbone (compiled blocks), the full training step of ViT-g/14, the evaluation stage for ViT-L/14
-# and ViT-g/14, the ViT-g/14 step with compiled blocks, the backbone without compilation, the ViT-L/14 step. A
+# and ViT-g/14, the ViT-g/14 step with compiled blocks, the backbone without compilation, the ViT-L/14 step, then the
+# Mask2Former segmentation protocol's training step at the paper's 896 px crops for ViT-L/14 and ViT-g/14. A
 # benchmark that fails or runs out of time is recorded with its exit status and the rest still run. PYTHON picks
 # the interpreter (default: python3); ONLY="NAME ..." runs only the named benchmarks.
 set -u
@@ -52,3 +53,5 @@ bench eval_vit_giant2 200 eval_features.py --arch vit_giant2 --device cuda --wor
 bench train_step_g16_compiled 200 train_step.py --arch vit_giant2 --batch-per-gpu 16 --steps 8 --compile
 bench backbone_eager 100 backbone.py --arch vit_large vit_giant2 --no-compile --iters 10
 bench train_step_l32_compiled 150 train_step.py --arch vit_large --batch-per-gpu 32 --steps 8 --compile
+bench m2f_train_l14_896 180 m2f_train.py --arch vit_large --device cuda --crop 896 --batch 4 --steps 6
+bench m2f_train_g14_896 240 m2f_train.py --arch vit_giant2 --device cuda --crop 896 --batch 2 --steps 6

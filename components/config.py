@@ -549,14 +549,47 @@ class EvaluateConfig(Section):
     """Image scales whose features are averaged for retrieval (DINO's multi-scale: 1, 0.707, 0.5)."""
     retrieval_positive_distance: float | None = Field(None, gt=0.0)
     """With eval/retrieval/positions.csv: database images within this distance are positives (25 m in Pitts30k)."""
-    segmentation_variants: tuple[Literal["linear", "ms"], ...] = ("linear", "ms")
-    """Segmentation heads: `linear` (last block) and `ms` (the paper's +ms: last 4 blocks, multi-scale, flip)."""
+    segmentation_variants: tuple[Literal["linear", "ms", "mask2former"], ...] = ("linear", "ms")
+    """Segmentation protocols: `linear` (last block), `ms` (the paper's +ms: last 4 blocks, multi-scale, flip) and
+    `mask2former` (ViT-Adapter + Mask2Former trained on the frozen backbone, the paper's headline; results
+    `segmentation_m2f`; the `m2f_*` keys)."""
     segmentation_ms_scales: tuple[float, ...] = (1.0, 1.32, 1.73, 2.28, 3.0)
     """Test-time scales of the +ms variant."""
     segmentation_epochs: int = Field(20, ge=1, le=10000)
     """Passes over the cached train features for the segmentation heads."""
     segmentation_lr: float = Field(1e-3, gt=0.0)
     """AdamW learning rate of the segmentation heads."""
+    m2f_crop_size: int = Field(896, ge=56, le=2048)
+    """Mask2Former: training crop and sliding-window side in px (rounded down to the patch size); test images are
+    resized to this shorter side. At least 56: the adapter's 1/32 level then has 2 x 2 positions to normalise."""
+    m2f_scale_range: tuple[float, float] = (0.5, 2.0)
+    """Mask2Former: each training image is rescaled to a shorter side of crop x U(low, high) before the crop."""
+    m2f_stride: int | None = Field(None, ge=1)
+    """Mask2Former: sliding-window stride in px; null: 2/3 of the crop."""
+    m2f_iterations: int = Field(40000, ge=1)
+    """Mask2Former: optimizer steps."""
+    m2f_batch_size: int = Field(16, ge=2)
+    """Mask2Former: crops per step (at least 2: the adapter's BatchNorms); also windows per inference batch."""
+    m2f_lr: float = Field(1e-4, gt=0.0)
+    """Mask2Former: AdamW peak learning rate (poly decay of power 0.9 after the warm-up)."""
+    m2f_weight_decay: float = Field(0.05, ge=0.0)
+    """Mask2Former: AdamW weight decay (not on biases, norms and embeddings)."""
+    m2f_warmup_iterations: int = Field(1500, ge=0)
+    """Mask2Former: linear warm-up steps (below m2f_iterations)."""
+    m2f_num_queries: int = Field(100, ge=1, le=1000)
+    """Mask2Former: object queries N."""
+    m2f_hidden_dim: int = Field(256, ge=32, le=2048)
+    """Mask2Former: width of the pixel decoder, queries and mask embeddings (a multiple of 32; FFNs 8x and 4x)."""
+    m2f_decoder_layers: int = Field(9, ge=1, le=64)
+    """Mask2Former: masked-attention decoder layers (round-robin over the 1/32, 1/16, 1/8 features)."""
+    m2f_encoder_layers: int = Field(6, ge=0, le=64)
+    """Mask2Former: deformable-attention encoder layers of the pixel decoder."""
+    m2f_num_points: int = Field(12544, ge=16)
+    """Mask2Former: points per mask at which the matching costs and the mask losses are computed (112 x 112)."""
+    m2f_adapter_inplanes: int = Field(64, ge=4, le=512)
+    """ViT-Adapter: width of the spatial prior module's stem (its 1/8, 1/16, 1/32 stages have 2x, 4x, 4x)."""
+    m2f_activation_checkpointing: bool = True
+    """ViT-Adapter: recompute the frozen blocks' activations in the backward pass (ViT-g/14 at 896 px on one GPU)."""
     depth_heads: tuple[Literal["linear", "linear4", "dpt"], ...] = ("linear", "linear4", "dpt")
     """Depth heads: DINOv2's linear head on the last 1 or 4 blocks (256 bins), and the DPT decoder."""
     depth_bins: int = Field(256, ge=2, le=4096)
@@ -620,6 +653,14 @@ class EvaluateConfig(Section):
             raise ValueError("evaluate.depth_heads is empty while depth is a task")
         if "robustness" in self.tasks and self.robustness_classifier == "linear" and "linear" not in self.tasks:
             raise ValueError("evaluate.robustness_classifier = 'linear' needs 'linear' in evaluate.tasks")
+        low, high = self.m2f_scale_range
+        if not 0.0 < low <= high:
+            raise ValueError(f"evaluate.m2f_scale_range = {list(self.m2f_scale_range)}: expected 0 < low <= high")
+        if self.m2f_hidden_dim % 32:
+            raise ValueError(f"evaluate.m2f_hidden_dim = {self.m2f_hidden_dim} is not a multiple of 32 (GroupNorm)")
+        if self.m2f_warmup_iterations >= self.m2f_iterations:
+            raise ValueError(f"evaluate.m2f_warmup_iterations = {self.m2f_warmup_iterations} must be below "
+                             f"m2f_iterations = {self.m2f_iterations}")  # fmt: skip
         if self.depth_max is not None and self.depth_max <= self.depth_min:
             raise ValueError(f"evaluate.depth_max = {self.depth_max} must exceed depth_min = {self.depth_min}")
         return self
@@ -804,15 +845,27 @@ def validate_config(raw: dict[str, Any], source: str = DEFAULT_PARAMS) -> Pipeli
         raise ConfigError(_format_errors(err, source, raw)) from None
 
 
-def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Reads params.yaml as a plain mapping (an empty file is an empty mapping)."""
+def _read_yaml(path: str | Path, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: params file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Reads params.yaml as a plain mapping (an empty file is an empty mapping)."""
+    return _read_yaml(path, "params file")
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe (infra/recipes/*.yaml): a flat mapping of dotted params.yaml keys to values, the overrides `--set`
+    takes, kept in a file (the paper's protocol for one benchmark, for example)."""
+    raw = _read_yaml(path, "recipe")
+    if not isinstance(raw, dict) or any(not isinstance(k, str) or isinstance(v, dict) for k, v in raw.items()):
+        raise ConfigError(f"{path}: a recipe maps dotted keys to values (evaluate.m2f_lr: 1.0e-4), one per line")
     return raw
 
 
@@ -858,30 +911,39 @@ class SectionView:
     """A read-only view of a config through which a reader reaches only the sections it declares.
 
     Reading another section raises `ConfigError` naming the reader, the section and the declared ones, so that
-    what a stage declares (dvc.yaml's `params`, which decide when DVC re-runs it) is what it reads. `tracking` is
-    readable by every stage: where runs are logged changes no output. Everything else (`model_dump`, the declared
-    sections' values) is the config's own.
+    what a stage declares (dvc.yaml's `params`, which decide when DVC re-runs it) is what it reads. A dotted
+    declaration (`data.raw`) lets the reader reach that one key of the section. `tracking` is readable by every
+    stage: where runs are logged changes no output. Everything else (`model_dump`, the declared values) is the
+    config's own.
     """
 
     UNDECLARED_READABLE = ("tracking",)
 
-    def __init__(self, cfg: PipelineConfig, sections: tuple[str, ...], reader: str) -> None:
+    def __init__(self, cfg: BaseModel, sections: tuple[str, ...], reader: str, prefix: str = "") -> None:
         object.__setattr__(self, "_cfg", cfg)
         object.__setattr__(self, "_sections", tuple(sections))
         object.__setattr__(self, "_reader", reader)
+        object.__setattr__(self, "_prefix", prefix)
 
     def __getattr__(self, name: str) -> Any:
-        if name in PipelineConfig.model_fields and name not in (*self._sections, *self.UNDECLARED_READABLE):
-            raise ConfigError(
-                f"{self._reader} reads params section {name!r}, which it does not declare (it declares "
-                f"{', '.join(self._sections)}): declare it in components/stages/specs.py and dvc.yaml"
-            )
-        return getattr(self._cfg, name)
+        value = getattr(self._cfg, name)
+        if name not in type(self._cfg).model_fields:
+            return value  # methods (`model_dump`, ...) and other attributes
+        key = f"{self._prefix}{name}"
+        if key in self._sections or (not self._prefix and name in self.UNDECLARED_READABLE):
+            return value
+        keys = tuple(s for s in self._sections if s.startswith(f"{key}."))
+        if keys:  # a section read in part: its declared keys only
+            return SectionView(value, keys, self._reader, prefix=f"{key}.")
+        raise ConfigError(
+            f"{self._reader} reads params {'key' if self._prefix else 'section'} {key!r}, which it does not declare "
+            f"(it declares {', '.join(self._sections)}): declare it in components/stages/specs.py and dvc.yaml"
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("a config is frozen")
 
 
 def restrict_sections(cfg: PipelineConfig, sections: tuple[str, ...], *, reader: str) -> PipelineConfig:
-    """`cfg` seen through a `SectionView` that lets `reader` read only `sections`."""
+    """`cfg` seen through a `SectionView` that lets `reader` read only `sections` (and `data.raw`-style keys)."""
     return SectionView(cfg, sections, reader)  # type: ignore[return-value]

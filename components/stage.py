@@ -108,6 +108,12 @@ def _flat_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]
     return out
 
 
+def _section(tree: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
 def _process_age_s() -> float:
     return max(0.0, time.time() - psutil.Process().create_time())
 
@@ -131,7 +137,7 @@ def stage_run(
     from components.stages.specs import sections_of
 
     dumped = cfg.model_dump(mode="json")
-    params = flatten({s: dumped[s] for s in sections_of(name)})  # the sections the stage reads
+    params = flatten({s: _section(dumped, s) for s in sections_of(name)})  # the sections the stage reads
     with start_run(
         name,
         cfg.tracking.experiment,

@@ -5,11 +5,13 @@ parent through the `DINOV2_PARENT_RUN_ID` environment variable, which the flow s
 stage started on its own (CLI or plain `dvc repro`) opens a top-level run. Only rank 0 of a distributed stage logs.
 
 Tracking URI: `MLFLOW_TRACKING_URI` when set, else a SQLite file `mlflow.db` in the working directory, with artifacts
-under `mlartifacts/`. `DINOV2_TRACKING=off` turns tracking off (a `NullTracker`).
+under `mlartifacts/`. `DINOV2_TRACKING=off` turns tracking off (a `NullTracker`). The Model Registry is reached
+here too (`register_model`: a new version of a registered model, and its alias).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -176,3 +178,46 @@ def start_run(
         client.set_terminated(run.info.run_id, status="FAILED")
         raise
     client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def register_model(
+    *,
+    name: str,
+    run_id: str,
+    artifact_path: str,
+    tags: Mapping[str, Any],
+    description: str,
+    alias: str,
+    move_alias: bool,
+    root: Path | None = None,
+) -> dict[str, Any]:
+    """Registers `runs:/<run_id>/<artifact_path>` as a new version of `name`; moves `alias` to it if `move_alias`.
+
+    Returns:
+        {"name", "version", "source", "alias", "alias_moved", "previous_alias_version"}.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(root)
+    try:
+        client.create_registered_model(name, description="DINOv2 backbones from the pipeline's report stage")
+    except MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            raise
+    previous = None
+    with contextlib.suppress(MlflowException):  # no version holds the alias yet
+        previous = client.get_model_version_by_alias(name, alias).version
+    source = f"runs:/{run_id}/{artifact_path}"
+    version = client.create_model_version(
+        name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, description=description
+    )
+    if move_alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return {
+        "name": name,
+        "version": int(version.version),
+        "source": source,
+        "alias": alias,
+        "alias_moved": bool(move_alias),
+        "previous_alias_version": int(previous) if previous is not None else None,
+    }

@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from components.cli import EXIT_CONFIG_ERROR, EXIT_GATE_FAILED, STAGES
-from components.config import DEFAULT_PARAMS, Arch, ConfigError, load_config, parse_override
+from components.config import DEFAULT_PARAMS, Arch, ConfigError, load_config, parse_override, read_recipe
 from components.tracking import (
     FLOW_RUN_ENV,
     PARENT_RUN_ENV,
@@ -324,10 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--stage", help="run only this stage (and what it needs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params.yaml override")
+    parser.add_argument("--recipe", help="a YAML file of params.yaml overrides (infra/recipes/), before --set")
     parser.add_argument("--workdir", default=".", help="project checkout (default: .)")
     args = parser.parse_args(argv)
     try:
-        overrides = dict(parse_override(item) for item in args.set)
+        overrides = read_recipe(args.recipe) if args.recipe else {}
+        overrides.update(parse_override(item) for item in args.set)
         load_config(Path(args.workdir) / DEFAULT_PARAMS, overrides=overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

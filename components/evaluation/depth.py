@@ -23,13 +23,14 @@ metrics of an image-blind reference, the train split's mean depth map, tell whet
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components.config import EvaluateConfig
 from components.evaluation.datasets import DepthData, depth_range, load_depths
 from components.evaluation.features import (
     cache_on_device,
@@ -44,6 +45,9 @@ from components.evaluation.features import (
 )
 from components.evaluation.metrics import depth_metrics
 from components.log import get_logger
+
+if TYPE_CHECKING:
+    from components.evaluation.context import TaskContext, TaskOutputs
 
 log = get_logger(__name__)
 
@@ -261,99 +265,111 @@ def mean_map_metrics(
     return out
 
 
+def _head_and_inputs(
+    name: str, maps: dict[int, list[tuple[Tensor, Tensor]]], depth: int, cfg: EvaluateConfig, lo: float, hi: float
+) -> tuple[nn.Module, Any, Any, list[int]]:
+    """A fresh head of kind `name` and its (train, val) inputs built from the cached block maps."""
+    if name == "dpt":
+        blocks = dense_block_indices(depth, 4)
+        train_in: Any = [maps["train"][b] for b in blocks]
+        val_in: Any = [maps["val"][b] for b in blocks]
+        return DPTHead(train_in[0][0].shape[1], features=cfg.dpt_features, min_depth=lo), train_in, val_in, blocks
+    blocks = [depth - 1] if name == "linear" else list(range(max(0, depth - 4), depth))
+    train_in = linear_depth_input([maps["train"][b] for b in blocks])
+    val_in = linear_depth_input([maps["val"][b] for b in blocks])
+    head = LinearDepthHead(train_in.shape[1], n_bins=cfg.depth_bins, min_depth=lo, max_depth=hi)
+    return head, train_in, val_in, blocks
+
+
 def run_depth(
     model: nn.Module,
     data: DepthData,
+    cfg: EvaluateConfig,
     *,
     side: int,
-    heads: Sequence[str] = ("linear", "linear4"),
-    n_bins: int = 256,
-    min_depth: float = 1e-3,
-    max_depth: float | None = None,
-    epochs: int = 20,
-    lr: float = 1e-3,
-    batch_size: int = 16,
-    dpt_features: int = 256,
     device: str = "cpu",
     mean: Sequence[float],
     std: Sequence[float],
     seed: int = 0,
-    num_samples: int = 4,
-    feature_batch_size: int = 64,
 ) -> tuple[dict[str, tuple[dict[str, float], dict[str, Any]]], dict[str, np.ndarray]]:
-    """Trains and scores each depth head.
+    """Trains and scores each depth head of `cfg.depth_heads`.
 
     Returns:
         ({head: (Eigen metrics; details)}, samples for the report: the first val images, ground truth and the last
         head's predictions at `side` px). Each head's details hold `mean_map`: the metrics of the image-blind
         reference (`mean_map_metrics`), which a head that reads the image beats.
     """
-    patch = int(model.patch_size)
-    side = patch_multiple(side, patch)
+    side = patch_multiple(side, int(model.patch_size))
     depths_train, depths_val = load_depths(data, "train"), load_depths(data, "val")
-    lo, hi = depth_range(data, depths_train, min_depth, max_depth)
+    lo, hi = depth_range(data, depths_train, cfg.depth_min, cfg.depth_max)
     depth = num_blocks(model)
-    needed = sorted({*range(max(0, depth - 4), depth), *(dense_block_indices(depth, 4) if "dpt" in heads else ())})
-    kwargs = dict(batch_size=feature_batch_size, device=device, mean=mean, std=std)
-    train_images = load_images(data.splits["train"].image_uris, side, crop=False)
+    needed = sorted({*range(max(0, depth - 4), depth), *(dense_block_indices(depth, 4) if "dpt" in cfg.depth_heads
+                                                        else ())})  # fmt: skip
+    kwargs = dict(batch_size=cfg.batch_size, device=device, mean=mean, std=std)
     val_images = load_images(data.splits["val"].image_uris, side, crop=False)
-    train_maps = dict(zip(needed, extract_patch_maps(model, train_images, blocks=needed, **kwargs), strict=True))
-    val_maps = dict(zip(needed, extract_patch_maps(model, val_images, blocks=needed, **kwargs), strict=True))
+    maps = {
+        split: dict(zip(needed, extract_patch_maps(model, images, blocks=needed, **kwargs), strict=True))
+        for split, images in (("train", load_images(data.splits["train"].image_uris, side, crop=False)),
+                              ("val", val_images))
+    }  # fmt: skip
     results: dict[str, tuple[dict[str, float], dict[str, Any]]] = {}
     samples: dict[str, np.ndarray] = {}
     reference = mean_map_metrics(depths_train, depths_val, side=side, min_depth=lo, max_depth=hi, crop=data.eval_crop)
     torch.manual_seed(seed)
-    for name in heads:
+    for name in cfg.depth_heads:
         if name not in HEADS:
             raise ValueError(f"unknown depth head {name!r}; known: {HEADS}")
-        if name == "dpt":
-            blocks = dense_block_indices(depth, 4)
-            train_in: Any = [train_maps[b] for b in blocks]
-            val_in: Any = [val_maps[b] for b in blocks]
-            head: nn.Module = DPTHead(train_in[0][0].shape[1], features=dpt_features, min_depth=lo)
-        else:
-            blocks = [depth - 1] if name == "linear" else list(range(max(0, depth - 4), depth))
-            train_in = linear_depth_input([train_maps[b] for b in blocks])
-            val_in = linear_depth_input([val_maps[b] for b in blocks])
-            head = LinearDepthHead(train_in.shape[1], n_bins=n_bins, min_depth=lo, max_depth=hi)
+        head, train_in, val_in, blocks = _head_and_inputs(name, maps, depth, cfg, lo, hi)
         with torch.no_grad():  # the loss is taken at the head's output resolution (targets nearest-resized to it)
             out_side = head(take_batch(train_in, torch.arange(1))).shape[-1]
-        targets = resize_depths(depths_train, out_side)
         head = _train_head(
-            head, train_in, targets, min_depth=lo, max_depth=hi, epochs=epochs, lr=lr, batch_size=batch_size,
-            seed=seed, device=device,
+            head, train_in, resize_depths(depths_train, out_side), min_depth=lo, max_depth=hi, epochs=cfg.depth_epochs,
+            lr=cfg.depth_lr, batch_size=cfg.head_batch_size, seed=seed, device=device,
         )  # fmt: skip
-        out = predict_batches(head, val_in, batch_size=batch_size, device=device)  # (N, 1, h', w')
+        out = predict_batches(head, val_in, batch_size=cfg.head_batch_size, device=device)  # (N, 1, h', w')
         preds = [
             F.interpolate(out[i : i + 1], size=d.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
             for i, d in enumerate(depths_val)
         ]
         metrics = depth_metrics(preds, depths_val, min_depth=lo, max_depth=hi, crop=data.eval_crop)
-        num_images = metrics.pop("num_images")
         details = {
-            "blocks": blocks,
-            "min_depth": lo,
-            "max_depth": hi,
-            "eval_crop": data.eval_crop,
-            "n_bins": n_bins if name != "dpt" else None,
-            "side": side,
-            "num_train": len(depths_train),
-            "num_val_scored": int(num_images),
-            "mean_map": reference,
-        }
+            "blocks": blocks, "min_depth": lo, "max_depth": hi, "eval_crop": data.eval_crop,
+            "n_bins": cfg.depth_bins if name != "dpt" else None, "side": side, "num_train": len(depths_train),
+            "num_val_scored": int(metrics.pop("num_images")), "mean_map": reference,
+        }  # fmt: skip
         results[name] = (metrics, details)
-        k = min(num_samples, len(depths_val))
-        samples = {
-            "depth_images": val_images[:k],
-            "depth_gt": resize_depths(depths_val[:k], side)[:, 0].numpy().astype(np.float16),
-            "depth_pred": np.stack([resize_depths([p], side)[0, 0].numpy() for p in preds[:k]]).astype(np.float16),
-            "depth_range": np.asarray([lo, hi], np.float32),
-        }
-        log.info(
-            "depth %s: RMSE %.3f, AbsRel %.3f, delta1 %.3f",
-            name,
-            metrics["rmse"],
-            metrics["abs_rel"],
-            metrics["delta1"],
-        )
+        samples = _depth_samples(val_images, depths_val, preds, side, cfg.num_figure_samples, lo, hi)
+        log.info("depth %s: RMSE %.3f, AbsRel %.3f, delta1 %.3f", name, metrics["rmse"], metrics["abs_rel"],
+                 metrics["delta1"])  # fmt: skip
     return results, samples
+
+
+def _depth_samples(
+    images: np.ndarray,
+    depths: Sequence[np.ndarray],
+    preds: Sequence[np.ndarray],
+    side: int,
+    k: int,
+    lo: float,
+    hi: float,
+) -> dict[str, np.ndarray]:
+    """The first `k` val images, their ground truth and predictions at `side` px, for the report's figure."""
+    k = min(k, len(depths))
+    if not k:
+        return {}
+    return {
+        "depth_images": images[:k],
+        "depth_gt": resize_depths(depths[:k], side)[:, 0].numpy().astype(np.float16),
+        "depth_pred": np.stack([resize_depths([p], side)[0, 0].numpy() for p in preds[:k]]).astype(np.float16),
+        "depth_range": np.asarray([lo, hi], np.float32),
+    }
+
+
+def depth_task(ctx: TaskContext) -> TaskOutputs:
+    """The `depth` task: every configured head, results as `depth_<head>`."""
+    mean, std = ctx.mean_std
+    assert ctx.data.depth is not None
+    results, samples = run_depth(ctx.model, ctx.data.depth, ctx.cfg, side=ctx.dense_side, device=ctx.device,
+                                 mean=mean, std=std, seed=ctx.seed)  # fmt: skip
+    ctx.result.samples.update(samples)
+    return {f"depth_{name}": out for name, out in results.items()}

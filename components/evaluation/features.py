@@ -74,7 +74,7 @@ def normalize(images: np.ndarray | Tensor, mean: Sequence[float], std: Sequence[
     return (x - mean_t) / std_t
 
 
-def _autocast(device: str):  # noqa: ANN202 - a context manager
+def device_autocast(device: str):  # noqa: ANN202 - a context manager
     # bf16 on GPUs as DINOv2's evaluations run; fp32 on the CPU (bf16 matmuls are slow there).
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
@@ -172,7 +172,7 @@ def extract_features(
             if scale != 1.0:
                 size = [patch_multiple(round(s * scale), patch) for s in x.shape[-2:]]
                 xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
-            with _autocast(device):
+            with device_autocast(device):
                 outputs = model.get_intermediate_layers(xs, n, return_class_token=True, norm=True)
             cls = torch.stack([c for _, c in outputs], dim=1).float()  # (B, n, D)
             pooled = outputs[-1][0].float().mean(dim=1)  # (B, D)
@@ -267,7 +267,7 @@ def extract_patch_maps(
         x = normalize(images[start : start + batch_size], mean, std, device)  # (B, 3, H, W)
         if flip:
             x = x.flip(-1)
-        with _autocast(device):
+        with device_autocast(device):
             outputs = model.get_intermediate_layers(x, unique, reshape=True, return_class_token=True, norm=True)
         for b, (fmap, cls) in zip(unique, outputs, strict=True):
             maps[b].append(fmap.float().cpu())  # (B, D, h, w)

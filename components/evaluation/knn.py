@@ -10,7 +10,7 @@ the accuracy over several draws.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from components.evaluation.metrics import knn_vote, topk_accuracy
+
+if TYPE_CHECKING:
+    from components.evaluation.context import TaskContext, TaskOutputs
 
 HEADLINE_K = 20
 
@@ -100,3 +103,14 @@ def evaluate_knn(
         metrics[f"fewshot_{n}_top1"] = float(np.mean(accs))
         details[f"fewshot_{n}_top1_std"] = float(np.std(accs))
     return metrics, details
+
+
+def knn_task(ctx: TaskContext) -> TaskOutputs:
+    """The `knn` task: the train split's CLS outputs as the memory bank, the test split scored."""
+    feats, labels, cfg = ctx.classification_features(), ctx.labels, ctx.cfg
+    metrics, details = evaluate_knn(
+        feats["train"].output, labels["train"], feats["test"].output, labels["test"], num_classes=ctx.num_classes,
+        ks=cfg.knn_k, temperature=cfg.knn_temperature, few_shot=cfg.knn_few_shot,
+        few_shot_tries=cfg.knn_few_shot_tries, seed=ctx.seed,
+    )  # fmt: skip
+    return {"knn": (metrics, details)}

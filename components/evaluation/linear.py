@@ -20,7 +20,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from torch import Tensor
 
 from components.evaluation.features import ImageFeatures, head_threads
 from components.evaluation.metrics import topk_accuracy
+
+if TYPE_CHECKING:
+    from components.evaluation.context import TaskContext, TaskOutputs
 
 PAPER_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 """DINOv2's learning-rate grid for linear probes."""
@@ -234,3 +237,26 @@ def evaluate_logreg(
         "val_top1": val_acc[best_c],
     }
     return metrics, {"best_c": best_c, "val_top1": {f"{c:.3g}": a for c, a in val_acc.items()}}
+
+
+def linear_task(ctx: TaskContext) -> TaskOutputs:
+    """The `linear` task: the probe grid on the shared features; the selected probe is kept in `ctx.probe` (the
+    robustness task's classifier)."""
+    feats, labels, cfg = ctx.classification_features(), ctx.labels, ctx.cfg
+    metrics, details, ctx.probe = evaluate_linear(
+        feats["train"], labels["train"], feats.get("val", ctx.empty_features()), labels["val"], feats["test"],
+        labels["test"], num_classes=ctx.num_classes, lrs=cfg.linear_lrs, n_blocks=cfg.linear_n_blocks,
+        avgpool=cfg.linear_avgpool, epochs=cfg.linear_epochs, batch_size=cfg.linear_batch_size, seed=ctx.seed,
+    )  # fmt: skip
+    return {"linear": (metrics, details)}
+
+
+def logreg_task(ctx: TaskContext) -> TaskOutputs:
+    """The `logreg` task: logistic regression on the shared CLS outputs."""
+    feats, labels, cfg = ctx.classification_features(), ctx.labels, ctx.cfg
+    val = feats["val"].output if "val" in feats else torch.zeros(0, feats["train"].output.shape[1])
+    metrics, details = evaluate_logreg(
+        feats["train"].output, labels["train"], val, labels["val"], feats["test"].output, labels["test"],
+        num_c=cfg.logreg_num_c, max_iter=cfg.logreg_max_iter, seed=ctx.seed,
+    )  # fmt: skip
+    return {"logreg": (metrics, details)}

@@ -67,6 +67,7 @@ HEADLINE_METRICS: dict[str, str] = {
     "retrieval": "map",
     "segmentation_linear": "miou",
     "segmentation_ms": "miou",
+    "segmentation_m2f": "miou",
     "depth_linear": "rmse",
     "depth_linear4": "rmse",
     "depth_dpt": "rmse",

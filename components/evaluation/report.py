@@ -6,17 +6,17 @@ runs a backbone. Outputs (the report stage writes them under reports/comparison/
   best value of each column in bold, then every metric of every task;
 - figures (PNG): PCA of patch features shown as RGB (the paper's Figure 1: a first PCA over all patches separates
   foreground from background by thresholding the first component, a second PCA on the foreground patches maps three
-  components to RGB), retrieval neighbours, segmentation and depth predictions beside the ground truth, robustness by
-  severity, kNN accuracy against k;
+  components to RGB), retrieval neighbours, segmentation and depth predictions beside the ground truth (and the
+  Mask2Former protocol's beside the linear head's), robustness by severity, kNN accuracy against k;
 - the quality gate: the best candidate (by `report.gate_metric`) must reach `gate_min` and, optionally, beat the
   baseline on every task's headline metric; checked by Great Expectations (components/gates.py);
-- the registry: the best candidate is registered as a new version of `report.registered_model` with its metrics as
-  tags; the `champion` alias moves to it only when the gate passes.
+- the registry entry (written by the report stage through the tracking seam, `tracking.register_model`): the best
+  candidate as a new version of `report.registered_model` with its metrics as tags; the `champion` alias moves to it
+  only when the gate passes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import math
@@ -331,24 +331,42 @@ def figure_retrieval(samples: Mapping[str, np.ndarray], model: str, path: Path) 
     return path
 
 
-def figure_segmentation(samples: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> Path | None:
-    """Per sample: image, ground truth, each model's prediction."""
-    models = [m for m, s in samples.items() if "seg_pred" in s]
-    if not models:
-        return None
-    ref = samples[models[0]]
+def _segmentation_grid(
+    samples: Mapping[str, Mapping[str, np.ndarray]], columns: Sequence[tuple[str, str, str]], path: Path
+) -> Path:
+    """Per sample (row): image, ground truth, then one column per (model, sample key, title)."""
+    ref = samples[columns[0][0]]
     palette = segmentation_palette(int(ref["seg_num_classes"]))
     k = len(ref["seg_images"])
-    fig, axes = _figure(k, 2 + len(models))
+    fig, axes = _figure(k, 2 + len(columns))
     for i in range(k):
         axes[i, 0].imshow(ref["seg_images"][i])
         axes[i, 1].imshow(palette[ref["seg_gt"][i]])
-        for j, name in enumerate(models):
-            axes[i, 2 + j].imshow(palette[samples[name]["seg_pred"][i]])
-    for j, title in enumerate(["image", "ground truth", *models]):
-        axes[0, j].set_title(title, fontsize=8)
+        for j, (name, key, _) in enumerate(columns):
+            axes[i, 2 + j].imshow(palette[samples[name][key][i]])
+    for j, title in enumerate(["image", "ground truth", *(title for _, _, title in columns)]):
+        axes[0, j].set_title(title, fontsize=7)
     fig.savefig(path)
     return path
+
+
+def figure_segmentation(samples: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> Path | None:
+    """Per sample: image, ground truth, each model's prediction (its last linear head)."""
+    columns = [(m, "seg_pred", m) for m, s in samples.items() if "seg_pred" in s]
+    return _segmentation_grid(samples, columns, path) if columns else None
+
+
+def figure_segmentation_m2f(samples: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> Path | None:
+    """Per sample: image, ground truth, then for each model with a Mask2Former prediction its linear head's
+    prediction and the Mask2Former one."""
+    columns = [
+        (m, key, f"{m}\n{title}")
+        for m, s in samples.items()
+        if "seg_pred_m2f" in s
+        for key, title in (("seg_pred", "linear head"), ("seg_pred_m2f", "Mask2Former"))
+        if key in s
+    ]
+    return _segmentation_grid(samples, columns, path) if columns else None
 
 
 def figure_depth(samples: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> Path | None:
@@ -423,6 +441,7 @@ def render_figures(evals: Path, models: Sequence[Mapping[str, Any]], out: Path) 
     written = [
         figure_pca(samples, out / "pca_patch_features.png"),
         figure_segmentation(samples, out / "segmentation.png"),
+        figure_segmentation_m2f(samples, out / "segmentation_m2f.png"),
         figure_depth(samples, out / "depth.png"),
         figure_robustness({n: t for n in names if (t := load_task(evals, n, "robustness"))}, out / "robustness.png"),
         figure_knn({n: t for n in names if (t := load_task(evals, n, "knn"))}, out / "knn_k.png"),
@@ -432,7 +451,7 @@ def render_figures(evals: Path, models: Sequence[Mapping[str, Any]], out: Path) 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Quality gate and registry
+# Quality gate
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -469,45 +488,3 @@ def quality_gate_frame(
     return pd.DataFrame(
         [{"model": candidate, "task": t, "metric": m, "value": v, "lower": lo, "upper": hi} for t, m, v, lo, hi in rows]
     )
-
-
-def register_model(
-    client: Any,
-    *,
-    name: str,
-    run_id: str,
-    artifact_path: str,
-    tags: Mapping[str, Any],
-    description: str,
-    alias: str,
-    move_alias: bool,
-) -> dict[str, Any]:
-    """Registers `runs:/<run_id>/<artifact_path>` as a new version of `name`; moves `alias` to it if `move_alias`.
-
-    Returns:
-        {"name", "version", "source", "alias", "alias_moved", "previous_alias_version"}.
-    """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name, description="DINOv2 backbones from the pipeline's report stage")
-    except MlflowException as err:
-        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
-            raise
-    previous = None
-    with contextlib.suppress(MlflowException):  # no version holds the alias yet
-        previous = client.get_model_version_by_alias(name, alias).version
-    source = f"runs:/{run_id}/{artifact_path}"
-    version = client.create_model_version(
-        name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, description=description
-    )
-    if move_alias:
-        client.set_registered_model_alias(name, alias, version.version)
-    return {
-        "name": name,
-        "version": int(version.version),
-        "source": source,
-        "alias": alias,
-        "alias_moved": bool(move_alias),
-        "previous_alias_version": int(previous) if previous is not None else None,
-    }

@@ -10,13 +10,16 @@ an exact matrix product is the whole search; the project's faiss module is meant
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
 from components.evaluation.metrics import positives_by_distance, positives_by_label, retrieval_metrics
+
+if TYPE_CHECKING:
+    from components.evaluation.context import TaskContext, TaskOutputs
 
 
 def evaluate_retrieval(
@@ -63,3 +66,27 @@ def evaluate_retrieval(
         "neighbor_is_positive": np.take_along_axis(positives, order, axis=1).tolist(),
     }
     return metrics, details
+
+
+def retrieval_task(ctx: TaskContext) -> TaskOutputs:
+    """The `retrieval` task: queries against the database at `retrieval_scales`; the first queries and their
+    neighbours are kept for the report's figure."""
+    r, cfg, cache, side = ctx.data.retrieval, ctx.cfg, ctx.cache, ctx.side
+    assert r is not None
+    kw = dict(n_blocks=1, scales=cfg.retrieval_scales, **ctx.extract_kwargs)
+    q = cache.features(ctx.model, "retrieval", "query", side, **kw).output
+    db = cache.features(ctx.model, "retrieval", "database", side, **kw).output
+    ctx.num_extracted += (len(r.query) + len(r.database)) * len(cfg.retrieval_scales)
+    metrics, details = evaluate_retrieval(
+        q, db, r.query.labels, r.database.labels, ks=cfg.retrieval_ks, query_xy=r.query_xy,
+        database_xy=r.database_xy, positive_distance=cfg.retrieval_positive_distance,
+    )  # fmt: skip
+    k = min(cfg.num_figure_samples, len(r.query))
+    neighbors = np.asarray(details["neighbors"][:k], dtype=np.int64)  # (k, 5)
+    ctx.result.samples.update({
+        "retrieval_queries": cache.subset("retrieval", "query", side, np.arange(k)),
+        "retrieval_neighbors": cache.subset("retrieval", "database", side, neighbors)
+        if k else np.zeros((0, 0, side, side, 3), np.uint8),
+        "retrieval_positive": np.asarray(details["neighbor_is_positive"][:k], dtype=bool),
+    })  # fmt: skip
+    return {"retrieval": (metrics, details)}

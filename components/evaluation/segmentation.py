@@ -1,4 +1,5 @@
-"""Semantic segmentation with a linear head on frozen patch tokens (DINOv2, section 7.4, "linear" and "+ms").
+"""The segmentation task: its protocols (`PROTOCOLS`), and the linear heads on frozen patch tokens (DINOv2, section
+7.4, "linear" and "+ms"); the paper's third protocol, ViT-Adapter + Mask2Former, is `mask2former/`.
 
 - `linear`: the last block's patch-token map (B, D, h, w) -> BatchNorm -> 1x1 convolution to C classes; logits
   upsampled bilinearly to the mask. This is DINOv2's `BNHead` on one layer.
@@ -16,27 +17,31 @@ upsampled to each mask), so mIoU is measured on the original ground truth.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.evaluation.datasets import SegmentationData, load_masks, num_segmentation_classes
+from components.config import EvaluateConfig
+from components.evaluation.context import SegmentationSet, SegOutcome
+from components.evaluation.datasets import SegmentationData
 from components.evaluation.features import (
     cache_on_device,
     extract_patch_maps,
     head_threads,
-    load_images,
-    num_blocks,
     patch_multiple,
     predict_batches,
     take_batch,
 )
-from components.evaluation.metrics import confusion_matrix, segmentation_scores
+from components.evaluation.mask2former.protocol import mask2former_protocol
 from components.log import get_logger
+
+if TYPE_CHECKING:
+    from components.evaluation.context import TaskContext, TaskOutputs
 
 log = get_logger(__name__)
 
@@ -107,98 +112,125 @@ def _concat_maps(maps: list[tuple[Tensor, Tensor]]) -> Tensor:
     return torch.cat([m for m, _ in maps], dim=1)  # (N, sum D, h, w)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The task: protocols on one segmentation set
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _train_linear(seg: SegmentationSet, cfg: EvaluateConfig, blocks: Sequence[int]) -> LinearSegHead:
+    patch = int(seg.model.patch_size)
+    maps = seg.train_maps()
+    feats = _concat_maps(maps[len(maps) - len(blocks) :])
+    # The loss is taken at 4x the patch grid (targets nearest-resized) rather than at the full mask: at these head
+    # sizes the upsampling to full resolution would dominate training time and adds little to a linear head.
+    targets = resize_masks(seg.masks_train, min(seg.side, 4 * (seg.side // patch)))
+    return train_seg_head(
+        feats, targets, num_classes=seg.num_classes, ignore_index=seg.data.ignore_index, epochs=cfg.segmentation_epochs,
+        lr=cfg.segmentation_lr, batch_size=cfg.head_batch_size, seed=seg.seed, device=seg.device,
+    )  # fmt: skip
+
+
+def _linear_protocol(seg: SegmentationSet, cfg: EvaluateConfig, *, multiscale: bool) -> SegOutcome:
+    """The linear head (last block) or +ms (last 4 blocks, multi-scale and flipped test inputs): softmax
+    probabilities averaged at each mask's resolution."""
+    patch = int(seg.model.patch_size)
+    blocks = seg.last4 if multiscale else seg.last4[-1:]
+    head = _train_linear(seg, cfg, blocks)
+    scales = tuple(cfg.segmentation_ms_scales) if multiscale else (1.0,)
+    flips = (False, True) if multiscale else (False,)
+    probs: list[Tensor | None] = [None] * len(seg.masks_val)
+    for scale in scales:
+        images = seg.val_images(patch_multiple(round(seg.side * scale), patch))
+        for flip in flips:
+            maps = extract_patch_maps(seg.model, images, blocks=blocks, flip=flip, **seg.extract_kwargs)
+            logits = predict_batches(head, _concat_maps(maps), batch_size=cfg.head_batch_size, device=seg.device)
+            if flip:
+                logits = logits.flip(-1)  # (N, C, h, w)
+            for i, mask in enumerate(seg.masks_val):
+                p = F.interpolate(logits[i : i + 1], size=mask.shape, mode="bilinear", align_corners=False)
+                p = p.softmax(dim=1)[0]  # (C, H, W)
+                probs[i] = p if probs[i] is None else probs[i] + p
+    preds = [p.argmax(dim=0).numpy().astype(np.uint8) for p in probs]  # (H, W) each
+    metrics, details = seg.score(preds)
+    details = {**details, "blocks": list(blocks), "scales": list(scales), "flip": len(flips) > 1, "side": seg.side}
+    return SegOutcome(metrics, details, preds)
+
+
+def linear_protocol(seg: SegmentationSet, cfg: EvaluateConfig) -> SegOutcome:
+    return _linear_protocol(seg, cfg, multiscale=False)
+
+
+def ms_protocol(seg: SegmentationSet, cfg: EvaluateConfig) -> SegOutcome:
+    return _linear_protocol(seg, cfg, multiscale=True)
+
+
+@dataclass(frozen=True)
+class SegProtocol:
+    """A segmentation protocol: its result name (`segmentation_<result>`), the function that trains and scores it,
+    and the figure sample its predictions go to."""
+
+    result: str
+    run: Callable[[SegmentationSet, EvaluateConfig], SegOutcome]
+    sample: str = "seg_pred"
+
+
+PROTOCOLS: dict[str, SegProtocol] = {
+    "linear": SegProtocol("linear", linear_protocol),
+    "ms": SegProtocol("ms", ms_protocol),
+    "mask2former": SegProtocol("m2f", mask2former_protocol, "seg_pred_m2f"),
+}
+"""`evaluate.segmentation_variants` -> protocol."""
+
+
 def run_segmentation(
     model: nn.Module,
     data: SegmentationData,
+    cfg: EvaluateConfig,
     *,
     side: int,
-    variants: Sequence[str] = VARIANTS,
-    ms_scales: Sequence[float] = (1.0, 1.32, 1.73),
-    epochs: int = 20,
-    lr: float = 1e-3,
-    batch_size: int = 16,
     device: str = "cpu",
     mean: Sequence[float],
     std: Sequence[float],
     seed: int = 0,
-    num_samples: int = 4,
-    feature_batch_size: int = 64,
 ) -> tuple[dict[str, tuple[dict[str, float], dict[str, Any]]], dict[str, np.ndarray]]:
-    """Trains and scores each head variant on the split's masks.
+    """Trains and scores each protocol of `cfg.segmentation_variants` on the split's masks.
 
     Returns:
-        ({variant: (metrics `miou`, `pixel_acc`, `macc`; details)}, samples for the report: the first val images,
-        their masks and the last variant's predictions, at `side` px).
+        ({result name: (metrics `miou`, `pixel_acc`, `macc`; details)}, samples for the report: the first val
+        images, their masks and each protocol's predictions (the linear heads': the last one's), at `side` px).
     """
-    patch = int(model.patch_size)
-    side = patch_multiple(side, patch)
-    masks_train, masks_val = load_masks(data, "train"), load_masks(data, "val")
-    num_classes = num_segmentation_classes(data, [*masks_train, *masks_val])
-    depth = num_blocks(model)
-    last4 = list(range(max(0, depth - 4), depth))
-    kwargs = dict(batch_size=feature_batch_size, device=device, mean=mean, std=std)
-    train_images = load_images(data.splits["train"].image_uris, side, crop=False)
-    train_maps = extract_patch_maps(model, train_images, blocks=last4, **kwargs)
-    # The loss is taken at 4x the patch grid (targets nearest-resized) rather than at the full mask: at these head
-    # sizes the upsampling to full resolution would dominate training time and adds little to a linear head.
-    targets = resize_masks(masks_train, min(side, 4 * (side // patch)))
-    val_images: dict[int, np.ndarray] = {}
+    seg = SegmentationSet.load(model, data, side=side, device=device, mean=mean, std=std, seed=seed,
+                               feature_batch_size=cfg.batch_size)  # fmt: skip
     results: dict[str, tuple[dict[str, float], dict[str, Any]]] = {}
     samples: dict[str, np.ndarray] = {}
-    for variant in variants:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown segmentation variant {variant!r}; known: {VARIANTS}")
-        blocks = last4 if variant == "ms" else [depth - 1]
-        feats = _concat_maps(train_maps[-len(blocks) :])
-        head = train_seg_head(
-            feats, targets, num_classes=num_classes, ignore_index=data.ignore_index, epochs=epochs, lr=lr,
-            batch_size=batch_size, seed=seed, device=device,
-        )  # fmt: skip
-        scales = tuple(ms_scales) if variant == "ms" else (1.0,)
-        flips = (False, True) if variant == "ms" else (False,)
-        probs: list[Tensor | None] = [None] * len(masks_val)
-        for scale in scales:
-            s_side = patch_multiple(round(side * scale), patch)
-            if s_side not in val_images:
-                val_images[s_side] = load_images(data.splits["val"].image_uris, s_side, crop=False)
-            for flip in flips:
-                maps = extract_patch_maps(model, val_images[s_side], blocks=blocks, flip=flip, **kwargs)
-                logits = predict_batches(head, _concat_maps(maps), batch_size=batch_size, device=device)  # (N, C, h, w)
-                if flip:
-                    logits = logits.flip(-1)
-                for i, mask in enumerate(masks_val):
-                    p = F.interpolate(logits[i : i + 1], size=mask.shape, mode="bilinear", align_corners=False)
-                    p = p.softmax(dim=1)[0]  # (C, H, W)
-                    probs[i] = p if probs[i] is None else probs[i] + p
-        conf = np.zeros((num_classes, num_classes), np.int64)
-        preds = []
-        for p, mask in zip(probs, masks_val, strict=True):
-            pred = p.argmax(dim=0).numpy().astype(np.uint8)  # (H, W)
-            preds.append(pred)
-            conf += confusion_matrix(pred, mask, num_classes, data.ignore_index)
-        scores = segmentation_scores(conf)
-        metrics = {k: float(scores[k]) for k in ("miou", "pixel_acc", "macc")}
-        details = {
-            "num_classes": num_classes,
-            "blocks": blocks,
-            "scales": list(scales),
-            "flip": len(flips) > 1,
-            "side": side,
-            "iou_per_class": scores["iou_per_class"],
-            "class_names": list(data.class_names),
-            "num_train": len(masks_train),
-            "num_val": len(masks_val),
-        }
-        results[variant] = (metrics, details)
-        k = min(num_samples, len(masks_val))
-        samples = {
-            "seg_images": val_images.get(side, load_images(data.splits["val"].image_uris[:k], side, crop=False))[:k],
-            "seg_gt": np.stack([_resize_nearest(m, side) for m in masks_val[:k]]),
-            "seg_pred": np.stack([_resize_nearest(p, side) for p in preds[:k]]),
-            "seg_num_classes": np.asarray(num_classes),
-        }
-        log.info("segmentation %s: mIoU %.3f, pixel accuracy %.3f", variant, metrics["miou"], metrics["pixel_acc"])
+    k = min(cfg.num_figure_samples, len(seg.masks_val))
+    for variant in cfg.segmentation_variants:
+        if variant not in PROTOCOLS:
+            raise ValueError(f"unknown segmentation variant {variant!r}; known: {tuple(PROTOCOLS)}")
+        protocol = PROTOCOLS[variant]
+        out = protocol.run(seg, cfg)
+        results[protocol.result] = (out.metrics, out.details)
+        if k:
+            samples[protocol.sample] = np.stack([_resize_nearest(p, seg.side) for p in out.preds[:k]])
+        log.info("segmentation %s: mIoU %.3f, pixel accuracy %.3f", variant, out.metrics["miou"],
+                 out.metrics["pixel_acc"])  # fmt: skip
+    if k:
+        samples.update({
+            "seg_images": seg.first_val_images(k),
+            "seg_gt": np.stack([_resize_nearest(m, seg.side) for m in seg.masks_val[:k]]),
+            "seg_num_classes": np.asarray(seg.num_classes),
+        })  # fmt: skip
     return results, samples
+
+
+def segmentation_task(ctx: TaskContext) -> TaskOutputs:
+    """The `segmentation` task: every configured protocol, results as `segmentation_<protocol>`."""
+    mean, std = ctx.mean_std
+    assert ctx.data.segmentation is not None
+    results, samples = run_segmentation(ctx.model, ctx.data.segmentation, ctx.cfg, side=ctx.dense_side,
+                                        device=ctx.device, mean=mean, std=std, seed=ctx.seed)  # fmt: skip
+    ctx.result.samples.update(samples)
+    return {f"segmentation_{name}": out for name, out in results.items()}
 
 
 def _resize_nearest(a: np.ndarray, side: int) -> np.ndarray:

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from components.config import PipelineConfig
+from components.evaluation.context import ModelResult
 from components.evaluation.datasets import load_eval_datasets
 from components.evaluation.metrics import HEADLINE_METRICS, metric_spec, mlflow_key
 from components.evaluation.models import (
@@ -41,13 +42,8 @@ from components.evaluation.models import (
     unique_names,
 )
 from components.evaluation.outputs import clear_output, write_json
-from components.evaluation.runner import (
-    ImageCache,
-    ModelResult,
-    evaluate_model,
-    finalize_robustness,
-    long_frame_rows,
-)
+from components.evaluation.robustness import finalize_robustness
+from components.evaluation.runner import ImageCache, evaluate_model, long_frame_rows
 from components.log import get_logger
 from components.stage import stage_run
 

@@ -33,7 +33,6 @@ from components.evaluation.report import (
     quality_gate_frame,
     rank_candidates,
     reference_notes,
-    register_model,
     render_figures,
     task_tables,
     write_tables,
@@ -51,7 +50,7 @@ def run_report(cfg: PipelineConfig, *, evals: str, pretrained: str, distilled: s
     weights to register are found through metrics/eval/models.json.
     """
     from components import gates
-    from components.tracking import mlflow_client
+    from components.tracking import register_model
 
     rc = cfg.report
     out_dir = Path(out)
@@ -109,7 +108,7 @@ def run_report(cfg: PipelineConfig, *, evals: str, pretrained: str, distilled: s
             tags.update({mlflow_key(k): v for k, v in model_metrics.items()})
             registry.update(
                 register_model(
-                    mlflow_client(), name=rc.registered_model, run_id=run.tracker.run_id, artifact_path="model",
+                    name=rc.registered_model, run_id=run.tracker.run_id, artifact_path="model",
                     tags=tags, description=f"{candidate} ({spec['arch']}), {rc.gate_metric} = "
                     f"{metric_value(frame, candidate, rc.gate_metric):.4f}", alias=rc.champion_alias,
                     move_alias=gate_info["passed"],

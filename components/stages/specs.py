@@ -23,7 +23,8 @@ class StageSpec:
     target: str
     """`module:function` of the stage's run wrapper."""
     sections: tuple[str, ...]
-    """Top-level params.yaml keys the stage reads; dvc.yaml's `params` lists the same."""
+    """params.yaml sections the stage reads (or single keys, `data.raw`, of one it reads in part); dvc.yaml's `params`
+    lists the same."""
     paths: tuple[PathArg, ...]
 
 
@@ -112,7 +113,7 @@ STAGES: dict[str, StageSpec] = {
     "evaluate": StageSpec(
         "evaluate frozen features of every model on the evaluation tasks",
         "components.stages.evaluate:run_evaluate",
-        ("seed", "model", "distill", "evaluate"),
+        ("seed", "data.raw", "model", "evaluate"),
         (
             PathArg("prepared", "data/prepared", "the prepare stage's output (evaluation images)"),
             PathArg("pretrained", "models/pretrain", "the pretrain stage's exported models"),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from components.config import EvaluateConfig
 from components.evaluation.datasets import load_eval_datasets
 from components.evaluation.depth import (
     DPTHead,
@@ -92,14 +93,19 @@ def test_segmentation_head_learns_features_that_encode_the_class(device: str) ->
 def test_dense_protocols_on_the_tiny_world(tiny_world, vit_test) -> None:
     root, _ = tiny_world
     data = load_eval_datasets(str(root))
-    kw = dict(side=28, epochs=2, batch_size=4, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_samples=2)
-    seg, samples = run_segmentation(vit_test, data.segmentation, variants=("linear", "ms"), ms_scales=(1.0, 1.5), **kw)
+    cfg = EvaluateConfig(
+        segmentation_variants=("linear", "ms"), segmentation_ms_scales=(1.0, 1.5), segmentation_epochs=2,
+        depth_heads=("linear", "linear4", "dpt"), dpt_features=16, depth_epochs=2, head_batch_size=4,
+        num_figure_samples=2,
+    )  # fmt: skip
+    kw = dict(side=28, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    seg, samples = run_segmentation(vit_test, data.segmentation, cfg, **kw)
     assert set(seg) == {"linear", "ms"}
     for metrics, _details in seg.values():
         assert 0 <= metrics["miou"] <= 1 and 0 <= metrics["pixel_acc"] <= 1
     assert seg["ms"][1]["blocks"] == [0, 1] and seg["ms"][1]["flip"] and seg["linear"][1]["blocks"] == [1]
     assert samples["seg_pred"].shape == samples["seg_gt"].shape == (2, 28, 28)
-    dep, samples = run_depth(vit_test, data.depth, heads=("linear", "linear4", "dpt"), dpt_features=16, **kw)
+    dep, samples = run_depth(vit_test, data.depth, cfg, **kw)
     assert set(dep) == {"linear", "linear4", "dpt"}
     for metrics, details in dep.values():
         assert metrics["rmse"] > 0 and 0 <= metrics["delta1"] <= 1 and details["num_val_scored"] == 4
@@ -115,12 +121,16 @@ def test_dense_protocols_on_cuda_agree_with_the_cpu(tiny_world, vit_test) -> Non
     the CPU run: the heads learn the same thing wherever they train."""
     root, _ = tiny_world
     data = load_eval_datasets(str(root))
-    kw = dict(side=28, epochs=20, batch_size=4, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    cfg = EvaluateConfig(
+        segmentation_variants=("linear",), segmentation_epochs=20, depth_heads=("linear", "dpt"), dpt_features=16,
+        depth_epochs=20, head_batch_size=4,
+    )  # fmt: skip
+    kw = dict(side=28, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     runs = {}
     for device in ("cpu", "cuda"):
         model = vit_test.to(device)
-        seg, _ = run_segmentation(model, data.segmentation, variants=("linear",), device=device, **kw)
-        dep, _ = run_depth(model, data.depth, heads=("linear", "dpt"), dpt_features=16, device=device, **kw)
+        seg, _ = run_segmentation(model, data.segmentation, cfg, device=device, **kw)
+        dep, _ = run_depth(model, data.depth, cfg, device=device, **kw)
         runs[device] = (seg, dep)
     vit_test.to("cpu")
     (seg_cpu, dep_cpu), (seg_gpu, dep_gpu) = runs["cpu"], runs["cuda"]

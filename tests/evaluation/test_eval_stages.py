@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 import torch
 
+from components.cli import STAGES
 from components.config import load_config
+from tests.evaluation.eval_fixtures import TINY_M2F
 
 LIGHT = {
     "evaluate.image_size": 28,
@@ -20,12 +23,30 @@ LIGHT = {
     "evaluate.logreg_num_c": 3,
     "evaluate.segmentation_epochs": 2,
     "evaluate.segmentation_ms_scales": [1.0],
+    "evaluate.segmentation_variants": ["linear", "ms", "mask2former"],
+    **{f"evaluate.{k}": v for k, v in TINY_M2F.items()},
     "evaluate.depth_epochs": 2,
     "evaluate.corruptions": ["gaussian_noise", "frost"],
     "evaluate.corruption_severities": [1, 5],
     "evaluate.robustness_images_per_class": 1,
     "evaluate.num_figure_samples": 2,
 }
+
+
+class _Reads:
+    """A config that records which sections (and which keys of `data`) the code reads."""
+
+    def __init__(self, cfg: Any, seen: set[str], prefix: str = "") -> None:
+        self._cfg, self._seen, self._prefix = cfg, seen, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._cfg, name)
+        if callable(value):  # model_dump, model_copy: the whole tree, not a read of one section
+            return value
+        if self._prefix + name == "data":
+            return _Reads(value, self._seen, "data.")
+        self._seen.add(self._prefix + name)
+        return value
 
 
 def _export(folder: Path, arch: str, role: str, seed: int) -> None:
@@ -57,15 +78,19 @@ def test_evaluate_then_report(tiny_world, tmp_path: Path, monkeypatch: pytest.Mo
         Path(__file__).parents[2] / "params.yaml", {"data.raw": str(root), "model.arch": "vit_test", **LIGHT}
     )
 
-    run_evaluate(cfg, prepared=str(prepared), pretrained="models/pretrain", distilled="models/distill",
+    reads: set[str] = set()
+    run_evaluate(_Reads(cfg, reads), prepared=str(prepared), pretrained="models/pretrain", distilled="models/distill",
                  out="metrics/eval", metrics="metrics/evaluate.json")  # fmt: skip
+    # What the stage reads is what it declares (components/stages/specs.py, dvc.yaml); `tracking` names the MLflow
+    # experiment, where the run is logged rather than what it computes, and no stage declares it.
+    assert reads - {"tracking"} == set(STAGES["evaluate"].sections)
     out = tmp_path / "metrics/eval"
     models = json.loads((out / "models.json").read_text())
     assert [m["name"] for m in models] == ["teacher", "student_vit_test", "random_init"]
     frame = pd.read_csv(out / "metrics.csv")
     tasks = set(frame["task"])
     assert tasks == {"knn", "linear", "logreg", "retrieval", "segmentation_linear", "segmentation_ms",
-                     "depth_linear", "depth_linear4", "robustness"}  # fmt: skip
+                     "segmentation_m2f", "depth_linear", "depth_linear4", "robustness"}  # fmt: skip
     assert ((frame["value"] >= frame["lower"]) & (frame["value"] <= frame["upper"])).all()
     knn = json.loads((out / "teacher/knn.json").read_text())
     assert knn["model"] == "teacher" and 0 <= knn["metrics"]["top1"] <= 1 and knn["details"]["headline_k"] == 20
@@ -88,6 +113,7 @@ def test_evaluate_then_report(tiny_world, tmp_path: Path, monkeypatch: pytest.Mo
         "registry.json",
         "figures/pca_patch_features.png",
         "figures/segmentation.png",
+        "figures/segmentation_m2f.png",
         "figures/depth.png",
         "figures/robustness.png",
         "figures/knn_k.png",

@@ -1,15 +1,13 @@
 """Which backbones to evaluate, and how to build them.
 
-The pretrain and distill stages describe each exported backbone with a small `model.json` beside its weights:
+The pretrain and distill stages write each backbone as an export (`components.exports`, the one reader of its
+`model.json` descriptor and weight files), e.g.
 ```
 {"arch": "vit_tiny", "patch_size": 14, "num_register_tokens": 0, "weights": "backbone.pth", "role": "teacher"}
 ```
-`arch` is a preset of `components.model`; `weights` is relative to the descriptor's folder (default `backbone.pth`);
 `role` is `teacher`, `student` or anything else (kept as given); an optional `name` names the model in the tables
-(default: `teacher`, `student_<arch>`, or the folder name). Any other key that is a backbone override
-(`patch_size`, `num_register_tokens`, `ffn_layer`, `img_size`, `interpolate_offset`, `interpolate_antialias`,
-`embed_dim`, `depth`, `num_heads`, `mlp_ratio`, `layerscale_init`) is passed to `build_backbone`, as is a nested
-`"overrides": {...}` mapping.
+(default: `teacher`, `student_<arch>`, or the folder name); the geometry keys and any other backbone override go to
+`build_backbone`. A hand-written descriptor of the same form evaluates a model of one's own.
 
 Besides the discovered models, the evaluate stage adds a seeded random initialisation of the teacher's preset (the
 `random_init` baseline) and the user's `evaluate.extra_models`: each entry either a path to a `model.json`, or
@@ -19,8 +17,6 @@ for register models, which need `num_register_tokens: 4`).
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,27 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from components import storage
+from components import exports, storage
 from components.log import get_logger
 
 log = get_logger(__name__)
 
-DESCRIPTOR = "model.json"
-DEFAULT_WEIGHTS = "backbone.pth"
 BASELINE_NAME = "random_init"
-OVERRIDE_KEYS = (
-    "patch_size",
-    "num_register_tokens",
-    "ffn_layer",
-    "img_size",
-    "interpolate_offset",
-    "interpolate_antialias",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "mlp_ratio",
-    "layerscale_init",
-)
 
 
 @dataclass(frozen=True)
@@ -85,37 +66,19 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
 
-def _overrides(desc: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: desc[k] for k in OVERRIDE_KEYS if k in desc and desc[k] is not None}
-    nested = desc.get("overrides") or {}
-    unknown = set(nested) - set(OVERRIDE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown backbone overrides {sorted(unknown)}; allowed: {list(OVERRIDE_KEYS)}")
-    return {**out, **nested}
-
-
 def read_descriptor(path: str | Path) -> ModelSpec:
-    """Reads a `model.json` into a spec (weights resolved against its folder)."""
-    path = str(path)
-    try:
-        desc = json.loads(storage.read_bytes(path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
-    if "arch" not in desc:
-        raise ValueError(f"{path}: a model descriptor needs an `arch`")
-    folder = os.path.dirname(path)
-    weights = desc.get("weights", DEFAULT_WEIGHTS)
-    if weights is not None and not storage.is_s3(weights) and not os.path.isabs(weights):
-        weights = storage.join(folder, weights)
-    role = str(desc.get("role", "model"))
-    default_name = {"teacher": "teacher", "student": f"student_{desc['arch']}"}.get(role, os.path.basename(folder))
+    """Reads an export's descriptor (`components.exports`) into a spec."""
+    export = exports.read_export(path)
+    default_name = {"teacher": "teacher", "student": f"student_{export.arch}"}.get(
+        export.role, storage.basename(export.folder)
+    )
     return ModelSpec(
-        name=_safe_name(str(desc.get("name", default_name))),
-        arch=str(desc["arch"]),
-        role=role,
-        weights=weights,
-        overrides=_overrides(desc),
-        descriptor=path,
+        name=_safe_name(str(export.name or default_name)),
+        arch=export.arch,
+        role=export.role,
+        weights=export.weights,
+        overrides=export.overrides,
+        descriptor=export.descriptor_uri,
     )
 
 
@@ -128,7 +91,7 @@ def discover_models(roots: Sequence[str]) -> list[ModelSpec]:
         except storage.StorageNotFoundError:
             log.warning("%s does not exist; no models from there", root)
             continue
-        specs += [read_descriptor(f) for f in files if storage.basename(f) == DESCRIPTOR]
+        specs += [read_descriptor(f) for f in files if storage.basename(f) == exports.DESCRIPTOR]
     return specs
 
 
@@ -167,13 +130,6 @@ def unique_names(specs: Sequence[ModelSpec]) -> list[ModelSpec]:
     return out
 
 
-def _read_weights(uri: str) -> Mapping[str, Any]:
-    from components.model import read_state_dict
-
-    with storage.local_copy(uri) as path:
-        return read_state_dict(path)
-
-
 def build_model(spec: ModelSpec, *, seed: int) -> nn.Module:
     """Builds the backbone (weights loaded strictly, or a random init seeded by `seed`), in eval mode, frozen."""
     from components.model import build_backbone, load_official_weights
@@ -181,7 +137,7 @@ def build_model(spec: ModelSpec, *, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = build_backbone(spec.arch, **spec.overrides)
     if spec.weights is not None:
-        load_official_weights(model, _read_weights(spec.weights))
+        load_official_weights(model, exports.read_weights(spec.weights)[0])
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

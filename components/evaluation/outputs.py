@@ -1,14 +1,14 @@
-"""Helpers for the evaluate and report stages' output folders: strict JSON, and clearing a folder safely."""
+"""Helpers for the evaluate and report stages' output folders: clearing a folder safely, and strict JSON
+(`components.jsonio`, re-exported here)."""
 
 from __future__ import annotations
 
-import json
-import math
 import shutil
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from components.jsonio import jsonable, write_json
+
+__all__ = ["clear_output", "jsonable", "write_json"]
 
 
 def clear_output(folder: Path, markers: tuple[str, ...]) -> None:
@@ -22,22 +22,3 @@ def clear_output(folder: Path, markers: tuple[str, ...]) -> None:
     if not folder.is_dir() or (any(folder.iterdir()) and not any((folder / m).exists() for m in markers)):
         raise FileExistsError(f"{folder}: exists and is not an earlier output of this stage; refusing to replace it")
     shutil.rmtree(folder)
-
-
-def jsonable(value: Any) -> Any:
-    """A strict-JSON view of a result: NaN and infinities as strings, numpy scalars as Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Writes strict JSON (see `jsonable`), creating the parent folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(jsonable(payload), indent=2, allow_nan=False, default=str) + "\n")

@@ -27,12 +27,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from components.config import PipelineConfig
 from components.evaluation.context import ModelResult
 from components.evaluation.datasets import load_eval_datasets
-from components.evaluation.metrics import HEADLINE_METRICS, metric_spec, mlflow_key
+from components.evaluation.metrics import metric_spec, mlflow_key
 from components.evaluation.models import (
     ModelSpec,
     build_model,
@@ -42,24 +41,17 @@ from components.evaluation.models import (
     unique_names,
 )
 from components.evaluation.outputs import clear_output, write_json
+from components.evaluation.report import headline_table
 from components.evaluation.robustness import finalize_robustness
 from components.evaluation.runner import ImageCache, evaluate_model, long_frame_rows
 from components.log import get_logger
+from components.runtime import resolve_device
 from components.stage import stage_run
 
 log = get_logger(__name__)
 
 NOT_OURS = ("baseline", "official")
 """Roles of models that the pipeline did not train."""
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("evaluate.device = cuda but no CUDA device is available")
-    return device
 
 
 def model_specs(cfg: PipelineConfig, pretrained: str, distilled: str) -> list[ModelSpec]:
@@ -100,7 +92,7 @@ def write_results(out: Path, results: list[ModelResult]) -> pd.DataFrame:
             r.spec.name: {f"{task}.{m}": v for task, t in r.tasks.items() for m, v in t.metrics.items()}
             for r in results
         },  # fmt: skip
-        "headline": headline_table(results),
+        "headline": headline_of(frame, results),
         "timing": {r.spec.name: {k: round(v, 3) for k, v in r.timing.items()} for r in results},
     }
     write_json(out / "summary.json", summary)
@@ -115,16 +107,11 @@ def write_results(out: Path, results: list[ModelResult]) -> pd.DataFrame:
     return frame
 
 
-def headline_table(results: list[ModelResult]) -> dict[str, dict[str, float]]:
-    """{model: {"<task>.<headline metric>": value}} over the tasks each model has."""
-    return {
-        r.spec.name: {
-            f"{task}.{HEADLINE_METRICS[task]}": t.metrics[HEADLINE_METRICS[task]]
-            for task, t in r.tasks.items()
-            if HEADLINE_METRICS.get(task) in t.metrics
-        }
-        for r in results
-    }
+def headline_of(frame: pd.DataFrame, results: list[ModelResult]) -> dict[str, dict[str, float]]:
+    """{model: {"<task>.<headline metric>": value}} over the tasks each model has (the report's headline table)."""
+    table = headline_table(frame, [r.spec.to_json() for r in results], order=[r.spec.name for r in results])
+    columns = [c for c in table.columns if c not in ("model", "arch", "role")]
+    return {row["model"]: {c: row[c] for c in columns if math.isfinite(row[c])} for row in table.to_dict("records")}
 
 
 def run_evaluate(
@@ -145,7 +132,7 @@ def run_evaluate(
         if not specs:
             raise ValueError(f"no model to evaluate: no model.json under {pretrained} or {distilled}, "
                              "evaluate.random_baseline is false and evaluate.extra_models is empty")  # fmt: skip
-        device = resolve_device(cfg.evaluate.device)
+        device = resolve_device(cfg.evaluate.device, key="evaluate.device")
         log.info("evaluating %d models on %s: %s", len(specs), device, ", ".join(s.name for s in specs))
         cache = ImageCache(data, cfg.evaluate, cfg.seed)
         results = []
@@ -167,7 +154,7 @@ def run_evaluate(
         for name in ("metrics.csv", "summary.json", "models.json", "plots", "samples"):
             if (out_dir / name).exists():
                 run.log_artifact(out_dir / name, artifact_path=f"eval/{name}" if (out_dir / name).is_dir() else "eval")
-        headline = headline_table(results)
+        headline = headline_of(frame, results)
         # The stage's headline: the best kNN top-1 among the pipeline's own models (not baselines, not official).
         ours = [headline[r.spec.name].get("knn.top1", math.nan) for r in results if r.spec.role not in NOT_OURS]
         best = max((v for v in ours if math.isfinite(v)), default=math.nan)

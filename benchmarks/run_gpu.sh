@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of the project in one go, each under its own time limit, for one card:
+# Every GPU benchmark of the project in one go, each under its own time limit, for one card (about 10 minutes):
 #
 #   bash benchmarks/run_gpu.sh [OUT_DIR]          # default OUT_DIR: benchmarks/results
+#   STAGES=1 bash benchmarks/run_gpu.sh OUT_DIR   # then every pipeline stage once on the GPU (benchmarks/gpu_stages.py)
 #
 # Appends one JSON line per benchmark to OUT_DIR/results.jsonl ({"bench", "args", "rc", "seconds", "result"}) and
-# every benchmark's stderr to OUT_DIR/log.txt. Order: the same-card baseline of the release's model code first, then
-# this project's backbone (compiled blocks), the full training step of ViT-g/14, the evaluation stage for ViT-L/14
-# and ViT-g/14, the ViT-g/14 step with compiled blocks, the backbone without compilation, the ViT-L/14 step, then the
-# Mask2Former segmentation protocol's training step at the paper's 896 px crops for ViT-L/14 and ViT-g/14. A
-# benchmark that fails or runs out of time is recorded with its exit status and the rest still run. PYTHON picks
-# the interpreter (default: python3); ONLY="NAME ..." runs only the named benchmarks.
+# every benchmark's stderr to OUT_DIR/log.txt. Order, most needed first: the backbone of ViT-L/14 and ViT-g/14
+# beside timm's (same process, compiled blocks both), the full ViT-g/14 training step beside timm's backbone-only
+# step, its profile (OUT_DIR/profile: trace and where the time goes), the step with packed crops and with the cuDNN
+# attention backend (A/B against the first), the step fed by the real loader, the Mask2Former protocol's step at
+# 896 px for ViT-L/14, the evaluation features. A benchmark that fails or runs out of time is recorded with its exit
+# status and the rest still run. PYTHON picks the interpreter (default: python3); ONLY="NAME ..." runs only the
+# named benchmarks. Compiled kernels are cached (TORCHINDUCTOR_CACHE_DIR), so later benchmarks compile faster.
 set -u
 out=${1:-benchmarks/results}
 py=${PYTHON:-python3}
@@ -45,13 +47,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "$py" -c "from components.config import load_config; from components.synthetic import render_world as r; \
 c = load_config('params.yaml'); r(c.synthetic, c.seed, '$world')" 2>>"$out/log.txt"
 
-bench backbone_release_eager 120 backbone.py --arch vit_large vit_giant2 --attention naive --no-compile --iters 10
-bench backbone_compiled 200 backbone.py --arch vit_large vit_giant2 --iters 10
-bench train_step_g16_eager 150 train_step.py --arch vit_giant2 --batch-per-gpu 16 --steps 8
-bench eval_vit_large 150 eval_features.py --arch vit_large --device cuda --world "$world"
-bench eval_vit_giant2 200 eval_features.py --arch vit_giant2 --device cuda --world "$world"
-bench train_step_g16_compiled 200 train_step.py --arch vit_giant2 --batch-per-gpu 16 --steps 8 --compile
-bench backbone_eager 100 backbone.py --arch vit_large vit_giant2 --no-compile --iters 10
-bench train_step_l32_compiled 150 train_step.py --arch vit_large --batch-per-gpu 32 --steps 8 --compile
-bench m2f_train_l14_896 180 m2f_train.py --arch vit_large --device cuda --crop 896 --batch 4 --steps 6
-bench m2f_train_g14_896 240 m2f_train.py --arch vit_giant2 --device cuda --crop 896 --batch 2 --steps 6
+
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$tmp/inductor}
+g16=(--arch vit_giant2 --batch-per-gpu 16 --compile --steps 20 --repeats 3)
+bench backbone_timm 120 backbone.py --arch vit_large vit_giant2 --baseline timm --iters 20 --repeats 3
+bench train_step_g16_timm 150 train_step.py "${g16[@]}" --baseline timm
+bench train_step_g16_profile 70 train_step.py "${g16[@]}" --steps 5 --repeats 1 --profile "$out/profile"
+bench train_step_g16_packed 60 train_step.py "${g16[@]}" --pack-crops
+bench train_step_g16_cudnn 60 train_step.py "${g16[@]}" --attention cudnn
+bench train_step_g16_data 60 train_step.py "${g16[@]}" --repeats 1 --with-data --num-workers 12
+bench m2f_train_l14_896 45 m2f_train.py --arch vit_large --device cuda --crop 896 --batch 4 --steps 6
+bench eval_vit_large 45 eval_features.py --arch vit_large --device cuda --world "$world"
+
+if [[ -n ${STAGES:-} ]]; then
+    timeout -k 15 600 "$py" benchmarks/gpu_stages.py "$tmp/stages" >>"$out/stages.jsonl" 2>>"$out/log.txt"
+    cat "$out/stages.jsonl"
+fi

@@ -109,8 +109,13 @@ class ModelConfig(Section):
     interpolate_offset: float = Field(0.1, ge=0.0, le=1.0)
     """Offset added to the grid size when resizing positions (0.1 for models without registers, 0 with them)."""
     pretrained_weights: str | None = None
-    """Start from: an official-layout backbone (.pth / .safetensors, local or s3://; fresh heads) or a pretrain export
-    folder (backbone + heads, e.g. models/pretrain); null: random init."""
+    """Continue pretraining from: an official-layout backbone (.pth / .safetensors, local or s3://; its registers,
+    interpolation and patch size are read from the file; heads fitted first, see `adapt`), a training checkpoint of
+    the release (its teacher's heads are used), or an export folder (backbone + heads, e.g. models/pretrain); null:
+    random init."""
+    freeze_blocks: int = Field(0, ge=0)
+    """Blocks at the bottom kept frozen (with the patch embedding, position embedding and tokens) when continuing
+    from `pretrained_weights`; 0 trains them all."""
 
 
 class DinoConfig(Section):
@@ -453,6 +458,27 @@ class CurateConfig(Section):
         return self
 
 
+class AdaptConfig(Section):
+    """Continued pretraining from `model.pretrained_weights` (infra/recipes/adapt_*.yaml, docs/adapt.md)."""
+
+    head_fit_iterations: int = Field(200, ge=1)
+    """Steps fitting DINO / iBOT heads on the frozen backbone first, when the weights have none (the release's
+    backbones); the whole model then trains from the fitted state."""
+    head_fit_base_lr: float = Field(0.004, gt=0.0)
+    """Learning rate of that head fit for a global batch of 1024 (scaled like optim.base_lr)."""
+    knn_stop_drop: float | None = Field(None, gt=0.0)
+    """Stop early when the teacher's kNN top-1 on `train.knn_eval_root` falls this far below the starting model's
+    (e.g. 0.02); null never stops. Needs train.knn_eval_period."""
+
+
+class PipelineSection(Section):
+    """Which models the stages after pretraining read."""
+
+    pretrained_model: str = Field("models/pretrain_highres", min_length=1)
+    """The pretrained export distill, evaluate and report use: models/pretrain_highres (after the high-resolution
+    phase, as the paper) or models/pretrain (the phase switched off: DVC then never needs pretrain_highres)."""
+
+
 class DistillConfig(Section):
     """Distillation of a frozen teacher into smaller students (Oquab et al. 2023, "Model distillation": the training
     loop of pretraining with a frozen teacher, a spare EMA of each student as the final model, no masking, no
@@ -730,6 +756,8 @@ class PipelineConfig(Section):
     crops: CropsConfig = CropsConfig()
     train: TrainConfig = TrainConfig()
     highres: HighresConfig = HighresConfig()
+    adapt: AdaptConfig = AdaptConfig()
+    pipeline: PipelineSection = PipelineSection()
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
@@ -767,6 +795,18 @@ class PipelineConfig(Section):
                 f"highres.momentum_teacher = {highres.momentum_teacher} exceeds "
                 f"teacher.final_momentum_teacher = {self.teacher.final_momentum_teacher}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _adapt_fits(self) -> PipelineConfig:
+        """Frozen blocks and the kNN early stop need what they act on."""
+        if self.model.freeze_blocks and not self.model.pretrained_weights:
+            raise ValueError(
+                f"model.freeze_blocks = {self.model.freeze_blocks} needs model.pretrained_weights "
+                "(frozen random blocks would never learn)"
+            )
+        if self.adapt.knn_stop_drop is not None and not self.train.knn_eval_period:
+            raise ValueError(f"adapt.knn_stop_drop = {self.adapt.knn_stop_drop} needs train.knn_eval_period")
         return self
 
     @model_validator(mode="after")

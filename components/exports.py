@@ -284,14 +284,16 @@ class WeightsSource:
 def resolve_source(uri: str, base: ModelConfig, *, download_dir: Path | None = None) -> WeightsSource:
     """An export folder or weight file (local or s3://) as a `WeightsSource`.
 
-    An export gives its geometry, backbone and heads (when it has them). A file takes `base` as its geometry and is a
-    released backbone (no heads) or a training checkpoint (its teacher's heads, when it holds heads). S3 objects are
-    downloaded into `download_dir`, once.
+    An export gives its geometry, backbone and heads (when it has them). A file is a released backbone (no heads) or
+    a training checkpoint (its teacher's heads, when it holds heads) of `base`'s preset, with the patch size,
+    registers, interpolation settings and position grid the file holds (`checkpoint_geometry`: a `_reg4` release
+    brings its 4 registers). S3 objects are downloaded into `download_dir`, once.
 
     Raises:
         FileNotFoundError: the source does not exist.
+        CheckpointError: its weights do not fit the preset (the message names each key and both shapes).
     """
-    from components.model.adapter import normalize_heads_state
+    from components.model.adapter import check_official_weights, checkpoint_geometry, normalize_heads_state
 
     exported = is_export(uri)
     if exported:
@@ -303,7 +305,12 @@ def resolve_source(uri: str, base: ModelConfig, *, download_dir: Path | None = N
     if weights is None or not Path(weights).is_file():
         raise FileNotFoundError(f"{uri}: no backbone weights found ({weights})")
     heads = _local(heads, download_dir)
-    if heads is None and normalize_heads_state(read_weights(weights)[0]).heads:
+    state = read_weights(weights)[0]
+    if not exported:  # a released file: its registers, interpolation, patch and grid are the file's own
+        model = model.model_copy(update=checkpoint_geometry(state))
+    with torch.device("meta"):  # the shapes only: a file that does not fit stops here, naming key and shapes
+        check_official_weights(backbone_from_config(model), state)
+    if heads is None and normalize_heads_state(state).heads:
         heads = weights  # a training checkpoint: backbone and heads in one file
     digest = hashlib.sha256()
     for f in dict.fromkeys((weights, heads)):

@@ -256,7 +256,9 @@ def pipeline(
     order = stage_order(root)
     if stage is not None and stage not in order:
         raise ConfigError(f"stage {stage!r} is not in dvc.yaml (stages: {', '.join(order)})")
-    stages = upstream_of(root, stage) if stage else order
+    # The whole pipeline is what its last stage needs (DVC's graph: pretrain_highres only when
+    # pipeline.pretrained_model names its export).
+    stages = upstream_of(root, stage or order[-1])
     outcomes: list[dict[str, Any]] = []
     with _parent_run(root, cfg.tracking.experiment, _flow_run_name(), changes) as parent_run_id:
         for name in stages:

@@ -167,6 +167,49 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _fit_problems(backbone: DinoVisionTransformer, state: Mapping[str, Tensor]) -> list[str]:
+    """What keeps a released-layout state dict from loading into `backbone`, one line per key."""
+    key_map, ours = official_key_map(backbone), backbone.state_dict()
+    if set(key_map.values()) != set(ours):  # an internal invariant: the key map covers the model exactly
+        raise RuntimeError(f"KEY_MAP out of sync with the model: {sorted(set(ours) ^ set(key_map.values()))}")
+    problems = [f"missing key {k!r} (expected shape {list(ours[key_map[k]].shape)})" for k in key_map if k not in state]
+    problems += [f"unexpected key {k!r} (shape {list(v.shape)})" for k, v in state.items() if k not in key_map]
+    for official, name in key_map.items():
+        if official in state and state[official].shape != ours[name].shape:
+            problems.append(
+                f"shape mismatch for {official!r}: checkpoint {list(state[official].shape)}, "
+                f"model {list(ours[name].shape)}"
+            )
+    return problems
+
+
+def check_official_weights(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Raises `CheckpointError` when `checkpoint` would not load into `model` (which may live on the meta device:
+    nothing is loaded), naming each key and both shapes."""
+    problems = _fit_problems(_unwrap_model(model), normalize_state_dict(checkpoint))
+    if problems:
+        raise CheckpointError("checkpoint does not fit the backbone:\n  " + "\n  ".join(problems))
+
+
+def checkpoint_geometry(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The geometry a released backbone's weights fix, as `build_backbone` overrides: patch size, registers (with the
+    release's interpolation settings of its register models: offset 0, antialiased), the position grid's image side
+    and the feed-forward type. The width and depth are the preset's: a file of another size does not fit it."""
+    state = normalize_state_dict(checkpoint)
+    patch = int(state["patch_embed.proj.weight"].shape[-1])
+    registers = int(state["register_tokens"].shape[1]) if "register_tokens" in state else 0
+    grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))
+    geometry = {
+        "patch_size": patch,
+        "num_register_tokens": registers,
+        "img_size": grid * patch,
+        "ffn_layer": "swiglu" if "blocks.0.mlp.w12.weight" in state else "mlp",
+    }
+    if registers:
+        geometry.update(interpolate_offset=0.0, interpolate_antialias=True)
+    return geometry
+
+
 def load_official_weights(
     model: nn.Module, path_or_state_dict: str | Path | Mapping[str, Any]
 ) -> DinoVisionTransformer:
@@ -186,21 +229,10 @@ def load_official_weights(
     backbone = _unwrap_model(model)
     raw = read_state_dict(path_or_state_dict) if isinstance(path_or_state_dict, str | Path) else path_or_state_dict
     state = normalize_state_dict(raw)
-    key_map = official_key_map(backbone)
-    ours = backbone.state_dict()
-    if set(key_map.values()) != set(ours):  # an internal invariant: the key map covers the model exactly
-        raise RuntimeError(f"KEY_MAP out of sync with the model: {sorted(set(ours) ^ set(key_map.values()))}")
-
-    problems = [f"missing key {k!r} (expected shape {list(ours[key_map[k]].shape)})" for k in key_map if k not in state]
-    problems += [f"unexpected key {k!r} (shape {list(v.shape)})" for k, v in state.items() if k not in key_map]
-    for official, name in key_map.items():
-        if official in state and state[official].shape != ours[name].shape:
-            problems.append(
-                f"shape mismatch for {official!r}: checkpoint {list(state[official].shape)}, "
-                f"model {list(ours[name].shape)}"
-            )
+    problems = _fit_problems(backbone, state)
     if problems:
         raise CheckpointError("checkpoint does not fit the backbone:\n  " + "\n  ".join(problems))
+    key_map = official_key_map(backbone)
     backbone.load_state_dict({key_map[k]: v for k, v in state.items()}, strict=True)
     return backbone
 

@@ -97,6 +97,28 @@ def train_stage(name: str, cfg: PipelineConfig, paths: dict[str, str], phases: C
             record_phase(run, final, out, Path(paths["curve"]))
 
 
+def head_fit_first(
+    cfg: PipelineConfig, stage: str, source: Any, model: Any, checkpoints: Path, world: int
+) -> tuple[list[Any], Any, str]:
+    """For weights without heads, the phase that fits heads on their frozen backbone (`plan.head_fit_plan`).
+
+    Returns:
+        (the phases to run first, the next phase's `WeightsPlan`, the location it loads its weights from): no phase
+        and the source itself when the weights have heads, else the head fit and its export.
+    """
+    from components.training.meta_arch import SSLMetaArch
+    from components.training.plan import WeightsPlan, fingerprint, head_fit_plan
+    from components.training.trainer import Phase
+
+    weights = WeightsPlan(source.kind, source.origin, source.digest)
+    if source.heads is not None:
+        return [], weights, source.location
+    fit = head_fit_plan(cfg, stage=stage, world_size=world, model=model, weights=weights)
+    export = checkpoints / "head_fit" / f"export-{source.digest[:16]}"
+    after = WeightsPlan("phase", "head_fit", fingerprint(fit.fingerprint_items(), {"weights": source.digest}))
+    return [Phase(fit, SSLMetaArch, checkpoints / "head_fit", export, source.location)], after, str(export)
+
+
 def write_plans(phases: Sequence[Any], path: Path) -> Path:
     """Every phase's plan as YAML (`plan.yaml`), written aside and renamed."""
     plans = {p.plan.phase: p.plan.to_dict() for p in phases}
@@ -138,6 +160,7 @@ def record_phase(run: Any, final: Any, out: Path, curve: Path) -> None:
                  "total_steps": plan.schedule.total_steps, "world_size": plan.batch.world_size},
         "fingerprint": final.fingerprint,
         "resumed_from": str(final.resumed_from) if final.resumed_from else None,
+        "stopped_early": result.stopped,
         "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
     })  # fmt: skip
     run.set_headline("loss", float(last["loss"]))

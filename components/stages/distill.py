@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from components.config import ConfigError, PipelineConfig
-from components.stages.common import train_stage
+from components.stages.common import head_fit_first, train_stage
 
 if TYPE_CHECKING:
     from components.exports import WeightsSource
@@ -36,13 +36,21 @@ if TYPE_CHECKING:
 
 
 def run_distill(
-    cfg: PipelineConfig, *, curated: str, teacher: str, checkpoints: str, out: str, metrics: str, curve: str
+    cfg: PipelineConfig,
+    *,
+    curated: str,
+    teacher: str | None,
+    checkpoints: str,
+    out: str,
+    metrics: str,
+    curve: str,
 ) -> None:
-    """The `distill` stage (see the module docstring)."""
+    """The `distill` stage (see the module docstring); the teacher defaults to `pipeline.pretrained_model`."""
     from components import exports
     from components.log import get_logger
 
     log = get_logger(__name__)
+    teacher = teacher or cfg.pipeline.pretrained_model
     paths = {"curated": curated, "teacher": teacher, "checkpoints": checkpoints, "out": out}
     paths |= {"metrics": metrics, "curve": curve}
     with tempfile.TemporaryDirectory(prefix="distill-teacher-") as tmp:
@@ -65,25 +73,14 @@ def run_distill(
 def distill_phases(cfg: PipelineConfig, source: WeightsSource, checkpoints: Path, out: Path, world: int) -> list[Phase]:
     """The stage's phases: the head fit of a headless teacher, then distillation from the teacher (or its fit)."""
     from components.training.distill import DistillMetaArch
-    from components.training.meta_arch import SSLMetaArch
-    from components.training.plan import WeightsPlan, distill_plan, fingerprint, head_fit_plan
+    from components.training.plan import distill_plan
     from components.training.trainer import Phase
 
     check_patch_grid(cfg, source.model.patch_size)
-    teacher_weights = WeightsPlan(source.kind, source.origin, source.digest)
-    phases, location = [], source.location
-    if source.heads is None:
-        fit = head_fit_plan(cfg, stage="distill", world_size=world, model=source.model, weights=teacher_weights)
-        fit_export = checkpoints / "head_fit" / f"export-{source.digest[:16]}"
-        phases.append(Phase(fit, SSLMetaArch, checkpoints / "head_fit", fit_export, source.location))
-        teacher_weights = WeightsPlan(
-            "phase", "head_fit", fingerprint(fit.fingerprint_items(), {"teacher": source.digest})
-        )
-        location = str(fit_export)
-    plan = distill_plan(cfg, world_size=world, teacher=source.model, weights=teacher_weights)
+    phases, weights, location = head_fit_first(cfg, "distill", source, source.model, checkpoints, world)
+    plan = distill_plan(cfg, world_size=world, teacher=source.model, weights=weights)
     info = source.describe()
-    phases.append(Phase(plan, lambda p: DistillMetaArch(p, info), checkpoints / "distill", out, location))
-    return phases
+    return [*phases, Phase(plan, lambda p: DistillMetaArch(p, info), checkpoints / "distill", out, location)]
 
 
 def check_patch_grid(cfg: PipelineConfig, teacher_patch_size: int) -> None:

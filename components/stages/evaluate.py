@@ -1,10 +1,12 @@
 """Stage `evaluate`: every backbone's frozen features on the paper's benchmarks.
 
-Run: `python -m components evaluate --prepared data/prepared --pretrained models/pretrain --distilled models/distill
---out metrics/eval --metrics metrics/evaluate.json` (what dvc.yaml runs; the tasks and protocols are params.yaml's
-`evaluate` section).
+Run: `python -m components evaluate --prepared data/prepared --pretrained models/pretrain
+--final models/pretrain_highres --distilled models/distill --out metrics/eval --metrics metrics/evaluate.json` (what
+dvc.yaml runs, `--final` being `pipeline.pretrained_model`; the tasks and protocols are params.yaml's `evaluate`
+section).
 
-Models: every `model.json` under --pretrained and --distilled (components/evaluation/models.py), a seeded random
+Models: every export under --final (the `teacher`), --pretrained (beside it as `teacher_pretrain` when --final is
+another folder: the high-resolution phase's effect) and --distilled (components/evaluation/models.py), a seeded random
 initialisation of the teacher's preset (`random_init`), and `evaluate.extra_models`. Outputs under --out:
 ```
 <model>/<task>.json      {"model", "task", "metrics": {...}, "details": {...}, "seconds"}
@@ -22,12 +24,14 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from components import storage
 from components.config import PipelineConfig
 from components.evaluation.context import ModelResult
 from components.evaluation.datasets import load_eval_datasets
@@ -54,9 +58,24 @@ NOT_OURS = ("baseline", "official")
 """Roles of models that the pipeline did not train."""
 
 
-def model_specs(cfg: PipelineConfig, pretrained: str, distilled: str) -> list[ModelSpec]:
-    """The discovered backbones, the random-init baseline and the extra models, with unique names."""
-    specs = discover_models([pretrained, distilled])
+INTERMEDIATE = "intermediate"
+"""The role of the pretrain stage's export when a later export (the high-resolution phase's) is the final model: it
+is evaluated beside it, and never a registry candidate."""
+
+
+def model_specs(cfg: PipelineConfig, pretrained: str, distilled: str, final: str | None = None) -> list[ModelSpec]:
+    """The discovered backbones, the random-init baseline and the extra models, with unique names.
+
+    `final` is the pretrained model the pipeline goes on with (`pipeline.pretrained_model`); when it is another export
+    than `pretrained` (the high-resolution phase's), it is the `teacher` and the pretrain export is evaluated beside
+    it as `teacher_pretrain` (role `intermediate`), so that the phase's effect shows in every table.
+    """
+    specs = discover_models([pretrained])
+    if final and storage.normalize(final) != storage.normalize(pretrained):
+        specs = discover_models([final]) + [
+            replace(s, name="teacher_pretrain", role=INTERMEDIATE) if s.role == "teacher" else s for s in specs
+        ]
+    specs += discover_models([distilled])
     if cfg.evaluate.random_baseline:
         teacher = next((s for s in specs if s.role == "teacher"), None)
         m = cfg.model
@@ -115,9 +134,18 @@ def headline_of(frame: pd.DataFrame, results: list[ModelResult]) -> dict[str, di
 
 
 def run_evaluate(
-    cfg: PipelineConfig, *, prepared: str, pretrained: str, distilled: str, out: str, metrics: str
+    cfg: PipelineConfig,
+    *,
+    prepared: str,
+    pretrained: str,
+    distilled: str,
+    out: str,
+    metrics: str,
+    final: str | None = None,
 ) -> None:
-    """Evaluates every model on every configured task and writes the outputs listed in the module docstring."""
+    """Evaluates every model on every configured task and writes the outputs listed in the module docstring;
+    `final` defaults to `pipeline.pretrained_model`."""
+    final = final or cfg.pipeline.pretrained_model
     from components import gates
 
     out_dir = Path(out)
@@ -128,7 +156,7 @@ def run_evaluate(
         if manifest is None:
             log.warning("%s not found; listing the evaluation folders under %s instead", manifest_path, cfg.data.raw)
         data = load_eval_datasets(cfg.data.raw, manifest)
-        specs = model_specs(cfg, pretrained, distilled)
+        specs = model_specs(cfg, pretrained, distilled, final)
         if not specs:
             raise ValueError(f"no model to evaluate: no model.json under {pretrained} or {distilled}, "
                              "evaluate.random_baseline is false and evaluate.extra_models is empty")  # fmt: skip

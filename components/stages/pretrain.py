@@ -22,30 +22,51 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from components.config import PipelineConfig
-from components.stages.common import train_stage
+from components.config import ConfigError, PipelineConfig
+from components.log import get_logger
+from components.stages.common import head_fit_first, train_stage
+
+log = get_logger(__name__)
 
 
 def run_pretrain(cfg: PipelineConfig, *, curated: str, checkpoints: str, out: str, metrics: str, curve: str) -> None:
-    """The `pretrain` stage (see the module docstring)."""
+    """The `pretrain` stage (see the module docstring); `model.pretrained_weights` makes it continued pretraining."""
     from components import exports
-    from components.training.meta_arch import SSLMetaArch
-    from components.training.plan import WeightsPlan, pretrain_plan
-    from components.training.trainer import Phase
 
     paths = {"curated": curated, "checkpoints": checkpoints, "out": out, "metrics": metrics, "curve": curve}
     with tempfile.TemporaryDirectory(prefix="pretrain-weights-") as tmp:
-        location, weights = None, WeightsPlan("random")
-        if cfg.model.pretrained_weights:
+        source = None
+        if cfg.model.pretrained_weights:  # checked before any step: a file that does not fit stops here
             source = exports.resolve_source(cfg.model.pretrained_weights, cfg.model, download_dir=Path(tmp))
-            location, weights = source.location, WeightsPlan(source.kind, source.origin, source.digest)
+            if source.model.arch != cfg.model.arch:
+                raise ConfigError(
+                    f"model.pretrained_weights = {source.origin} is an export of {source.model.arch}, but model.arch "
+                    f"= {cfg.model.arch}"
+                )
+            log.info(
+                "continuing from %s (sha256 %s, %d registers, heads %s)", source.origin, source.digest[:12],
+                source.model.num_register_tokens, source.describe()["heads"],
+            )  # fmt: skip
+        train_stage(
+            "pretrain", cfg, paths, lambda world: pretrain_phases(cfg, source, Path(checkpoints), Path(out), world)
+        )
 
-        def phases(world: int) -> list[Phase]:
-            plan = pretrain_plan(cfg, world_size=world, weights=weights)
-            return [Phase(plan, SSLMetaArch, Path(checkpoints) / "pretrain", Path(out), location)]
 
-        train_stage("pretrain", cfg, paths, phases)
+def pretrain_phases(cfg: PipelineConfig, source: Any, checkpoints: Path, out: Path, world: int) -> list[Any]:
+    """Pretraining from scratch (one phase), or continued from `source`: its heads fitted first when it has none,
+    then the whole model trained from there (the teacher starting as the student)."""
+    from components.training.meta_arch import SSLMetaArch
+    from components.training.plan import pretrain_plan
+    from components.training.trainer import Phase
+
+    if source is None:
+        return [Phase(pretrain_plan(cfg, world_size=world), SSLMetaArch, checkpoints / "pretrain", out)]
+    phases, weights, location = head_fit_first(cfg, "pretrain", source, source.model, checkpoints, world)
+    plan = pretrain_plan(cfg, world_size=world, weights=weights, model=source.model)
+    drop = cfg.adapt.knn_stop_drop
+    return [*phases, Phase(plan, SSLMetaArch, checkpoints / "pretrain", out, location, knn_stop_drop=drop)]
 
 
 def run_pretrain_highres(

@@ -43,15 +43,20 @@ from components.stage import stage_run
 log = get_logger(__name__)
 
 
-def run_report(cfg: PipelineConfig, *, evals: str, pretrained: str, distilled: str, out: str, metrics: str) -> None:
+def run_report(
+    cfg: PipelineConfig, *, evals: str, pretrained: str | None, distilled: str, out: str, metrics: str
+) -> None:
     """Builds the report from the evaluate stage's outputs, gates the best candidate and registers it.
 
-    `pretrained` and `distilled` are the folders the evaluated weights came from (dvc.yaml deps of this stage); the
-    weights to register are found through metrics/eval/models.json.
+    `pretrained` (default: `pipeline.pretrained_model`, the model the pipeline goes on with) and `distilled` are the
+    folders the candidates' weights came from (dvc.yaml deps of this stage); the weights to register are found
+    through metrics/eval/models.json, whose roles mark the candidates (the pretrain export evaluated beside a later
+    final model is `intermediate`, not a candidate).
     """
     from components import gates
     from components.tracking import register_model
 
+    log.info("candidates from %s and %s", pretrained or cfg.pipeline.pretrained_model, distilled)
     rc = cfg.report
     out_dir = Path(out)
     clear_output(out_dir, markers=("table.md", "quality_gate.json", "config.yaml"))

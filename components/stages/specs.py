@@ -75,7 +75,7 @@ STAGES: dict[str, StageSpec] = {
     "pretrain": StageSpec(
         "DINOv2 self-supervised pretraining under DeepSpeed ZeRO",
         "components.stages.pretrain:run_pretrain",
-        TRAIN_SECTIONS,
+        (*TRAIN_SECTIONS, "adapt"),
         (
             PathArg("curated", "data/curated", "the curate stage's output"),
             PathArg("checkpoints", "checkpoints/pretrain", "resumable training checkpoints (kept across runs)"),
@@ -100,10 +100,10 @@ STAGES: dict[str, StageSpec] = {
     "distill": StageSpec(
         "distill the frozen teacher into the configured student presets",
         "components.stages.distill:run_distill",
-        (*TRAIN_SECTIONS, "distill"),
+        (*TRAIN_SECTIONS, "pipeline", "distill"),
         (
             PathArg("curated", "data/curated", "the curate stage's output"),
-            PathArg("teacher", "models/pretrain", "the pretrain stage's exported models"),
+            PathArg("teacher", None, "the teacher's export (default: params pipeline.pretrained_model)"),
             PathArg("checkpoints", "checkpoints/distill", "resumable training checkpoints (kept across runs)"),
             PathArg("out", "models/distill", "one exported student per preset: <out>/<preset>/ (official layout)"),
             _metrics("distill"),
@@ -113,10 +113,11 @@ STAGES: dict[str, StageSpec] = {
     "evaluate": StageSpec(
         "evaluate frozen features of every model on the evaluation tasks",
         "components.stages.evaluate:run_evaluate",
-        ("seed", "data.raw", "model", "evaluate"),
+        ("seed", "data.raw", "model", "pipeline", "evaluate"),
         (
             PathArg("prepared", "data/prepared", "the prepare stage's output (evaluation images)"),
-            PathArg("pretrained", "models/pretrain", "the pretrain stage's exported models"),
+            PathArg("pretrained", "models/pretrain", "the pretrain stage's export"),
+            PathArg("final", None, "the pretrained model used downstream (default: params pipeline.pretrained_model)"),
             PathArg("distilled", "models/distill", "the distill stage's exported models"),
             PathArg("out", "metrics/eval", "one metrics JSON per model and task, plus plots"),
             _metrics("evaluate"),
@@ -125,10 +126,10 @@ STAGES: dict[str, StageSpec] = {
     "report": StageSpec(
         "comparison table, quality gate and model registry entry",
         "components.stages.report:run_report",
-        ("report",),
+        ("pipeline", "report"),
         (
             PathArg("evals", "metrics/eval", "the evaluate stage's output"),
-            PathArg("pretrained", "models/pretrain", "the pretrain stage's exported models"),
+            PathArg("pretrained", None, "the pretrained model used downstream (default: pipeline.pretrained_model)"),
             PathArg("distilled", "models/distill", "the distill stage's exported models"),
             PathArg("out", "reports/comparison", "comparison table, figures, quality-gate result"),
             _metrics("report"),

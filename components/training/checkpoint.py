@@ -31,7 +31,7 @@ import random
 import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ class LoopState:
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
     decode_failures: int = 0
+    start_metrics: dict[str, float] = field(default_factory=dict)
+    """What the monitors measured before the first step (the starting model's kNN top-1), for an early stop."""
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -434,6 +434,14 @@ class TrainEngine:
                 if a.shape != b.shape:
                     raise ValueError(f"EMA pair shards differ: {tuple(a.shape)} vs {tuple(b.shape)}")
 
+    def gathered(self, module: nn.Module) -> Any:
+        """A context in which `module`'s parameters are whole on every rank (ZeRO-3 gathers them; collective)."""
+        if self.stage != 3:
+            import contextlib
+
+            return contextlib.nullcontext()
+        return _deepspeed(self.settings.device).zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
     # -- rank-independent state ------------------------------------------------------------------------------------
 
     def full_model_state(self) -> dict[str, Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,6 @@ class LoopSettings:
     log_period: int
     checkpoint_period: int
     max_nonfinite_steps: int
-    knn_eval_period: int = 0
     desc: str = "train"
 
 
@@ -50,6 +49,8 @@ class LoopResult:
     history: list[dict[str, float]] = field(default_factory=list)
     """One row per logged, applied step (what the curve CSV and the training-metrics gate read)."""
     last_checkpoint: Path | None = None
+    stopped: str | None = None
+    """Why the run stopped before its last step (an early stop), or None."""
 
 
 def memory_gib(device: torch.device) -> float:
@@ -68,7 +69,8 @@ def train(
     *,
     save_checkpoint: Callable[[LoopState], Path | None],
     log_metrics: Callable[[dict[str, float], int], None],
-    knn_eval: Callable[[], dict[str, float]] | None = None,
+    monitors: Sequence[tuple[int, Callable[[], dict[str, float]]]] = (),
+    stop: Callable[[dict[str, float]], str | None] | None = None,
     history: list[dict[str, float]] | None = None,
 ) -> LoopResult:
     """Runs steps `state.step` .. `settings.total_steps - 1`, mutating `state`.
@@ -81,7 +83,10 @@ def train(
         settings: lengths and periods.
         save_checkpoint: collective; writes a checkpoint (and exports) for `state`, returns its path on rank 0.
         log_metrics: called on every rank with (metrics, step); the caller logs on rank 0.
-        knn_eval: collective; returns metrics such as `{"knn_top1": ...}`.
+        monitors: (period, collective function) pairs whose metrics join the logged row every `period` steps and at
+            the last (the kNN accuracy, the backbone's drift from its start); periods are multiples of the log
+            period's steps they fall on (a monitor runs on logging steps only).
+        stop: given a logged row, a reason to stop now (an early stop), or None; the run then checkpoints and ends.
         history: rows logged before a resume (appended to in place, so that a checkpoint can save it).
     """
     result = LoopResult(state=state, history=history if history is not None else [])
@@ -112,18 +117,19 @@ def train(
             elapsed = time.perf_counter() - window_start
             row = _metrics(engine, out, values, state, failures, window_steps * engine.global_batch_size / elapsed)
             failures, window_steps, window_start = 0, 0, time.perf_counter()
-            if (
-                knn_eval is not None
-                and settings.knn_eval_period
-                and (state.step % settings.knn_eval_period == 0 or last)
-            ):
-                row.update(knn_eval())
+            for period, monitor in monitors:
+                if state.step % period == 0 or last:
+                    row.update(monitor())
             log_metrics(row, state.step)
             bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
             if not skipped:
                 result.history.append({"step": state.step, **row})
-        if (saving and not skipped) or last:
+            result.stopped = stop(row) if stop is not None and not last else None
+        if (saving and not skipped) or last or result.stopped:
             result.last_checkpoint = save_checkpoint(state)  # never right after a skipped step, unless the last
+        if result.stopped:
+            log.warning("stopping at step %d of %d: %s", state.step, settings.total_steps, result.stopped)
+            break
     bar.close()
     return result
 

@@ -239,10 +239,9 @@ class SSLMetaArch(SelfDistillation):
         return param_groups(self.student, layerwise_decay=layerwise_decay, patch_embed_lr_mult=patch_embed_lr_mult)
 
     def ema_pairs(self) -> Sequence[tuple[nn.Module, nn.Module]]:
-        if self.plan.frozen:
-            # Heads only: an EMA of two equal frozen backbones would drift by rounding (m x + (1 - m) x != x).
+        if "student.backbone." in self.plan.frozen:  # a head fit: the EMA of two equal frozen backbones is a no-op
             return list(zip(heads_of(self.student).values(), heads_of(self.teacher).values(), strict=True))
-        return ((self.student, self.teacher),)
+        return ((self.student, self.teacher),)  # frozen blocks stay equal: lerp(x, x) is x exactly
 
     def checkpointed_blocks(self) -> Sequence[nn.Module]:
         if any(p.requires_grad for p in self.student.backbone.parameters()):

@@ -205,14 +205,29 @@ def _schedule(cfg: PipelineConfig, batch: BatchPlan, **values: Any) -> ScheduleP
     return SchedulePlan(**base)
 
 
-def pretrain_plan(cfg: PipelineConfig, *, world_size: int, weights: WeightsPlan | None = None) -> PhasePlan:
-    """The DINOv2 recipe as params.yaml states it: `optim` / `teacher` epochs of `optim.epoch_length` steps."""
+def frozen_blocks(n: int) -> tuple[str, ...]:
+    """Parameter prefixes of the student's embeddings, tokens and first `n` blocks (none for n = 0)."""
+    if not n:
+        return ()
+    stem = ("patch_embed.", "cls_token", "pos_embed", "register_tokens")  # the mask token trains (iBOT's input)
+    return tuple(f"student.backbone.{p}" for p in (*stem, *(f"blocks.{i}." for i in range(n))))
+
+
+def pretrain_plan(
+    cfg: PipelineConfig, *, world_size: int, weights: WeightsPlan | None = None, model: ModelConfig | None = None
+) -> PhasePlan:
+    """The DINOv2 recipe as params.yaml states it: `optim` / `teacher` epochs of `optim.epoch_length` steps.
+
+    Continuing from pretrained weights, `model` is the `model` section with the weights' geometry (registers,
+    interpolation, patch size) and `model.freeze_blocks` bottom blocks stay frozen.
+    """
     batch = _batch(cfg, world_size)
+    model = (model or cfg.model).model_copy(update={"pretrained_weights": None})
     return PhasePlan(
-        stage="pretrain", phase="pretrain", seed=cfg.seed,
-        model=cfg.model.model_copy(update={"pretrained_weights": None}),
+        stage="pretrain", phase="pretrain", seed=cfg.seed, model=model,
         dino=cfg.dino, ibot=cfg.ibot, teacher=cfg.teacher, crops=cfg.crops, batch=batch,
         schedule=_schedule(cfg, batch), optim=_optim(cfg), weights=weights or WeightsPlan("random"),
+        frozen=frozen_blocks(model.freeze_blocks),
     )  # fmt: skip
 
 
@@ -241,18 +256,20 @@ def highres_plan(cfg: PipelineConfig, *, world_size: int, weights: WeightsPlan) 
 def head_fit_plan(
     cfg: PipelineConfig, *, stage: str, world_size: int, model: ModelConfig, weights: WeightsPlan
 ) -> PhasePlan:
-    """Heads fitted on a frozen backbone with the pretraining losses: `distill.head_fit_iterations` steps, lr
-    warm-up over the first tenth to `distill.head_fit_base_lr` (batch-scaled), the final teacher temperature from
-    the first step (the features are trained), no prototype freeze, masking as in pretraining."""
-    t, n = cfg.teacher, cfg.distill.head_fit_iterations
+    """Heads fitted on a frozen backbone with the pretraining losses: the stage's head-fit length
+    (`distill.head_fit_iterations` for distillation, `adapt.head_fit_iterations` for continued pretraining), lr
+    warm-up over the first tenth to its `head_fit_base_lr` (batch-scaled), the final teacher temperature from the
+    first step (the features are trained), no prototype freeze, masking as in pretraining."""
+    section = cfg.distill if stage == "distill" else cfg.adapt
+    t, n = cfg.teacher, section.head_fit_iterations
     batch = _batch(cfg, world_size)
     schedule = _schedule(
-        cfg, batch, total_steps=n, warmup_steps=n // 10, base_lr=cfg.distill.head_fit_base_lr,
+        cfg, batch, total_steps=n, warmup_steps=n // 10, base_lr=section.head_fit_base_lr,
         warmup_teacher_temp=t.teacher_temp, teacher_temp_warmup_steps=0, freeze_last_layer_steps=0,
     )  # fmt: skip
+    model = model.model_copy(update={"drop_path_rate": 0.0, "pretrained_weights": None, "freeze_blocks": 0})
     return PhasePlan(
-        stage=stage, phase="head_fit", seed=cfg.seed,
-        model=model.model_copy(update={"drop_path_rate": 0.0, "pretrained_weights": None}), dino=cfg.dino,
+        stage=stage, phase="head_fit", seed=cfg.seed, model=model, dino=cfg.dino,
         ibot=cfg.ibot, teacher=t, crops=cfg.crops, batch=batch, schedule=schedule, optim=_optim(cfg),
         weights=weights, frozen=("student.backbone.", "teacher.backbone."),
     )  # fmt: skip

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from components.config import TrainConfig
 from components.log import get_logger
@@ -63,6 +64,8 @@ class Phase:
     """The starting weights (an export folder or a weight file); None: the seeded initialisation."""
     inputs: Mapping[str, str] = field(default_factory=dict)
     """Digests of what the phase reads besides its plan (the curated set's is added by the trainer)."""
+    knn_stop_drop: float | None = None
+    """Stop when the monitored kNN top-1 falls this far below the starting model's (`adapt.knn_stop_drop`)."""
 
 
 @dataclass
@@ -171,15 +174,17 @@ class Trainer:
             log_period=self.train_cfg.log_period,
             checkpoint_period=self.train_cfg.checkpoint_period,
             max_nonfinite_steps=self.train_cfg.max_nonfinite_steps,
-            knn_eval_period=self.train_cfg.knn_eval_period if self._backbone_trains() else 0,
             desc=f"{self.plan.stage}: {self.plan.phase}",
         )
         if self.loop.step >= settings.total_steps:
             log.info("the checkpoint is already at the final step %d: nothing to train", self.loop.step)
+        monitors = self._monitors()
+        if self.loop.step == 0 and monitors:  # the starting model's figures, the reference of an early stop
+            self.loop.start_metrics = {k: v for _, m in monitors for k, v in m().items()}
+            self.log_metrics(self.loop.start_metrics, 0)
         result = train(
             self.engine, iter(self.loader), self.plan.schedules(), self.loop, settings, save_checkpoint=self.save,
-            log_metrics=self.log_metrics, knn_eval=self._knn_monitor() if settings.knn_eval_period else None,
-            history=self.history,
+            log_metrics=self.log_metrics, monitors=monitors, stop=self._early_stop(), history=self.history,
         )  # fmt: skip
         if result.last_checkpoint is None and self.resumed_from is not None:  # resumed at the final step
             self.export()
@@ -221,6 +226,19 @@ class Trainer:
     def _backbone_trains(self) -> bool:
         return not any(prefix.endswith("backbone.") for prefix in self.plan.frozen)
 
+    def _monitors(self) -> list[tuple[int, Callable[[], dict[str, float]]]]:
+        """The kNN accuracy every `train.knn_eval_period` steps, and, for a run that starts from pretrained weights,
+        the teacher backbone's relative change from them (every kNN or checkpoint period: it reads every weight)."""
+        if not self._backbone_trains():
+            return []  # a head fit: the backbone cannot move
+        monitors = []
+        if self.train_cfg.knn_eval_period:
+            monitors.append((self.train_cfg.knn_eval_period, self._knn_monitor()))
+        if self.plan.weights.kind != "random" and self.phase.source is not None:
+            period = self.train_cfg.knn_eval_period or self.train_cfg.checkpoint_period
+            monitors.append((period, self._drift_monitor()))
+        return monitors
+
     def _knn_monitor(self) -> Callable[[], dict[str, float]]:
         """kNN top-1 of the monitored backbones on `train.knn_eval_root` (train -> val), on every rank."""
         backbones = self.engine.module.monitored_backbones()  # ZeRO-3 gathers their weights through module hooks
@@ -233,6 +251,55 @@ class Trainer:
             }
 
         return evaluate
+
+    def _drift_monitor(self) -> Callable[[], dict[str, float]]:
+        """`drift.total` and `drift.block_<i>`: ||w - w0|| / ||w0|| of the monitored backbone against the weights
+        the phase started from (what it forgets moves these first), on every rank."""
+        reference = starting_backbone(self.phase.source, self.plan.model)
+        backbone = self.engine.module.monitored_backbone()
+
+        def drift() -> dict[str, float]:
+            sums: dict[str, list[float]] = {}
+            with self.engine.gathered(backbone):
+                for name, p in backbone.named_parameters():
+                    group = "block_{:02d}".format(int(name.split(".")[1])) if name.startswith("blocks.") else "stem"
+                    ref = reference[name]
+                    moved = float((p.detach().float().cpu() - ref).square().sum())
+                    acc = sums.setdefault(group, [0.0, 0.0])
+                    acc[0], acc[1] = acc[0] + moved, acc[1] + float(ref.square().sum())
+            out = {f"drift.{g}": (m / max(r, 1e-30)) ** 0.5 for g, (m, r) in sums.items()}
+            total_moved, total_ref = sum(m for m, _ in sums.values()), sum(r for _, r in sums.values())
+            out["drift.total"] = (total_moved / max(total_ref, 1e-30)) ** 0.5
+            return out
+
+        return drift
+
+    def _early_stop(self) -> Callable[[dict[str, float]], str | None] | None:
+        """With `knn_stop_drop`: a reason to stop once the kNN top-1 falls that far below the starting model's."""
+        drop, start = self.phase.knn_stop_drop, self.loop.start_metrics.get("knn_top1")
+        if drop is None or start is None:
+            return None
+
+        def stop(row: dict[str, float]) -> str | None:
+            value = row.get("knn_top1")
+            if value is not None and value < start - drop:
+                return f"teacher kNN top-1 {value:.4f} fell below the start's {start:.4f} by more than {drop}"
+            return None
+
+        return stop
+
+
+def starting_backbone(source: str, model: Any) -> dict[str, Tensor]:
+    """The backbone weights a phase starts from (an export folder or a weight file), by our parameter names, on the
+    CPU in float32."""
+    from components import exports
+    from components.model import backbone_from_config, load_official_weights
+
+    path = exports.read_export(source).weights if exports.is_export(source) else source
+    with torch.device("cpu"):
+        backbone = backbone_from_config(model.model_copy(update={"drop_path_rate": 0.0}))
+    load_official_weights(backbone, exports.read_weights(path)[0])
+    return {k: v.detach().float() for k, v in backbone.named_parameters()}
 
 
 def gathered_rng_states(world_size: int) -> list[dict[str, Any]]:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 from components import exports
-from components.config import SyntheticConfig, load_config, validate_config
+from components.config import load_config, validate_config
 from components.model import augmentation_from_config
 from components.model.losses import sinkhorn_knopp
 from components.training.engine import TrainEngine
@@ -32,25 +31,6 @@ from components.training.meta_arch import SSLMetaArch, build_network, heads_of
 ROOT = Path(__file__).resolve().parents[2]
 MARGIN = 0.3
 """Required fall of the held-out view cross-entropy (nats) below the initialisation's."""
-WORLD = SyntheticConfig(
-    num_classes=4, image_size=48, pool_size=256, duplicate_fraction=0.0, leak_per_class=0, seed_per_class=1,
-    eval_train_per_class=10, eval_val_per_class=1, eval_test_per_class=10, num_places=2, views_per_place=2,
-    bad_files=False,
-)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from components.synthetic import render_world
-
-    root = tmp_path_factory.mktemp("learns") / "world"
-    render_world(WORLD, 0, root, num_workers=0)
-    curated = root.parent / "curated"
-    curated.mkdir()
-    pd.DataFrame({"uri": sorted(str(p) for p in (root / "pool").rglob("*") if p.is_file())}).to_parquet(
-        curated / "manifest.parquet"
-    )
-    return root, curated
 
 
 def _config():
@@ -78,7 +58,7 @@ def view_cross_entropy(network, images: list[Path], cfg, teacher_temp: float = 0
     return float(sum(ce) / 2)
 
 
-def pretrain_and_measure(world, tmp_path) -> tuple[float, float]:
+def pretrain_and_measure(world: tuple[Path, Path], tmp_path: Path) -> tuple[float, float]:
     """(initialisation, trained teacher) held-out view cross-entropy after the pretrain stage on the small world."""
     from components.stages.pretrain import run_pretrain
 
@@ -101,8 +81,8 @@ def quiet(monkeypatch, in_process_training):
     monkeypatch.setenv("DINOV2_TRACKING", "off")
 
 
-def test_pretraining_beats_its_initialisation(world, tmp_path, quiet):
-    initial, trained = pretrain_and_measure(world, tmp_path)
+def test_pretraining_beats_its_initialisation(learning_world, tmp_path, quiet):
+    initial, trained = pretrain_and_measure(learning_world, tmp_path)
     assert trained < initial - MARGIN, (initial, trained)
 
 
@@ -135,7 +115,7 @@ def _reversed_ema(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", [_sign_flipped, _frozen_optimizer, _reversed_ema], ids=["sign", "frozen", "ema"])
-def test_the_check_fails_a_run_that_does_not_learn(world, tmp_path, quiet, monkeypatch, fault):
+def test_the_check_fails_a_run_that_does_not_learn(learning_world, tmp_path, quiet, monkeypatch, fault):
     fault(monkeypatch)
-    initial, trained = pretrain_and_measure(world, tmp_path)
+    initial, trained = pretrain_and_measure(learning_world, tmp_path)
     assert not trained < initial - MARGIN, (initial, trained)

@@ -226,3 +226,12 @@ def test_the_adaptation_recipes_are_valid_params(arch, tmp_path):
         and cfg.adapt.knn_stop_drop
         and cfg.pipeline.pretrained_model == "models/pretrain"
     )
+
+
+def test_without_a_final_export_the_pretrain_export_is_the_teacher(tmp_path):
+    from components.stages.evaluate import model_specs
+
+    exports.write_export(tmp_path / "pretrain", model=tiny_config().model, heads=None, role="teacher", iterations=1,
+                         backbone_state=build_backbone("vit_test").state_dict())  # fmt: skip
+    specs = model_specs(tiny_config(), str(tmp_path / "pretrain"), str(tmp_path / "none"), str(tmp_path / "missing"))
+    assert [(s.name, s.role) for s in specs] == [("teacher", "teacher"), ("random_init", "baseline")]

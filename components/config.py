@@ -78,8 +78,20 @@ class PrepareConfig(Section):
     """Images whose header claims more pixels are rejected before decoding (reason `too_large`)."""
     num_workers: int = Field(2, ge=0)
     """Decoding processes (0: decode in the main process)."""
-    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-    """File suffixes considered images; other files are listed in rejects as `not_an_image_suffix`."""
+    extensions: tuple[str, ...] | None = None
+    """null: every file is decoded and every format Pillow reads is an image (GIF and other multi-frame files: the
+    first frame). A list narrows that to files with these suffixes (e.g. [.jpg, .png]); others are rejected as
+    `excluded_suffix`."""
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_suffixes(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is None:
+            return v
+        bad = [e for e in v if not e.startswith(".") or len(e) < 2 or "/" in e]
+        if bad or not v:
+            raise ValueError(f"needs suffixes with a leading dot such as '.jpg' (null: every file), got {list(v)}")
+        return tuple(e.lower() for e in v)
 
 
 # --------------------------------------------------------------------------------------------------------------------

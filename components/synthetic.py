@@ -811,7 +811,7 @@ def _plant_bad_files(root: Path, seed: int, num_classes: int, size: int) -> list
         "notes.jpg": (b"this is a text file, not an image\n", "not_an_image"),
         "tiny.png": (_encode(tiny, "png"), "too_small"),
         "huge_header.png": (hostile_png(), "too_large"),
-        "readme.txt": (b"files the pool picked up on the way\n", "not_an_image_suffix"),
+        "readme.txt": (b"files the pool picked up on the way\n", "not_an_image"),
     }
     planted = []
     for name, (blob, reason) in bad.items():

@@ -615,6 +615,23 @@ def curated_manifest_suite(*, max_eval_similarity: float) -> list[Expectation]:
     ]
 
 
+def calibration_suite() -> list[Expectation]:
+    """Copy-detection calibration: the decision rule's precision on planted copies reaches its target.
+
+    Frame: one row per calibrated comparison (`comparison`: dedup, eval) with `precision` (of the rule the stage
+    applies, on planted copies against distinct pairs), `target` (params.yaml `curate.dedup_precision`) and
+    `planted_copies`. Use `id_column="comparison"`.
+    """
+    E = _gx().expectations
+    return [
+        E.ExpectTableRowCountToBeBetween(min_value=1),
+        E.ExpectColumnValuesToNotBeNull(column="comparison"),
+        *expect_finite("precision"),
+        E.ExpectColumnValuesToBeBetween(column="planted_copies", min_value=1),
+        E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="precision", column_B="target", or_equal=True),
+    ]
+
+
 def source_share_frame(sources: Iterable[str], expected: Iterable[str] = ()) -> pd.DataFrame:
     """Per-source counts and shares for `source_shares_suite`: columns `source`, `num_images`, `share`.
 

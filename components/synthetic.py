@@ -702,6 +702,27 @@ def _move_into_place(tmp: Path, out_dir: Path, truth: dict[str, Any]) -> None:
     tmp.rmdir()
 
 
+def is_synthetic_world(uris: Sequence[str]) -> bool:
+    """True when these (pool) URIs lie in a rendered synthetic world: a folder above them holds its
+    `ground_truth.json`. S3 URIs and tar members are looked up by their local part only; an empty list is False."""
+    roots: dict[Path, bool] = {}
+    found = False
+    for uri in uris:
+        path = Path(str(uri).split("::", 1)[0])
+        if str(uri).startswith("s3://"):
+            return False
+        for parent in list(path.parents)[:8]:
+            if parent not in roots:
+                truth = parent / "ground_truth.json"
+                roots[parent] = truth.is_file() and (parent / "pool").is_dir()
+            if roots[parent]:
+                found = True
+                break
+        else:
+            return False
+    return found
+
+
 def _counts(truth: dict[str, Any]) -> dict[str, int]:
     """Input files per part of the world (targets, meta.json and ground_truth.json are not inputs)."""
     places = truth["retrieval"]["places"].values()

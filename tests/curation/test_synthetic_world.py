@@ -22,11 +22,8 @@ import pandas as pd
 import pytest
 
 from components.config import load_config
-from components.curation.curate import search_params, whiten
-from components.curation.dedup import self_deduplicate
-from components.embedding import load_embeddings
 from components.prepare import prepare
-from components.stages.curate import align, run_curate
+from components.stages.curate import run_curate
 from components.stages.embed import read_prepared, run_embed
 from components.synthetic import render_world
 from tests.curation.curation_truth import planted_groups, relative, score_groups
@@ -60,22 +57,18 @@ def _outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run_curate(
         cfg, prepared=str(tmp / "prepared"), embeddings=str(tmp / "emb"), out=str(tmp / "cur"), metrics=str(tmp / "c")
     )
-    # The duplicate groups exactly as the stage forms them (same whitening, threshold and index).
-    kept, x, _ = align(read_prepared(tmp / "prepared"), *load_embeddings(tmp / "emb"))
-    source = kept["source"].astype(str)
-    pool = np.flatnonzero(source.eq("pool").to_numpy())
-    if cfg.curate.whiten:
-        fit = np.flatnonzero((source.eq("pool") | source.str.startswith("seeds/")).to_numpy())
-        x = whiten(x, fit)
-    groups = self_deduplicate(
-        x[pool],
-        np.ones(len(pool)),
-        k=cfg.curate.dedup_k,
-        threshold=cfg.curate.dedup_threshold,
-        params=search_params(cfg.curate, cfg.seed),
+    # The duplicate groups exactly as the stage formed them: every removed duplicate points at its group's keeper.
+    kept = read_prepared(tmp / "prepared")
+    pool = kept[kept["source"] == "pool"]
+    removed = pd.read_parquet(tmp / "cur" / "removed.parquet")
+    keeper = dict(zip(removed["uri"], removed["duplicate_of"], strict=True))
+    dups = removed["reason"].eq("duplicate")
+    labels = {u: keeper[u] if u in keeper and dups[removed["uri"].eq(u)].any() else u for u in pool["uri"]}
+    paths = [relative(u, world) for u in pool["uri"]]
+    ids = {u: i for i, u in enumerate(sorted(set(labels.values())))}
+    scores = score_groups(
+        {relative(u, world): ids[label] for u, label in labels.items()}, planted_groups(truth, set(paths))
     )
-    paths = [relative(u, world) for u in kept["uri"].iloc[pool]]
-    scores = score_groups(dict(zip(paths, groups.labels.tolist(), strict=True)), planted_groups(truth, set(paths)))
     curated = pd.read_parquet(tmp / "cur" / "manifest.parquet")
     leaks = {leak["path"] for leak in truth["leaks"]}
     scores["leaks_in_curated"] = sum(relative(u, world) in leaks for u in curated["uri"])
@@ -88,6 +81,7 @@ def test_demo_calibration_is_precise(outcome: dict[str, Any]) -> None:
     assert outcome["precision"] >= 0.99
     verification = outcome["report"]["verification"]
     assert verification["max_dup_group_size"] == 1
+    assert outcome["report"]["calibration"]["dedup"]["expected_precision"] >= 0.98
 
 
 @REAL_MODEL

@@ -51,7 +51,7 @@ def _no_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_real_photos_default_configuration(tmp_path: Path) -> None:
-    scores = curate_photos(tmp_path, ("astronaut", "coffee"), per_photo=3, with_copies=1)
+    scores = curate_photos(tmp_path, ("astronaut", "coffee", "rocket"), per_photo=3, with_copies=1)
     assert scores["precision"] >= 0.95 and scores["recall"] >= 0.85
     assert any("random weights" in w for w in scores["warnings"])  # a random init on a real pool is called out
 

@@ -54,8 +54,12 @@ class CopyPairs:
         return len(self.src)
 
 
-def _top_per_query(src: np.ndarray, sim: np.ndarray, k: int) -> np.ndarray:
-    """Positions of each query's k most similar candidates."""
+def _top_per_query(src: np.ndarray, sim: np.ndarray, k: int, dst: np.ndarray | None = None) -> np.ndarray:
+    """Positions of the pairs among each query's k most similar candidates; with `dst` (pairs of one set of images),
+    a pair counts for both its images and is kept when it is among the k best of either."""
+    if dst is not None:
+        both = _top_per_query(np.concatenate([src, dst]), np.concatenate([sim, sim]), k)
+        return np.unique(both % max(len(src), 1))
     order = np.lexsort((-sim, src))  # by query, most similar first
     rank = np.arange(len(order)) - np.searchsorted(src[order], src[order], side="left")
     return np.sort(order[rank < k])
@@ -99,7 +103,9 @@ def decide_pairs(
     band = ~accepted & (sim >= thresholds.candidate) if verify != "off" else np.zeros(len(sim), bool)
     stats: dict[str, Any] = {"candidates": int(len(sim)), "accepted_on_embedding": int(accepted.sum())}
     band_rows = np.flatnonzero(band)
-    band_rows = band_rows[_top_per_query(src[band_rows], sim[band_rows], verify_k)]
+    band_rows = band_rows[
+        _top_per_query(src[band_rows], sim[band_rows], verify_k, dst[band_rows] if symmetric else None)
+    ]
     stats["beyond_verify_k"] = int(band.sum() - len(band_rows))
     if len(band_rows) > max_pairs:
         log.warning("verify: %d candidate pairs, %d over curate.verify_max_pairs: kept", len(band_rows), max_pairs)

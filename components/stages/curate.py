@@ -279,8 +279,9 @@ def _log_outputs(run: StageRun, result: CurationResult, out_dir: Path) -> None:
         for image in sorted((out_dir / folder).glob("*.png")):
             run.log_artifact(image, artifact_path=f"curate/{folder}")
     for name, cal in result.calibrations.items():
-        for point in cal.curve.sampled(201):
-            step = int(round(point["threshold"] * 1000))
+        # One point per step (threshold x 1000): the lowest threshold of each step, the curve seen from below.
+        points = {int(round(p["threshold"] * 1000)): p for p in cal.curve.sampled(51)}
+        for step, point in sorted(points.items()):
             run.log_metrics(
                 {f"calibration.{name}.precision": point["precision"], f"calibration.{name}.recall": point["recall"]},
                 step=step,

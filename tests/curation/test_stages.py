@@ -204,3 +204,28 @@ def test_empty_pool_runs(embedded: tuple[Path, Path], tmp_path: Path) -> None:
     run_curate(cfg, prepared=str(tmp_path / "prep"), embeddings=str(emb), out=str(out), metrics=str(tmp_path / "c"))
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["pool"] == 0 and report["counts"]["curated"] == report["per_source"]["seeds/synthetic"]
+
+
+def test_curate_logs_calibration_and_removals_to_mlflow(
+    embedded: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from components.tracking import mlflow_client
+
+    monkeypatch.setenv("DINOV2_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    prep, emb = embedded
+    out = tmp_path / "curated"
+    cfg = config(**{"curate.calibration_images": 24})
+    run_curate(cfg, prepared=str(prep), embeddings=str(emb), out=str(out), metrics=str(tmp_path / "c.json"))
+    run_id = json.loads((tmp_path / "c.json").read_text())["mlflow_run_id"]
+    client = mlflow_client()
+    curve = client.get_metric_history(run_id, "calibration.dedup.precision")
+    assert len(curve) > 5 and len({m.step for m in curve}) == len(curve)  # one point per threshold (x 1000)
+    run = client.get_run(run_id)
+    report = json.loads((out / "report.json").read_text())
+    expected = report["calibration"]["dedup"]["expected_precision"]
+    assert run.data.metrics["calibration.dedup.expected_precision"] == pytest.approx(expected)
+    assert run.data.params["curate.dedup_precision"] == "0.98" and "embed.features" in run.data.params
+    assert run.data.tags["gate.calibration"] == "passed"
+    logged = {a.path for a in client.list_artifacts(run_id, "curate")}
+    assert {"curate/report.json", "curate/removed.parquet", "curate/plots", "curate/grids"} <= logged

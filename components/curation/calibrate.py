@@ -153,7 +153,9 @@ class Calibration:
             "expected_precision": round(self.precision, 5),
             "expected_recall": round(self.recall, 5),
             "expected_recall_per_kind": {k: round(v, 5) for k, v in self.recall_per_kind.items()},
-            "embedding_only": dict(zip(("precision", "recall"), self.curve.at(self.accept or 2.0), strict=True)),
+            "embedding_only": dict(
+                zip(("precision", "recall"), self.curve.at(2.0 if self.accept is None else self.accept), strict=True)
+            ),
             "planted_copies": len(data.pos_sims),
             "negatives": {
                 "neighbours": int((data.neg_kind == "neighbour").sum()),

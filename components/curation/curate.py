@@ -343,6 +343,13 @@ def _calibrate(
 
 def _thresholds(cfg: CurateConfig, name: str, calibration: calibrate.Calibration | None) -> Thresholds:
     if calibration is not None:
+        if calibration.accept is None:
+            log.warning(
+                "calibration %s: no similarity reaches precision %.3f on planted copies; %s",
+                name,
+                cfg.dedup_precision,
+                "nothing is removed (curate.verify is off)" if cfg.verify == "off" else "only verified pairs count",
+            )
         return Thresholds(calibration.accept, calibration.candidate)
     fixed = cfg.dedup_threshold if name == "dedup" else cfg.eval_threshold
     if fixed is None:  # no image of this kind to calibrate on (an empty pool or no evaluation set)

@@ -142,6 +142,8 @@ def test_curate_stage_outputs(prepared: tuple[Path, Path], tmp_path: Path) -> No
         assert cal["accept_threshold_source"] == "calibrated" and cal["planted_copies"] > 10
         assert cal["expected_precision"] >= cfg.curate.dedup_precision and len(cal["curve"]) > 10
     assert report["dedup"]["threshold"] == report["calibration"]["dedup"]["accept_threshold"]
+    # A random init on the synthetic world is the demo, not a mistake: no warning (real photos: test_real_photos).
+    assert report["embeddings"]["random_weights"] is True and report["warnings"] == []
     # Nothing removed silently: every removed pool image is listed with what it duplicates and how it was decided.
     removed = pd.read_parquet(out / "removed.parquet")
     pool = int(report["counts"]["pool"])

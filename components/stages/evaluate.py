@@ -71,8 +71,9 @@ def model_specs(cfg: PipelineConfig, pretrained: str, distilled: str, final: str
     it as `teacher_pretrain` (role `intermediate`), so that the phase's effect shows in every table.
     """
     specs = discover_models([pretrained])
-    if final and storage.normalize(final) != storage.normalize(pretrained):
-        specs = discover_models([final]) + [
+    finals = discover_models([final]) if final and storage.normalize(final) != storage.normalize(pretrained) else []
+    if finals:
+        specs = finals + [
             replace(s, name="teacher_pretrain", role=INTERMEDIATE) if s.role == "teacher" else s for s in specs
         ]
     specs += discover_models([distilled])

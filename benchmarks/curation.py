@@ -16,6 +16,10 @@ Measured, in one process:
   number of Lloyd iterations, tol 0). scikit-learn's kNN is exact, so its pairs above the threshold are the reference
   of `dedup_recall_vs_exact`.
 - `peak_rss_gib`: the process's peak resident memory (the data itself is N x D x 2 bytes).
+- `verification` (apart from the dedup figures, `--verify-pairs`, 0 skips it): local-feature verification
+  (components/curation/verify.py) of candidate pairs of real photographs (scikit-image's sample images, cut into
+  512 px pictures, each with planted copies), wall and CPU milliseconds per pair, features included, and what
+  verifying `verify_k` candidates of every one of the N images would cost at that rate.
 """
 
 from __future__ import annotations
@@ -95,6 +99,29 @@ def sklearn_kmeans(xs: np.ndarray, clusters: int, iters: int, seed: int) -> floa
     return time.perf_counter() - start
 
 
+def verification_cost(num_pairs: int, workers: int, seed: int) -> dict:
+    """Verification of `num_pairs` candidate pairs of real photographs: cost per pair as measured."""
+    import skimage.data
+
+    from components.curation.copies import COPY_KINDS, plant_copy
+    from components.curation.verify import verify_pairs
+    from components.images import to_rgb
+
+    rng = np.random.default_rng(seed)
+    photos = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket")
+    from PIL import Image
+
+    images = []
+    for name in photos:
+        image = to_rgb(Image.fromarray(getattr(skimage.data, name)()))
+        image.thumbnail((512, 512))
+        images.append(image)
+        images.extend(plant_copy(image, kind, rng) for kind in COPY_KINDS)
+    pairs = rng.integers(0, len(images), size=(num_pairs, 2))
+    result = verify_pairs(pairs, images, workers=workers)
+    return {**result.cost(), "distinct_images": len(images), "confirmed": int(result.verified.sum())}
+
+
 def cpu_s() -> float:
     """User + system CPU seconds of this process (the machine may be shared: wall time alone can mislead)."""
     times = os.times()
@@ -121,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--subset", type=int, default=100_000)
     parser.add_argument("--skip-sklearn", action="store_true", help="only the faiss side (for quick runs)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verify-pairs", type=int, default=2000, help="pairs for the verification cost (0: skip)")
+    parser.add_argument("--verify-k", type=int, default=8, help="candidates verified per image, for the estimate")
     args = parser.parse_args(argv)
 
     import faiss
@@ -180,6 +209,12 @@ def main(argv: list[str] | None = None) -> dict:
         out["speedup_kmeans_vs_sklearn"] = round(sk_kmeans_s / sub["kmeans_s"], 2)
     out["subset"] = sub
     out["peak_rss_gib"] = round(peak_rss_gib(), 3)
+    if args.verify_pairs:
+        ver = verification_cost(args.verify_pairs, faiss.omp_get_max_threads(), args.seed)
+        worst = args.num_vectors * args.verify_k
+        ver["worst_case_pairs"] = worst
+        ver["worst_case_hours"] = round(worst * ver["ms_per_pair"] / 1000 / 3600, 2)
+        out["verification"] = ver
     out["threads"] = faiss.omp_get_max_threads()
     out["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     out["faiss"] = faiss.__version__

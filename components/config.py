@@ -78,8 +78,20 @@ class PrepareConfig(Section):
     """Images whose header claims more pixels are rejected before decoding (reason `too_large`)."""
     num_workers: int = Field(2, ge=0)
     """Decoding processes (0: decode in the main process)."""
-    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-    """File suffixes considered images; other files are listed in rejects as `not_an_image_suffix`."""
+    extensions: tuple[str, ...] | None = None
+    """null: every file is decoded and every format Pillow reads is an image (GIF and other multi-frame files: the
+    first frame). A list narrows that to files with these suffixes (e.g. [.jpg, .png]); others are rejected as
+    `excluded_suffix`."""
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_suffixes(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is None:
+            return v
+        bad = [e for e in v if not e.startswith(".") or len(e) < 2 or "/" in e]
+        if bad or not v:
+            raise ValueError(f"needs suffixes with a leading dot such as '.jpg' (null: every file), got {list(v)}")
+        return tuple(e.lower() for e in v)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -356,16 +368,21 @@ class EmbedConfig(Section):
     """Patch size of the embedding backbone."""
     num_register_tokens: int = Field(0, ge=0, le=16)
     """Register tokens of the embedding backbone (4 for the released *_reg models)."""
-    image_size: int = Field(112, ge=16)
-    """Images are resized (shorter side) and centre-cropped to this side."""
+    image_size: int = Field(224, ge=16)
+    """Side of the square the backbone sees, px (224: the released models' resolution)."""
+    full_frame: bool = True
+    """Resize the whole image to image_size x image_size (aspect not kept), so that nothing of it is cut away (a
+    copy's borders count); false: the release's shorter-side resize and centre crop."""
     batch_size: int = Field(64, ge=1)
     """Images per forward pass."""
     num_workers: int = Field(2, ge=0)
     """Data-loading processes."""
     shard_size: int = Field(4096, ge=1)
     """Embeddings per .npy shard; finished shards are skipped when the stage resumes."""
-    mean_patch: bool = False
-    """Concatenate the mean patch token to the CLS token (each L2-normalised first), then normalise: 2 D wide."""
+    features: Literal["cls", "cls_mean", "cls_grid"] = "cls_grid"
+    """The image's vector: cls: the CLS token; cls_mean: CLS and the mean patch token (2 D wide); cls_grid: CLS and
+    the mean patch token of each quadrant (5 D wide: keeps the layout, which copies share and look-alike images do
+    not). Blocks are L2-normalised, the grid's four together to norm 1, then the whole vector."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the backbone runs: auto is the rank's GPU when CUDA is available, else the CPU."""
     amp: bool = True
@@ -381,10 +398,34 @@ class EmbedConfig(Section):
 class CurateConfig(Section):
     dedup_k: int = Field(64, ge=1)
     """Neighbours searched per pool image for self-deduplication."""
-    dedup_threshold: float = Field(0.6, ge=-1.0, le=1.0)
-    """Cosine similarity above which two pool images are copies (an edge of the duplicate graph)."""
-    eval_threshold: float = Field(0.45, ge=-1.0, le=1.0)
-    """Cosine similarity above which a pool image is a copy of an evaluation image and is removed."""
+    dedup_threshold: float | None = Field(None, ge=-1.0, le=1.0)
+    """Cosine similarity at or above which two pool images are copies without verification; null: calibrated on the
+    pool (the lowest threshold whose precision on planted copies reaches dedup_precision); a number overrides it."""
+    eval_threshold: float | None = Field(None, ge=-1.0, le=1.0)
+    """The same for a pool image and an evaluation image (leakage); null: calibrated on planted copies of
+    evaluation images against the pool."""
+    dedup_precision: float = Field(0.98, gt=0.0, le=1.0)
+    """Precision target of calibration, for self-deduplication and leakage alike; the calibration gate fails when
+    the decision rule's precision on planted copies is below it."""
+    candidate_recall: float = Field(0.95, gt=0.0, le=1.0)
+    """Calibrated candidate threshold: the highest similarity that keeps this share of the planted copies as
+    candidates for verification."""
+    candidate_threshold: float | None = Field(None, ge=-1.0, le=1.0)
+    """Fixed candidate threshold for verification (both comparisons); null: calibrated from candidate_recall."""
+    verify: Literal["auto", "on", "off"] = "auto"
+    """Local-feature verification (OpenCV ORB, ratio test, RANSAC): auto: pairs at or above the accept threshold
+    are copies, pairs between the candidate and accept thresholds are verified; on: every candidate pair is
+    verified (no copy without geometric evidence); off: the accept threshold alone."""
+    verify_k: int = Field(8, ge=1)
+    """Most candidate pairs verified per image (its most similar neighbours between the two thresholds)."""
+    verify_max_pairs: int = Field(500_000, ge=1)
+    """Budget of verified pairs per comparison; beyond it the least similar candidates are kept (not removed) and
+    the report counts them."""
+    verify_workers: int = Field(0, ge=0)
+    """Verification threads (0: every usable core)."""
+    calibration_images: int = Field(200, ge=0)
+    """Images sampled (from the pool, and from the evaluation sets) to plant calibration copies of; 0 turns
+    calibration off and needs fixed dedup_threshold and eval_threshold."""
     max_images: int | None = Field(None, ge=1)
     """Cap on the curated set's size, seeds included (mode hkmeans: its target T); null keeps the whole selection."""
     mode: Literal["retrieval", "hkmeans", "dedup"] = "retrieval"
@@ -455,6 +496,14 @@ class CurateConfig(Section):
     def _hkmeans_target(self) -> CurateConfig:
         if self.mode == "hkmeans" and self.max_images is None:
             raise ValueError("mode hkmeans samples max_images images: set curate.max_images")
+        return self
+
+    @model_validator(mode="after")
+    def _thresholds_known(self) -> CurateConfig:
+        if self.calibration_images == 0 and (self.dedup_threshold is None or self.eval_threshold is None):
+            raise ValueError("calibration_images 0 turns calibration off: set dedup_threshold and eval_threshold")
+        if self.calibration_images == 0 and self.verify != "off" and self.candidate_threshold is None:
+            raise ValueError("calibration_images 0 with verify on/auto needs a fixed candidate_threshold")
         return self
 
 

@@ -3,10 +3,14 @@
 Run: `python -m components embed` (the stage wrapper in components/stages/embed.py); on several GPUs or nodes,
 `torchrun --nproc_per_node 8 -m components embed` (each rank embeds every world_size-th shard).
 
-Features (DINOv2 appendix A.3-A.4 compare images by the cosine similarity of one global vector): the backbone's
-normalised CLS token, optionally concatenated with the mean of its normalised patch tokens (each half L2-normalised
-first, so neither dominates), then L2-normalised. Preprocessing is the preset's: bicubic resize of the shorter side to
-`image_size * 256 / 224`, centre crop, the preset's mean and std.
+Features (DINOv2 appendix A.3-A.4 compare images by the cosine similarity of one global vector, `embed.features`):
+the backbone's normalised CLS token (`cls`); with the mean of its normalised patch tokens (`cls_mean`); or with the
+mean patch token of each image quadrant (`cls_grid`, the default: the layout of a picture survives every edit that
+makes a copy, while two different photos of one scene differ in it). Each block is L2-normalised (the four quadrants
+together to norm 1, so CLS and grid weigh the same), then the whole vector. Preprocessing: bicubic resize of the whole
+image to `image_size` x `image_size` (`full_frame`, the default: a copy is compared in full), or the release's
+shorter-side resize to `image_size * 256 / 224` and centre crop; the preset's mean and std. Images are decoded by
+components/images.py (every format Pillow reads, first frame).
 
 Layout of the output folder:
 ```
@@ -28,7 +32,6 @@ when the stage finishes.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -43,14 +46,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from components import storage
+from components import exports, storage
 from components.config import EmbedConfig
+from components.images import decode_rgb
 from components.log import get_logger
 from components.parallel import mp_context
+from components.runtime import cpu_threads, local_device
 
 log = get_logger(__name__)
 
 PARTS = ("pool", "seeds", "eval")
+RANDOM_INIT = "random-init"
+"""Prefix of the weights digest of a seeded random initialisation (`embed.weights: null`)."""
 SHARD_PATTERN = "shard-{index:05d}"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
@@ -154,8 +161,9 @@ class Embedder:
 
     model: torch.nn.Module
     transform: Any
+    patch_size: int
     device: torch.device
-    mean_patch: bool
+    features: str
     amp: bool
     dim: int
     weights_digest: str
@@ -167,57 +175,76 @@ class Embedder:
         use_amp = self.amp and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = self.model.forward_features(images)
-        cls = out["x_norm_clstoken"].float()  # (B, D)
-        if not self.mean_patch:
-            return F.normalize(cls, dim=-1)
-        patch = out["x_norm_patchtokens"].float().mean(dim=1)  # (B, N, D) -> (B, D)
-        return F.normalize(torch.cat([F.normalize(cls, dim=-1), F.normalize(patch, dim=-1)], dim=-1), dim=-1)
+        cls = F.normalize(out["x_norm_clstoken"].float(), dim=-1)  # (B, D)
+        if self.features == "cls":
+            return cls
+        tokens = out["x_norm_patchtokens"].float()  # (B, N, D), N = h * w patches
+        if self.features == "cls_mean":
+            return F.normalize(torch.cat([cls, F.normalize(tokens.mean(dim=1), dim=-1)], dim=-1), dim=-1)
+        side_h, side_w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        grid = tokens.transpose(1, 2).reshape(len(tokens), -1, side_h, side_w)  # (B, D, h, w)
+        quads = F.adaptive_avg_pool2d(grid, 2).flatten(2).transpose(1, 2)  # (B, 4, D): top-left, top-right, ...
+        quads = F.normalize(quads, dim=-1).flatten(1) / 2.0  # (B, 4 D), norm 1
+        return F.normalize(torch.cat([cls, quads], dim=-1), dim=-1)
 
-
-def resolve_device(cfg: EmbedConfig) -> torch.device:
-    """The rank's GPU (LOCAL_RANK) when CUDA is available and allowed, else the CPU."""
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("embed.device = cuda but CUDA is not available")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-
-
-def read_weights(uri: str) -> tuple[dict[str, torch.Tensor], str]:
-    """A checkpoint (local path or s3://, .pth or .safetensors) as a state dict, and the sha256 of its bytes."""
-    data = storage.read_bytes(uri)
-    digest = hashlib.sha256(data).hexdigest()
-    if uri.endswith(".safetensors"):
-        from safetensors.torch import load
-
-        return load(data), digest
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), digest
+    def embed_images(self, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
+        """Decoded images (PIL) -> N-by-dim float32 features, exactly as the stage embeds files."""
+        out = [np.zeros((0, self.dim), np.float32)]
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self.transform(image.convert("RGB")) for image in images[start : start + batch_size]])
+            out.append(self(batch).cpu().numpy().astype(np.float32))
+        return np.concatenate(out)
 
 
 def build_embedder(cfg: EmbedConfig, seed: int) -> Embedder:
     """The configured backbone, with official or own weights, or a seeded random initialisation."""
-    from components.model import build_backbone, eval_transform, get_preset, load_official_weights
+    from components.model import build_backbone, get_preset, load_official_weights
 
     preset = get_preset(cfg.arch)
     torch.manual_seed(seed)  # the random init (weights null) is the same on every rank and every run
     model = build_backbone(cfg.arch, patch_size=cfg.patch_size, num_register_tokens=cfg.num_register_tokens)
     if cfg.weights:
-        state, digest = read_weights(cfg.weights)
+        state, digest = exports.read_weights(cfg.weights)
         load_official_weights(model, state)
     else:
-        digest = f"random-init:{cfg.arch}:{seed}"
+        digest = f"{RANDOM_INIT}:{cfg.arch}:{seed}"
         log.warning("embed.weights is null: %s at a seeded random init (smoke runs only)", cfg.arch)
-    device = resolve_device(cfg)
+    device = local_device(cfg.device, key="embed.device")
     model = model.eval().to(device)
     width = model.cls_token.shape[-1] if hasattr(model, "cls_token") else preset.config.embed_dim
     return Embedder(
         model=model,
-        transform=eval_transform(cfg.image_size, mean=preset.mean, std=preset.std),
+        transform=image_transform(cfg, preset.mean, preset.std),
+        patch_size=cfg.patch_size,
         device=device,
-        mean_patch=cfg.mean_patch,
+        features=cfg.features,
         amp=cfg.amp,
-        dim=int(width) * (2 if cfg.mean_patch else 1),
+        dim=int(width) * FEATURE_BLOCKS[cfg.features],
         weights_digest=digest,
+    )
+
+
+FEATURE_BLOCKS = {"cls": 1, "cls_mean": 2, "cls_grid": 5}
+"""Width of each feature choice, in backbone widths."""
+
+
+def image_transform(cfg: EmbedConfig, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """The embed stage's preprocessing: the whole frame squeezed to a square, or the release's resize and crop."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    from components.model import eval_transform
+
+    if not cfg.full_frame:
+        return eval_transform(cfg.image_size, mean=mean, std=std)
+    side = (cfg.image_size, cfg.image_size)
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(side, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+            v2.ToPureTensor(),
+        ]
     )
 
 
@@ -238,11 +265,8 @@ class ImageDataset(Dataset):
         return len(self.uris)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
-        from PIL import Image
-
         try:
-            with Image.open(io.BytesIO(storage.read_bytes(self.uris[index]))) as image:
-                return self.transform(image.convert("RGB")), index, ""
+            return self.transform(decode_rgb(storage.read_bytes(self.uris[index]))), index, ""
         except Exception as err:  # deleted, truncated or unreadable since prepare: reported per image
             return torch.zeros(3, self.image_size, self.image_size), index, f"{type(err).__name__}: {err}"[:500]
 
@@ -267,16 +291,6 @@ def _batches(uris: Sequence[str], embedder: Embedder, cfg: EmbedConfig) -> Itera
     )
     batches = iter(loader)  # workers start here, before any progress-bar thread exists (fork stays safe)
     return ((embedder(images), list(errors)) for images, _, errors in batches)
-
-
-def _cpu_threads(num_workers: int) -> int:
-    """Forward-pass threads on the CPU: the cores the decoding workers leave (at least 1).
-
-    Oversubscribed OpenMP threads spin against each other: on a busy 2-core machine a ViT-Ti forward pass with 2
-    threads beside 2 decoding workers ran 7x slower than with 1.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - num_workers)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -360,7 +374,7 @@ def embed_shards(
     start = time.perf_counter()
     threads = torch.get_num_threads()
     if embedder.device.type == "cpu":
-        torch.set_num_threads(_cpu_threads(cfg.num_workers))
+        torch.set_num_threads(cpu_threads(0, cfg.num_workers))
     try:
         _embed_stream(pending, uris, embedder, cfg, out_dir, stats, progress and rank == 0)
     finally:
@@ -443,7 +457,9 @@ def finalize(
         "weights": cfg.weights,
         "weights_digest": embedder.weights_digest,
         "image_size": cfg.image_size,
-        "mean_patch": cfg.mean_patch,
+        "features": cfg.features,
+        "full_frame": cfg.full_frame,
+        "random_weights": embedder.weights_digest.startswith(RANDOM_INIT),
         "dim": embedder.dim,
         "dtype": "float16",
         "normalized": True,

@@ -207,15 +207,7 @@ def run_gate(
         ValueError: A bad name, no expectations, or an `id_column` that `df` lacks.
     """
     start = time.perf_counter()
-    if not _NAME_PATTERN.match(name):
-        raise ValueError(f"gate name {name!r} must be letters, digits, '_', '.' or '-'")
-    if not expectations:
-        raise ValueError(f"gate {name!r} has no expectations")
-    id_columns = (id_column,) if isinstance(id_column, str) else tuple(id_column or ())
-    missing = [column for column in id_columns if column not in df.columns]
-    if missing:
-        raise ValueError(f"gate {name!r}: id_column {missing} not in the frame's columns {list(df.columns)}")
-
+    id_columns = _check_gate_args(name, df, expectations, id_column)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     docs_dir = out_dir / "docs"
@@ -245,18 +237,37 @@ def run_gate(
         duration_s=time.perf_counter() - start,
         id_columns=id_columns,
     )
+    _log_result(result)
+    if raise_on_failure:
+        result.raise_for_failure()
+    return result
+
+
+def _check_gate_args(
+    name: str, df: pd.DataFrame, expectations: Sequence[Expectation], id_column: str | Sequence[str] | None
+) -> tuple[str, ...]:
+    """The id columns of a gate, after checking its name, its expectations and that `df` has those columns."""
+    if not _NAME_PATTERN.match(name):
+        raise ValueError(f"gate name {name!r} must be letters, digits, '_', '.' or '-'")
+    if not expectations:
+        raise ValueError(f"gate {name!r} has no expectations")
+    id_columns = (id_column,) if isinstance(id_column, str) else tuple(id_column or ())
+    missing = [column for column in id_columns if column not in df.columns]
+    if missing:
+        raise ValueError(f"gate {name!r}: id_column {missing} not in the frame's columns {list(df.columns)}")
+    return id_columns
+
+
+def _log_result(result: GateResult) -> None:
     log.info(
         "gate %s %s: %d/%d expectations met on %d rows in %.2f s",
-        name,
+        result.name,
         "passed" if result.success else "FAILED",
         result.num_expectations - len(result.failures),
         result.num_expectations,
         result.num_rows,
         result.duration_s,
     )
-    if raise_on_failure:
-        result.raise_for_failure()
-    return result
 
 
 _LOCK = threading.Lock()
@@ -601,6 +612,23 @@ def curated_manifest_suite(*, max_eval_similarity: float) -> list[Expectation]:
         E.ExpectColumnValuesToNotBeNull(column="max_eval_similarity"),
         E.ExpectColumnValuesToBeBetween(column="max_eval_similarity", max_value=max_eval_similarity, strict_max=True),
         E.ExpectColumnValuesToBeInSet(column="dup_group_size", value_set=[1]),
+    ]
+
+
+def calibration_suite() -> list[Expectation]:
+    """Copy-detection calibration: the decision rule's precision on planted copies reaches its target.
+
+    Frame: one row per calibrated comparison (`comparison`: dedup, eval) with `precision` (of the rule the stage
+    applies, on planted copies against distinct pairs), `target` (params.yaml `curate.dedup_precision`) and
+    `planted_copies`. Use `id_column="comparison"`.
+    """
+    E = _gx().expectations
+    return [
+        E.ExpectTableRowCountToBeBetween(min_value=1),
+        E.ExpectColumnValuesToNotBeNull(column="comparison"),
+        *expect_finite("precision"),
+        E.ExpectColumnValuesToBeBetween(column="planted_copies", min_value=1),
+        E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="precision", column_B="target", or_equal=True),
     ]
 
 

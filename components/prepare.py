@@ -29,8 +29,13 @@ Outputs:
     - rejects: `uri, source, reason, detail`, one row per input that is not usable. Reasons: `empty`, `not_an_image`
       (no image format recognised), `truncated`, `decode_error`, `too_small` (shorter side below `min_side`),
       `too_large` (header claims more than `max_pixels`, decided before decoding), `unreadable` (the bytes or the tar
-      shard could not be read), `not_an_image_suffix`, `misplaced` (a file where the layout expects a folder), and
-      `exact_duplicate` (same sha256 as a kept file; the detail names it).
+      shard could not be read), `excluded_suffix` (the user narrowed `prepare.extensions` and the file's suffix is
+      not in it), `misplaced` (a file where the layout expects a folder), and `exact_duplicate` (same sha256 as a
+      kept file; the detail names it).
+
+Which files are images: every format Pillow decodes, whatever the file is called (web pools hold `.gif`, `.ico`,
+`.ppm`, mis-named and suffix-less files); a multi-frame file is its first frame (components/images.py). With
+`prepare.extensions` set, only files with one of those suffixes are decoded (a filter that narrows, never widens).
 
 URIs keep the spelling of their source: a relative raw root (`data/synthetic`, as in params.yaml) gives paths
 relative to the working directory, the repository root under DVC, so a manifest stays valid in another clone.
@@ -58,6 +63,7 @@ from tqdm import tqdm
 
 from components import storage
 from components.config import PrepareConfig
+from components.images import to_rgb
 from components.log import get_logger
 from components.parallel import adopt_environ, mp_context
 
@@ -145,9 +151,8 @@ def check_image(data: bytes, *, min_side: int, max_pixels: int) -> Check:
         if min(width, height) < min_side:
             return Check(sha256, width, height, "too_small", f"{width}x{height}: shorter side < min_side {min_side}")
         try:
-            image.load()  # decodes every pixel: truncation shows here, not at open
-            if image.mode not in ("RGB", "L"):
-                image.convert("RGB")  # downstream stages read RGB; a mode that cannot convert is unusable
+            image.load()  # decodes every pixel (of the first frame): truncation shows here, not at open
+            to_rgb(image)  # downstream stages read this RGB picture; a mode that cannot convert is unusable
         except Exception as err:
             return _decode_failure(sha256, err, width, height)
     return Check(sha256, width, height)
@@ -215,7 +220,8 @@ class _Scan:
     inputs: list[Input]
     rejects: list[dict[str, str]]
     seen: set[str]
-    extensions: frozenset[str]
+    extensions: frozenset[str] | None
+    """Suffixes to decode (lower case); None decodes every file."""
 
     def add(self, item: Input) -> None:
         # The same file reached twice (e.g. an extra_pool folder inside the raw pool) is one input, not a duplicate.
@@ -223,8 +229,10 @@ class _Scan:
             log.warning("%s is reached by more than one source; counted once", item.uri)
             return
         self.seen.add(item.uri)
-        if storage.suffix(item.uri) not in self.extensions:
-            self.reject(item, "not_an_image_suffix", f"suffix {storage.suffix(item.uri)!r} not in prepare.extensions")
+        suffix = storage.suffix(item.uri)
+        if self.extensions is not None and suffix not in self.extensions:
+            detail = f"suffix {suffix!r} not in prepare.extensions {sorted(self.extensions)}"
+            self.reject(item, "excluded_suffix", detail)
         else:
             self.inputs.append(item)
 
@@ -311,14 +319,19 @@ def _scan_extra(scan: _Scan, source: str) -> None:
         scan.add_pool_file(uri)
 
 
-def scan_sources(raw: str, extra_pool: Sequence[str], extensions: Sequence[str]) -> tuple[list[Input], list[dict]]:
+def scan_sources(
+    raw: str, extra_pool: Sequence[str], extensions: Sequence[str] | None
+) -> tuple[list[Input], list[dict]]:
     """Lists every input of the raw layout and the extra pool sources, in deduplication priority order.
+
+    `extensions` narrows the inputs to those suffixes (others become `excluded_suffix` rejects); None keeps all.
 
     Raises:
         StorageNotFoundError: The raw root, or an extra pool folder, prefix or shard, does not exist.
         StorageError: A bucket cannot be reached.
     """
-    scan = _Scan([], [], set(), frozenset(e.lower() for e in extensions))
+    wanted = None if extensions is None else frozenset(e.lower() for e in extensions)
+    scan = _Scan([], [], set(), wanted)
     _scan_raw(scan, raw)
     for source in extra_pool:
         _scan_extra(scan, source)

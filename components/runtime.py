@@ -37,4 +37,5 @@ def cpu_threads(configured: int, num_workers: int) -> int:
     if configured:
         return configured
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, (os.cpu_count() or 1) // local_ranks - num_workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_ranks - num_workers)

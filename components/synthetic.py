@@ -529,12 +529,10 @@ def render_world(cfg: SyntheticConfig, seed: int, out_dir: str | Path, *, num_wo
         The ground truth (also written to `out_dir/ground_truth.json`).
     """
     out_dir = Path(out_dir)
-    truth_path = out_dir / "ground_truth.json"
-    if any((out_dir / part).exists() for part in _WORLD_PARTS) and not truth_path.is_file():
+    if any((out_dir / part).exists() for part in _WORLD_PARTS) and not (out_dir / "ground_truth.json").is_file():
         raise FileExistsError(f"{out_dir}: holds raw data that is not a synthetic world; refusing to replace it")
     classes = object_classes(cfg.num_classes)
     names = [c.name for c in classes]
-    size = cfg.image_size
     plan_rng = np.random.default_rng(np.random.SeedSequence([seed, _TAG["plan"]]))
     jobs: list[_Job] = []
     truth: dict[str, Any] = {
@@ -546,8 +544,30 @@ def render_world(cfg: SyntheticConfig, seed: int, out_dir: str | Path, *, num_wo
             for c in classes
         ],
     }
+    truth["classification"], truth["seed_sets"] = _plan_classification(cfg, names, jobs)
+    truth["segmentation"], truth["depth"] = _plan_dense(cfg, classes, jobs)
+    truth["retrieval"] = _plan_places(cfg, jobs)
+    pool = _plan_pool(cfg, names, plan_rng, jobs)
+    truth["pool"] = {"images": pool.labels}
 
-    # Classification sets and the seed set: one dominant object per image.
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        _run_jobs(jobs, seed, cfg.num_classes, cfg.image_size, tmp, num_workers)
+        _plant_pool_copies(tmp, cfg, seed, names, pool, plan_rng, truth)
+        _move_into_place(tmp, out_dir, truth)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return truth
+
+
+def _plan_classification(
+    cfg: SyntheticConfig, names: Sequence[str], jobs: list[_Job]
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """Classification sets and the seed set: one dominant object per image. Returns (classification, seed_sets)."""
     classification: dict[str, dict[str, str]] = {}
     for split, per_class in (
         ("train", cfg.eval_train_per_class),
@@ -566,10 +586,13 @@ def render_world(cfg: SyntheticConfig, seed: int, out_dir: str | Path, *, num_wo
             rel = f"seeds/{SEED_SET}/{name}/seed_{i:04d}.jpg"
             jobs.append(_Job("object", (_TAG["seed"], k, i), (rel,), cls=k))
             seeds[rel] = name
-    truth["classification"] = classification
-    truth["seed_sets"] = {SEED_SET: seeds}
+    return classification, {SEED_SET: seeds}
 
-    # Segmentation and depth: separate scenes (the same scene in both would be an exact cross-task duplicate).
+
+def _plan_dense(
+    cfg: SyntheticConfig, classes: Sequence[ObjectClass], jobs: list[_Job]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Segmentation and depth: separate scenes (the same scene in both would be an exact cross-task duplicate)."""
     dense: dict[str, dict[str, list[str]]] = {"segmentation": {}, "depth": {}}
     # (task, target folder, target written, job kind, stream tag)
     for task, folder, target, job_kind, tag in (
@@ -582,14 +605,16 @@ def render_world(cfg: SyntheticConfig, seed: int, out_dir: str | Path, *, num_wo
             for i, ident in enumerate(ids):
                 paths = (f"eval/{task}/{split}/images/{ident}.png", f"eval/{task}/{split}/{folder}/{ident}.png")
                 jobs.append(_Job(job_kind, (tag, _SPLIT_ID[split], i), paths, fmt="png", targets=(target,)))
-    truth["segmentation"] = {
+    segmentation = {
         "splits": dense["segmentation"],
         "mask_values": {"0": "background", **{str(c.index + 1): c.name for c in classes}},
         "ignore_index": 255,
     }
-    truth["depth"] = {"splits": dense["depth"], "depth_scale": DEPTH_SCALE, "invalid_value": 0}
+    return segmentation, {"splits": dense["depth"], "depth_scale": DEPTH_SCALE, "invalid_value": 0}
 
-    # Places: view 0 is the query, the others the database.
+
+def _plan_places(cfg: SyntheticConfig, jobs: list[_Job]) -> dict[str, Any]:
+    """Places: view 0 is the query, the others the database."""
     places: dict[str, dict[str, list[str]]] = {}
     for p in range(cfg.num_places):
         place = f"place_{p:03d}"
@@ -597,9 +622,27 @@ def render_world(cfg: SyntheticConfig, seed: int, out_dir: str | Path, *, num_wo
         database = [f"eval/retrieval/database/{place}/view_{v}.jpg" for v in range(1, cfg.views_per_place)]
         places[place] = {"query": query, "database": database}
         jobs.append(_Job("place", (_TAG["place"], p), (*query, *database)))
-    truth["retrieval"] = {"places": places}
+    return {"places": places}
 
-    # The pool: names drawn from a permutation so that planted copies are not told apart by their number.
+
+@dataclass(frozen=True)
+class _PoolPlan:
+    """The pool's rendered images and which of them get planted copies."""
+
+    labels: dict[str, str | None]
+    """Relative path -> class name (None for multi-object scenes)."""
+    paths: list[str]
+    originals: list[int]
+    """Pool rows that get near-copies."""
+    copies_per: list[int]
+    idents: list[int]
+    """A permutation of file numbers: planted copies are not told apart by their number."""
+
+
+def _plan_pool(
+    cfg: SyntheticConfig, names: Sequence[str], plan_rng: np.random.Generator, jobs: list[_Job]
+) -> _PoolPlan:
+    """The pool: names drawn from a permutation so that planted copies are not told apart by their number."""
     num_dup = round(cfg.duplicate_fraction * cfg.pool_size)
     originals = sorted(plan_rng.choice(cfg.pool_size, size=num_dup, replace=False).tolist()) if num_dup else []
     copies_per = [1 + int(plan_rng.random() < 0.3) for _ in originals]
@@ -619,37 +662,65 @@ def render_world(cfg: SyntheticConfig, seed: int, out_dir: str | Path, *, num_wo
             jobs.append(_Job("object", (_TAG["pool"], i), (rel,), cls=k, fmt=ext, quality=quality))
             pool_labels[rel] = names[k]
         pool_paths.append(rel)
-    truth["pool"] = {"images": pool_labels}
+    return _PoolPlan(pool_labels, pool_paths, originals, copies_per, idents)
 
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        _run_jobs(jobs, seed, cfg.num_classes, size, tmp, num_workers)
-        next_ident = cfg.pool_size
-        truth["near_duplicates"], next_ident = _plant_duplicates(
-            tmp, seed, size, pool_paths, originals, copies_per, idents, next_ident, plan_rng
-        )
-        truth["leaks"] = _plant_leaks(tmp, seed, size, classification.get("test", {}), names, cfg, idents, next_ident)
-        truth["bad_files"] = _plant_bad_files(tmp, seed, cfg.num_classes, size) if cfg.bad_files else []
-        truth["counts"] = _counts(truth)
-        (tmp / "eval" / "depth").mkdir(parents=True, exist_ok=True)
-        meta = {"depth_scale": DEPTH_SCALE, "invalid_value": 0, "unit": "metre"}
-        (tmp / "eval" / "depth" / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        (tmp / "ground_truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        truth_path.unlink(missing_ok=True)  # from here until the end the folder reads as incomplete
-        for part in _WORLD_PARTS:
-            shutil.rmtree(out_dir / part, ignore_errors=True)
-            if (tmp / part).exists():  # no pool/ when pool_size is 0 and no bad files are planted
-                (tmp / part).rename(out_dir / part)
-        (tmp / "ground_truth.json").rename(truth_path)
-        tmp.rmdir()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return truth
+
+def _plant_pool_copies(
+    tmp: Path,
+    cfg: SyntheticConfig,
+    seed: int,
+    names: Sequence[str],
+    pool: _PoolPlan,
+    plan_rng: np.random.Generator,
+    truth: dict[str, Any],
+) -> None:
+    """Near-duplicates, evaluation leaks and bad files into the rendered pool; their ground truth into `truth`."""
+    size = cfg.image_size
+    truth["near_duplicates"], next_ident = _plant_duplicates(
+        tmp, seed, size, pool.paths, pool.originals, pool.copies_per, pool.idents, cfg.pool_size, plan_rng
+    )
+    test_images = truth["classification"].get("test", {})
+    truth["leaks"] = _plant_leaks(tmp, seed, size, test_images, names, cfg, pool.idents, next_ident)
+    truth["bad_files"] = _plant_bad_files(tmp, seed, cfg.num_classes, size) if cfg.bad_files else []
+    truth["counts"] = _counts(truth)
+
+
+def _move_into_place(tmp: Path, out_dir: Path, truth: dict[str, Any]) -> None:
+    """Writes the metadata files, then moves the rendered parts into `out_dir`, `ground_truth.json` last."""
+    truth_path = out_dir / "ground_truth.json"
+    (tmp / "eval" / "depth").mkdir(parents=True, exist_ok=True)
+    meta = {"depth_scale": DEPTH_SCALE, "invalid_value": 0, "unit": "metre"}
+    (tmp / "eval" / "depth" / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    (tmp / "ground_truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    truth_path.unlink(missing_ok=True)  # from here until the end the folder reads as incomplete
+    for part in _WORLD_PARTS:
+        shutil.rmtree(out_dir / part, ignore_errors=True)
+        if (tmp / part).exists():  # no pool/ when pool_size is 0 and no bad files are planted
+            (tmp / part).rename(out_dir / part)
+    (tmp / "ground_truth.json").rename(truth_path)
+    tmp.rmdir()
+
+
+def is_synthetic_world(uris: Sequence[str]) -> bool:
+    """True when these (pool) URIs lie in a rendered synthetic world: a folder above them holds its
+    `ground_truth.json`. S3 URIs and tar members are looked up by their local part only; an empty list is False."""
+    roots: dict[Path, bool] = {}
+    found = False
+    for uri in uris:
+        path = Path(str(uri).split("::", 1)[0])
+        if str(uri).startswith("s3://"):
+            return False
+        for parent in list(path.parents)[:8]:
+            if parent not in roots:
+                truth = parent / "ground_truth.json"
+                roots[parent] = truth.is_file() and (parent / "pool").is_dir()
+            if roots[parent]:
+                found = True
+                break
+        else:
+            return False
+    return found
 
 
 def _counts(truth: dict[str, Any]) -> dict[str, int]:
@@ -761,7 +832,7 @@ def _plant_bad_files(root: Path, seed: int, num_classes: int, size: int) -> list
         "notes.jpg": (b"this is a text file, not an image\n", "not_an_image"),
         "tiny.png": (_encode(tiny, "png"), "too_small"),
         "huge_header.png": (hostile_png(), "too_large"),
-        "readme.txt": (b"files the pool picked up on the way\n", "not_an_image_suffix"),
+        "readme.txt": (b"files the pool picked up on the way\n", "not_an_image"),
     }
     planted = []
     for name, (blob, reason) in bad.items():

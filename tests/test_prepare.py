@@ -221,7 +221,7 @@ def test_tar_shards_in_pool_and_extra_pool(tmp_path: Path) -> None:
     assert by_name == {
         "stray.jpg": "misplaced",
         "bad.jpg": "not_an_image",
-        "meta.json": "not_an_image_suffix",
+        "meta.json": "not_an_image",
         "broken.tar": "unreadable",
         "green.jpg": "exact_duplicate",
     }
@@ -235,6 +235,54 @@ def test_tar_shards_in_pool_and_extra_pool(tmp_path: Path) -> None:
     eval_row = manifest.set_index("uri").loc[str(raw / "eval/classification/train/dog/d.jpg")]
     assert (eval_row["source"], eval_row["split"], eval_row["label"]) == ("eval/classification", "train", "dog")
     assert len(manifest) + len(rejects) == 4 + 5
+
+
+def _frames(colours: list[tuple[int, int, int]], fmt: str, **save: Any) -> bytes:
+    frames = [Image.new("RGB", (48, 40), colour) for colour in colours]
+    buf = io.BytesIO()
+    if len(frames) > 1:
+        save = {"save_all": True, "append_images": frames[1:], **save}
+    frames[0].save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def test_every_format_pillow_decodes_is_an_image_and_extensions_narrow(tmp_path: Path) -> None:
+    from components.images import decode_rgb
+
+    raw = tmp_path / "raw"
+    (raw / "pool").mkdir(parents=True)
+    files = {
+        "anim.gif": _frames([(250, 0, 0), (0, 250, 0)], "GIF"),  # two frames: the first is the image
+        "pages.tiff": _frames([(0, 0, 250), (250, 250, 0)], "TIFF"),
+        "icon.ico": _frames([(10, 200, 10)], "ICO", sizes=[(40, 40)]),
+        "no_suffix": _jpeg(colour=(120, 10, 200)),  # a crawler's hash-named file
+        "deep.png": b"",  # replaced below by a 16-bit grey PNG
+        "notes.txt": b"not an image\n",
+    }
+    buf = io.BytesIO()
+    Image.new("I;16", (40, 40), 40_000).save(buf, "PNG")
+    files["deep.png"] = buf.getvalue()
+    for name, data in files.items():
+        (raw / "pool" / name).write_bytes(data)
+
+    manifest, rejects = prep.prepare(raw=str(raw), cfg=CFG)
+    kept = {storage.basename(u): u for u in manifest["uri"]}
+    assert set(kept) == {"anim.gif", "pages.tiff", "icon.ico", "no_suffix", "deep.png"}
+    reasons = dict(zip(rejects["uri"].map(storage.basename), rejects["reason"], strict=True))
+    assert reasons == {"notes.txt": "not_an_image"}
+    assert decode_rgb(files["anim.gif"]).getpixel((5, 5))[0] > 200  # the first (red) frame
+    assert decode_rgb(files["deep.png"]).getpixel((5, 5)) == (156, 156, 156)  # 40000 / 65535 of the 8-bit range
+
+    narrowed = PrepareConfig(num_workers=0, extensions=(".JPG", ".png"))
+    assert narrowed.extensions == (".jpg", ".png")
+    manifest, rejects = prep.prepare(raw=str(raw), cfg=narrowed)
+    assert {storage.basename(u) for u in manifest["uri"]} == {"deep.png"}
+    reasons = dict(zip(rejects["uri"].map(storage.basename), rejects["reason"], strict=True))
+    assert reasons["anim.gif"] == reasons["no_suffix"] == "excluded_suffix"
+    detail = rejects.set_index(rejects["uri"].map(storage.basename)).loc["anim.gif", "detail"]
+    assert "'.gif'" in detail and "prepare.extensions" in detail
+    with pytest.raises(ValueError, match="leading dot"):
+        PrepareConfig(extensions=("jpg",))
 
 
 def test_a_file_reached_twice_is_one_input(tmp_path: Path) -> None:

@@ -1,15 +1,21 @@
 """The pure core of the `curate` stage: prepared manifest + embeddings in, curated manifest + report out.
 
-Steps (DINOv2 section 3 and appendix A.3-A.4; the mode of step 4 from params.yaml `curate.mode`):
+Steps (DINOv2 section 3 and appendix A.3-A.4; the mode of step 5 from params.yaml `curate.mode`):
 1. split the rows into the pool (`source == "pool"`), the seed sets (`seeds/<set>`) and the evaluation sets
    (`eval/<task>`, every split); optionally PCA-whiten everything with statistics of the pool and seeds;
-2. self-deduplicate the pool (kNN graph above `dedup_threshold`, union-find, one image kept per group);
-3. remove every pool group that touches an evaluation image at `eval_threshold` or more, and every seed image that
-   does (seeds become training images when `include_seeds`, so they must not leak either);
-4. select: `retrieval` (sample- and cluster-based retrieval per seed set, capped per seed set), `hkmeans` (balanced
+2. calibrate the copy thresholds on the pool itself (calibrate.py): planted copies of sampled pool images against
+   their nearest distinct neighbours, and planted copies of sampled evaluation images against the pool;
+3. self-deduplicate the pool: kNN candidate pairs, decided by the accept threshold or verified by local features
+   (pairs.py, verify.py), union-find, one image kept per group;
+4. remove every pool group that holds a copy of an evaluation image (decided the same way), and every seed image
+   at or above the leakage accept threshold (seeds become training images when `include_seeds`);
+5. select: `retrieval` (sample- and cluster-based retrieval per seed set, capped per seed set), `hkmeans` (balanced
    sampling of `max_images` from a hierarchical k-means of the survivors) or `dedup` (all survivors);
-5. verify what the gate checks: each curated image's highest similarity to any evaluation image and the size of its
-   duplicate group within the curated set (1 when nothing duplicated is left).
+6. check what the gate checks: each curated image's highest similarity to any evaluation image and the size of its
+   duplicate group within the curated set at the accept threshold (1 when nothing duplicated is left).
+
+Nothing is removed silently: `removed` lists every removed pool image with the image it duplicates (the kept image
+of its group, or the evaluation image), the similarity, the edge that linked it and how that edge was decided.
 
 The curated manifest keeps the prepared manifest's columns and adds provenance: `curation` (seed, sample, cluster,
 hkmeans, dedup), `seed_set`, `seed_uri`, `cluster`, `retrieval_similarity`, `dup_group_size`, `pool_dup_group_size`
@@ -18,6 +24,7 @@ and `max_eval_similarity`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +32,10 @@ import numpy as np
 import pandas as pd
 
 from components.config import CurateConfig
-from components.curation import dedup, hkmeans, retrieval
-from components.curation.search import SearchParams, assign, kmeans, max_similarity
+from components.curation import calibrate, dedup, hkmeans, retrieval
+from components.curation.pairs import CopyPairs, Thresholds, decide_pairs
+from components.curation.search import SearchParams, assign, build_index, kmeans, max_similarity
+from components.curation.verify import verify_pairs
 from components.log import get_logger
 
 log = get_logger(__name__)
@@ -41,6 +50,20 @@ PROVENANCE_COLUMNS = (
     "dup_group_size",
     "max_eval_similarity",
 )
+REMOVED_COLUMNS = (
+    "uri",
+    "reason",
+    "duplicate_of",
+    "similarity",
+    "matched_uri",
+    "edge_similarity",
+    "decided_by",
+    "inliers",
+)
+"""One row per removed pool image: `reason` duplicate / eval_copy / eval_copy_group / seed_copy / seed_copy_group;
+`duplicate_of` the kept image of its group, or the evaluation or seed image it (or its group) copies, and their
+cosine similarity; `matched_uri` the image of the edge that put it there (its strongest), `edge_similarity`,
+`decided_by` (embedding or local_features) and `inliers`."""
 
 
 def search_params(cfg: CurateConfig, seed: int) -> SearchParams:
@@ -60,8 +83,25 @@ def seed_set_name(source: str) -> str:
     return source.split("/", 1)[1] if "/" in source else source
 
 
-def whiten(x: np.ndarray, fit_rows: np.ndarray, *, energy: float = 0.99, chunk: int = 65_536) -> np.ndarray:
-    """PCA whitening fitted on `x[fit_rows]`, applied to all rows, then L2-normalised (float32).
+@dataclass(frozen=True)
+class Whitening:
+    """PCA whitening: `(x - mean) @ proj`, then L2-normalised."""
+
+    mean: np.ndarray
+    proj: np.ndarray
+    """(D, D') projection, columns scaled by 1 / sqrt(eigenvalue)."""
+
+    def apply(self, x: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+        out = np.empty((len(x), self.proj.shape[1]), np.float32)
+        mean = self.mean.astype(np.float32)
+        for start in range(0, len(x), chunk):
+            y = (np.asarray(x[start : start + chunk], dtype=np.float32) - mean) @ self.proj
+            out[start : start + chunk] = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        return out
+
+
+def fit_whitening(x: np.ndarray, fit_rows: np.ndarray, *, energy: float = 0.99, chunk: int = 65_536) -> Whitening:
+    """PCA whitening fitted on `x[fit_rows]` (at least 2 rows).
 
     Copy-detection descriptors are whitened before cosine search (Pizzi et al. 2022, the copy detector of DINOv2's
     appendix A.3): the directions every image shares stop dominating the similarity. Components up to `energy` of
@@ -69,8 +109,6 @@ def whiten(x: np.ndarray, fit_rows: np.ndarray, *, energy: float = 0.99, chunk: 
     """
     dim = x.shape[1]
     fit = np.asarray(fit_rows)
-    if len(fit) < 2:
-        return np.asarray(x, dtype=np.float32)
     mean = np.zeros(dim, np.float64)
     for start in range(0, len(fit), chunk):
         mean += np.asarray(x[fit[start : start + chunk]], dtype=np.float64).sum(0)
@@ -85,12 +123,24 @@ def whiten(x: np.ndarray, fit_rows: np.ndarray, *, energy: float = 0.99, chunk: 
     eigval = np.clip(eigval, 0.0, None)
     keep = int(np.searchsorted(np.cumsum(eigval) / max(eigval.sum(), 1e-12), energy) + 1)
     keep = max(1, min(keep, int((eigval > 1e-10 * max(eigval[0], 1e-30)).sum()) or 1))
-    proj = (eigvec[:, :keep] / np.sqrt(eigval[:keep] + 1e-12)).astype(np.float32)  # (D, D')
-    out = np.empty((len(x), keep), np.float32)
-    for start in range(0, len(x), chunk):
-        y = (np.asarray(x[start : start + chunk], dtype=np.float32) - mean.astype(np.float32)) @ proj
-        out[start : start + chunk] = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-    return out
+    return Whitening(mean, (eigvec[:, :keep] / np.sqrt(eigval[:keep] + 1e-12)).astype(np.float32))
+
+
+def whiten(x: np.ndarray, fit_rows: np.ndarray, *, energy: float = 0.99, chunk: int = 65_536) -> np.ndarray:
+    """PCA whitening fitted on `x[fit_rows]`, applied to all rows, then L2-normalised (float32); see fit_whitening."""
+    if len(np.asarray(fit_rows)) < 2:
+        return np.asarray(x, dtype=np.float32)
+    return fit_whitening(x, fit_rows, energy=energy, chunk=chunk).apply(x, chunk=chunk)
+
+
+@dataclass(frozen=True)
+class ImageAccess:
+    """What calibration and verification need beyond the embeddings: the model, and the images (read by URI)."""
+
+    embed: Callable[[Sequence[Any]], np.ndarray]
+    """Decoded images -> their L2-normalised embeddings, computed as the embed stage computed the stored ones."""
+    workers: int | None = None
+    """Verification threads (None: every usable core)."""
 
 
 @dataclass
@@ -99,12 +149,45 @@ class CurationResult:
 
     manifest: pd.DataFrame
     report: dict[str, Any]
-    duplicate_groups: list[list[str]] = field(default_factory=list)
-    """URIs of the largest duplicate groups of the pool (kept image first), for the grid logged to MLflow."""
+    duplicate_groups: list[list[tuple[str, str]]] = field(default_factory=list)
+    """(URI, caption) of the largest duplicate groups of the pool (kept image first), for the grid logged to MLflow."""
     retrieved_examples: list[tuple[str, list[str]]] = field(default_factory=list)
     """(seed URI, retrieved pool URIs) for a few seed images, for the neighbours grid."""
     leak_examples: list[tuple[str, str, float]] = field(default_factory=list)
     """(evaluation URI, removed pool URI, similarity) of removed leaks."""
+    removed: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(REMOVED_COLUMNS)))
+    """Every removed pool image and why (REMOVED_COLUMNS)."""
+    calibrations: dict[str, calibrate.Calibration] = field(default_factory=dict)
+    """The calibration of each comparison (`dedup`, `eval`) that ran."""
+
+
+@dataclass
+class _Space:
+    """The rows of each part and the vectors every search runs on."""
+
+    manifest: pd.DataFrame
+    x: np.ndarray
+    pool: np.ndarray
+    seeds: np.ndarray
+    eval: np.ndarray
+    whitening: Whitening | None
+
+    @property
+    def uris(self) -> np.ndarray:
+        return self.manifest["uri"].astype(str).to_numpy()
+
+
+def _space(manifest: pd.DataFrame, embeddings: np.ndarray, cfg: CurateConfig) -> _Space:
+    source = manifest["source"].astype(str)
+    pool = np.flatnonzero(source.eq("pool").to_numpy())
+    seeds = np.flatnonzero(source.str.startswith("seeds/").to_numpy())
+    evals = np.flatnonzero(source.str.startswith("eval/").to_numpy())
+    # Whitening statistics come from the training-side images (pool and seeds), never from the evaluation sets.
+    fit = np.concatenate([pool, seeds])
+    fit = fit if len(fit) >= 2 else np.arange(len(manifest))
+    whitening = fit_whitening(embeddings, fit) if cfg.whiten and len(fit) >= 2 else None
+    x = whitening.apply(embeddings) if whitening is not None else embeddings
+    return _Space(manifest, x, pool, seeds, evals, whitening)
 
 
 def _empty_provenance(frame: pd.DataFrame) -> pd.DataFrame:
@@ -124,59 +207,197 @@ def curate(
     embeddings: np.ndarray,
     cfg: CurateConfig,
     seed: int,
+    access: ImageAccess | None = None,
     num_examples: int = 8,
 ) -> CurationResult:
-    """Deduplicates, removes evaluation leakage and selects the curated set.
+    """Calibrates, deduplicates, removes evaluation leakage and selects the curated set.
 
     Args:
         manifest: Prepared-manifest rows (uri, width, height, source, ...) that have an embedding, in the order of
             `embeddings`.
         embeddings: len(manifest)-by-D L2-normalised embeddings (float16 or float32); rows must be finite.
         cfg: The `curate` section.
-        seed: The pipeline seed (sampling, k-means).
+        seed: The pipeline seed (sampling, k-means, calibration).
+        access: The model and the images, for calibration and verification; None: neither runs (fixed thresholds
+            and `verify: off` are then required).
         num_examples: Duplicate groups and seed images kept for the image grids.
 
     Returns:
-        The curated manifest (prepared columns + provenance), the report and the grid material.
+        The curated manifest (prepared columns + provenance), the report, the removed images and the grid material.
 
     Raises:
-        ValueError: Shapes disagree, or an embedding is not finite (the embeddings gate names the rows).
+        ValueError: Shapes disagree, or calibration or verification is needed without `access`.
     """
     if len(manifest) != len(embeddings):
         raise ValueError(f"{len(manifest)} manifest rows but {len(embeddings)} embeddings")
-    manifest = manifest.reset_index(drop=True)
+    if access is None and (cfg.verify != "off" or cfg.dedup_threshold is None or cfg.eval_threshold is None):
+        raise ValueError(
+            "calibration and verification need the images: pass access, or fix both thresholds and "
+            "set curate.verify off"
+        )
     rng = np.random.default_rng(seed)
     params = search_params(cfg, seed)
-    source = manifest["source"].astype(str)
-    pool_rows = np.flatnonzero(source.eq("pool").to_numpy())
-    seed_rows = np.flatnonzero(source.str.startswith("seeds/").to_numpy())
-    eval_rows = np.flatnonzero(source.str.startswith("eval/").to_numpy())
-    # Whitening statistics come from the training-side images (pool and seeds), never from the evaluation sets.
-    fit_rows = np.concatenate([pool_rows, seed_rows])
-    x = whiten(embeddings, fit_rows if len(fit_rows) >= 2 else np.arange(len(manifest))) if cfg.whiten else embeddings
-    pool_x, seed_x, eval_x = x[pool_rows], x[seed_rows], x[eval_rows]
-    report: dict[str, Any] = {
+    space = _space(manifest.reset_index(drop=True), embeddings, cfg)
+    report = _counts(space, cfg)
+    calibrations = _calibrate(space, cfg, params, access, rng) if access is not None and cfg.calibration_images else {}
+    limits = {name: _thresholds(cfg, name, calibrations.get(name)) for name in ("dedup", "eval")}
+    report["calibration"] = {name: c.report() for name, c in calibrations.items()}
+    groups, dedup_pairs = _deduplicate(space, cfg, params, limits["dedup"], access)
+    report["dedup"] = _dedup_report(groups, dedup_pairs, limits["dedup"], cfg)
+    leaks, leak_pairs = _copies_of(space, space.eval, groups, cfg, params, limits["eval"], access)
+    seed_eval_sim = max_similarity(space.x[space.seeds], space.x[space.eval], params)[0] if len(space.seeds) and len(
+        space.eval) else np.full(len(space.seeds), -np.inf)  # fmt: skip
+    seed_leaks = seed_eval_sim >= (limits["eval"].accept if limits["eval"].accept is not None else 2.0)
+    report["eval_dedup"] = _leak_report(space, groups, leaks, leak_pairs, seed_leaks, limits["eval"])
+    # Seeds join the curated set: a pool copy of a kept seed image would be a duplicate inside it.
+    kept_seeds = space.seeds[~seed_leaks] if cfg.include_seeds else space.seeds[:0]
+    seed_copies, seed_pairs = _copies_of(space, kept_seeds, groups, cfg, params, limits["dedup"], access)
+    report["dedup"]["seed_copies"] = {"pairs": seed_pairs.stats, "pool_images_removed": int(seed_copies.removed.sum())}
+    survivors = groups.keep & ~leaks.removed & ~seed_copies.removed
+    report["counts"]["pool_after_dedup"] = int(groups.keep.sum())
+    report["counts"]["pool_after_eval_dedup"] = int((groups.keep & ~leaks.removed).sum())
+    report["counts"]["pool_after_seed_dedup"] = int(survivors.sum())
+    selected, examples = _select(space, groups, leaks, survivors, seed_leaks, seed_eval_sim, cfg, params, rng,
+                                 report, num_examples)  # fmt: skip
+    selected = _check(selected, space, cfg, params, limits)
+    _summarise(selected, report)
+    removed = _removed(space, groups, dedup_pairs, [("eval", leaks, leak_pairs, space.eval),
+                                                    ("seed", seed_copies, seed_pairs, kept_seeds)])  # fmt: skip
+    report["removed"] = {"count": len(removed), "by_reason": _count(removed["reason"].to_numpy())}
+    pool_uris = space.uris[space.pool]
+    return CurationResult(
+        manifest=selected,
+        report=report,
+        duplicate_groups=_largest_groups(pool_uris, groups, removed, num_examples),
+        retrieved_examples=examples,
+        leak_examples=[
+            (r.duplicate_of, r.uri, float(r.similarity))
+            for r in removed[removed["reason"] == "eval_copy"].head(num_examples).itertuples()
+        ],  # fmt: skip
+        removed=removed,
+        calibrations=calibrations,
+    )
+
+
+def _counts(space: _Space, cfg: CurateConfig) -> dict[str, Any]:
+    n = len(space.manifest)
+    other = n - len(space.pool) - len(space.seeds) - len(space.eval)
+    return {
         "mode": cfg.mode,
         "counts": {
-            "input": len(manifest),
-            "pool": len(pool_rows),
-            "seeds": len(seed_rows),
-            "eval": len(eval_rows),
-            "other": len(manifest) - len(pool_rows) - len(seed_rows) - len(eval_rows),
-        },
-        "whitened_dim": int(x.shape[1]) if cfg.whiten else None,
+            "input": n,
+            "pool": len(space.pool),
+            "seeds": len(space.seeds),
+            "eval": len(space.eval),
+            "other": other,
+        },  # fmt: skip
+        "whitened_dim": int(space.x.shape[1]) if space.whitening is not None else None,
     }
 
-    # 2. self-deduplication of the pool (appendix A.3)
-    pool = manifest.iloc[pool_rows].reset_index(drop=True)
+
+def _calibrate(
+    space: _Space, cfg: CurateConfig, params: SearchParams, access: ImageAccess, rng: np.random.Generator
+) -> dict[str, calibrate.Calibration]:
+    """Calibration of self-deduplication (pool copies vs pool) and of leakage (evaluation copies vs pool)."""
+    uris = space.uris
+    pool_x, pool_uris = space.x[space.pool], uris[space.pool]
+
+    def embed(images: Sequence[Any]) -> np.ndarray:
+        raw = access.embed(images)
+        return space.whitening.apply(raw) if space.whitening is not None else raw.astype(np.float32)
+
+    def verifier(pairs: np.ndarray, sources: Sequence[Any]) -> np.ndarray:
+        return verify_pairs(pairs, sources, workers=access.workers).verified
+
+    out = {}
+    for name, rows, fixed in (("dedup", space.pool, cfg.dedup_threshold), ("eval", space.eval, cfg.eval_threshold)):
+        if len(rows) == 0 or len(space.pool) < 2:
+            continue
+        sample, images = calibrate.sample_images(uris[rows], cfg.calibration_images, rng)
+        if len(sample) == 0:
+            continue
+        query_x = space.x[rows[sample]]
+        exclude = sample if name == "dedup" else None
+        sims, neighbours = calibrate.nearest_distinct(query_x, pool_x, cfg.verify_k, exclude=exclude, params=params)
+        planted = calibrate.plant(images, rng)
+        data = calibrate.measure(
+            sample_x=query_x,
+            planted=planted,
+            embed=embed,
+            neighbour_sims=sims,
+            neighbour_sources=[pool_uris[r] if r >= 0 else "" for r in neighbours.ravel().tolist()],
+            verifier=verifier,
+        )
+        out[name] = calibrate.calibrate(
+            name,
+            data,
+            target=cfg.dedup_precision,
+            candidate_recall=cfg.candidate_recall,
+            verify=cfg.verify,
+            fixed_accept=fixed,
+            fixed_candidate=cfg.candidate_threshold,
+        )
+        log.info("calibration %s: %s", name, {k: v for k, v in out[name].report().items() if k != "curve"})
+    return out
+
+
+def _thresholds(cfg: CurateConfig, name: str, calibration: calibrate.Calibration | None) -> Thresholds:
+    if calibration is not None:
+        if calibration.accept is None:
+            log.warning(
+                "calibration %s: no similarity reaches precision %.3f on planted copies; %s",
+                name,
+                cfg.dedup_precision,
+                "nothing is removed (curate.verify is off)" if cfg.verify == "off" else "only verified pairs count",
+            )
+        return Thresholds(calibration.accept, calibration.candidate)
+    fixed = cfg.dedup_threshold if name == "dedup" else cfg.eval_threshold
+    if fixed is None:  # no image of this kind to calibrate on (an empty pool or no evaluation set)
+        return Thresholds(None, 2.0)
+    candidate = cfg.candidate_threshold if cfg.candidate_threshold is not None else fixed
+    return Thresholds(fixed, min(candidate, fixed))
+
+
+def _search_floor(limits: Thresholds, verify: str) -> float:
+    """The lowest similarity a comparison must look at."""
+    accept = limits.accept if limits.accept is not None else 2.0
+    return accept if verify == "off" else min(accept, limits.candidate)
+
+
+def _deduplicate(
+    space: _Space, cfg: CurateConfig, params: SearchParams, limits: Thresholds, access: ImageAccess | None
+) -> tuple[dedup.SelfDedup, CopyPairs]:
+    """Self-deduplication of the pool (appendix A.3): candidate pairs, decided, grouped."""
+    pool = space.manifest.iloc[space.pool]
+    pool_x, pool_uris = space.x[space.pool], space.uris[space.pool]
+    edges = dedup.duplicate_edges(pool_x, k=cfg.dedup_k, threshold=_search_floor(limits, cfg.verify), params=params)
+    pairs = decide_pairs(
+        edges.src,
+        edges.dst,
+        edges.similarity,
+        thresholds=limits,
+        verify=cfg.verify,
+        verify_k=cfg.verify_k,
+        max_pairs=cfg.verify_max_pairs,
+        sources=(pool_uris, pool_uris) if access is not None else None,
+        symmetric=True,
+        workers=access.workers if access is not None else None,
+    )
     pixels = (pool["width"].astype(np.int64) * pool["height"].astype(np.int64)).to_numpy()
-    groups = dedup.self_deduplicate(pool_x, pixels, k=cfg.dedup_k, threshold=cfg.dedup_threshold, params=params)
+    decided = dedup.DuplicateEdges(pairs.src, pairs.dst, pairs.similarity)
+    return dedup.groups_from_edges(len(space.pool), decided, pixels), pairs
+
+
+def _dedup_report(groups: dedup.SelfDedup, pairs: CopyPairs, limits: Thresholds, cfg: CurateConfig) -> dict[str, Any]:
     sizes = groups.sizes
-    report["dedup"] = {
-        "threshold": cfg.dedup_threshold,
+    return {
+        "threshold": limits.accept,
+        "candidate_threshold": limits.candidate,
+        "verify": cfg.verify,
         "k": cfg.dedup_k,
-        "edges": len(groups.edges),
-        "groups": int(len(np.unique(groups.labels))) if len(pool) else 0,
+        "edges": len(pairs),
+        "pairs": pairs.stats,
+        "groups": int(len(np.unique(groups.labels))) if len(sizes) else 0,
         "duplicate_groups": int(len(np.unique(groups.labels[sizes > 1]))),
         "images_in_duplicate_groups": int((sizes > 1).sum()),
         "removed_duplicates": int((~groups.keep).sum()),
@@ -184,51 +405,105 @@ def curate(
         "largest_group": int(sizes.max()) if len(sizes) else 0,
     }
 
-    # 3. deduplication against the evaluation sets
-    leaks = dedup.eval_leakage(pool_x, eval_x, groups.labels, threshold=cfg.eval_threshold, params=params)
-    seed_eval_sim, _ = (
-        max_similarity(seed_x, eval_x, params) if len(eval_x) and len(seed_x) else (np.full(len(seed_x), -np.inf), None)
+
+def _copies_of(
+    space: _Space,
+    db_rows: np.ndarray,
+    groups: dedup.SelfDedup,
+    cfg: CurateConfig,
+    params: SearchParams,
+    limits: Thresholds,
+    access: ImageAccess | None,
+) -> tuple[dedup.EvalLeakage, CopyPairs]:
+    """Pool images that copy an image of `db_rows` (evaluation sets: "relative" deduplication, appendix A.3; or the
+    seeds that join the curated set), decided like self-deduplication, each with its whole duplicate group."""
+    pool_x, db_x = space.x[space.pool], space.x[db_rows]
+    num = len(space.pool)
+    if len(db_x) == 0 or num == 0:
+        empty = CopyPairs(*(np.zeros(0, np.int64),) * 2, np.zeros(0, np.float32), np.zeros(0, object),
+                          np.zeros(0, np.int64), {"candidates": 0})  # fmt: skip
+        return dedup.eval_leakage(pool_x, db_x, groups.labels, threshold=2.0, params=params), empty
+    index = build_index(db_x, params)
+    k = 1 if cfg.verify == "off" else min(cfg.verify_k, len(db_x))
+    sims, ids = index.search(pool_x, k)
+    rows, cols = np.nonzero(sims >= _search_floor(limits, cfg.verify))
+    pairs = decide_pairs(
+        rows,
+        ids[rows, cols],
+        sims[rows, cols],
+        thresholds=limits,
+        verify=cfg.verify,
+        verify_k=cfg.verify_k,
+        max_pairs=cfg.verify_max_pairs,
+        sources=(space.uris[space.pool], space.uris[db_rows]) if access is not None else None,
+        symmetric=False,
+        workers=access.workers if access is not None else None,
     )
-    seed_leaks = seed_eval_sim >= cfg.eval_threshold
-    survivors = groups.keep & ~leaks.removed
-    report["eval_dedup"] = {
-        "threshold": cfg.eval_threshold,
-        "eval_images": len(eval_rows),
+    copies = np.zeros(num, bool)
+    copies[pairs.src] = True
+    return dedup.leakage_from_copies(groups.labels, sims[:, 0], ids[:, 0], copies), pairs
+
+
+def _leak_report(
+    space: _Space,
+    groups: dedup.SelfDedup,
+    leaks: dedup.EvalLeakage,
+    pairs: CopyPairs,
+    seed_leaks: np.ndarray,
+    limits: Thresholds,
+) -> dict[str, Any]:
+    sources = space.manifest["source"].to_numpy()
+    return {
+        "threshold": limits.accept,
+        "candidate_threshold": limits.candidate,
+        "eval_images": len(space.eval),
+        "pairs": pairs.stats,
         "pool_images_touching_eval": int(leaks.touching.sum()),
         "pool_images_removed": int(leaks.removed.sum()),
         "pool_groups_removed": int(len(np.unique(groups.labels[leaks.removed]))),
-        "removed_by_eval_source": _count(manifest["source"].to_numpy()[eval_rows[leaks.nearest_eval[leaks.removed]]])
-        if leaks.removed.any() and (leaks.nearest_eval[leaks.removed] >= 0).all()
-        else {},
+        "removed_by_eval_source": _count(sources[space.eval[pairs.dst]]) if len(pairs) else {},
         "seed_images_removed": int(seed_leaks.sum()),
     }
-    report["counts"]["pool_after_dedup"] = int(groups.keep.sum())
-    report["counts"]["pool_after_eval_dedup"] = int(survivors.sum())
 
-    # 4. selection
-    surv_idx = np.flatnonzero(survivors)  # rows of `pool`
-    frame = _empty_provenance(pool.iloc[surv_idx])
-    frame["pool_dup_group_size"] = sizes[surv_idx]
+
+def _select(
+    space: _Space,
+    groups: dedup.SelfDedup,
+    leaks: dedup.EvalLeakage,
+    survivors: np.ndarray,
+    seed_leaks: np.ndarray,
+    seed_eval_sim: np.ndarray,
+    cfg: CurateConfig,
+    params: SearchParams,
+    rng: np.random.Generator,
+    report: dict[str, Any],
+    num_examples: int,
+) -> tuple[pd.DataFrame, list[tuple[str, list[str]]]]:
+    """Step 5: the selection mode over the survivors, then the seeds, then the max_images cap."""
+    manifest, x = space.manifest, space.x
+    surv_idx = np.flatnonzero(survivors)  # rows of the pool
+    frame = _empty_provenance(manifest.iloc[space.pool[surv_idx]])
+    frame["pool_dup_group_size"] = groups.sizes[surv_idx]
     frame["max_eval_similarity"] = leaks.max_similarity[surv_idx].astype(np.float64)
-    frame["_x_row"] = pool_rows[surv_idx]
+    frame["_x_row"] = space.pool[surv_idx]
     examples: list[tuple[str, list[str]]] = []
+    seed_rows = space.seeds[~seed_leaks]
     if cfg.mode == "retrieval":
-        selected, report["retrieval"], examples = _retrieve(
-            frame, x, manifest, seed_rows[~seed_leaks], cfg, params, rng, num_examples
-        )
+        selected, report["retrieval"], examples = _retrieve(frame, x, manifest, seed_rows, cfg, params, rng,
+                                                             num_examples)  # fmt: skip
     elif cfg.mode == "hkmeans":
         # max_images bounds the whole curated set: the seeds that join it take their places first.
-        num_seeds = int((~seed_leaks).sum()) if cfg.include_seeds else 0
+        num_seeds = len(seed_rows) if cfg.include_seeds else 0
         target = max(0, int(cfg.max_images or len(frame)) - num_seeds)
-        selected, report["hkmeans"] = _hkmeans_select(frame, x, cfg, seed, rng, target)
+        selected, report["hkmeans"] = _hkmeans_select(frame, x, cfg, params.seed, rng, target)
     else:
         selected = frame.assign(curation="dedup")
-    if cfg.include_seeds and len(seed_rows):
-        seeds = _empty_provenance(manifest.iloc[seed_rows[~seed_leaks]])
+    if cfg.include_seeds and len(space.seeds):
+        seeds = _empty_provenance(manifest.iloc[seed_rows])
         seeds["curation"] = "seed"
         seeds["seed_set"] = seeds["source"].map(seed_set_name)
         seeds["max_eval_similarity"] = seed_eval_sim[~seed_leaks].astype(np.float64)
-        seeds["_x_row"] = seed_rows[~seed_leaks]
+        seeds["_x_row"] = seed_rows
         selected = pd.concat([seeds, selected], ignore_index=True)
     if cfg.max_images is not None and cfg.mode != "hkmeans" and len(selected) > cfg.max_images:
         # Seeds first (they are the curated sources), then a seeded random sample of the retrieved images.
@@ -237,21 +512,35 @@ def curate(
         keep = np.sort(np.concatenate([np.flatnonzero(is_seed), rest])[: cfg.max_images])
         report["counts"]["capped_by_max_images"] = int(len(selected) - len(keep))
         selected = selected.iloc[keep]
-    selected = selected.reset_index(drop=True)
+    return selected.reset_index(drop=True), examples
 
-    # 5. verification (the gate's columns)
-    cur_x = x[selected["_x_row"].to_numpy()] if len(selected) else x[:0]
+
+def _check(
+    selected: pd.DataFrame, space: _Space, cfg: CurateConfig, params: SearchParams, limits: dict[str, Thresholds]
+) -> pd.DataFrame:
+    """Step 6: the gate's columns, then the manifest's column order."""
+    accept = limits["dedup"].accept if cfg.verify != "on" and limits["dedup"].accept is not None else 2.0
+    cur_x = space.x[selected["_x_row"].to_numpy()] if len(selected) else space.x[:0]
     selected["dup_group_size"] = (
-        dedup.curated_group_sizes(cur_x, k=cfg.dedup_k, threshold=cfg.dedup_threshold, params=params)
+        dedup.curated_group_sizes(cur_x, k=cfg.dedup_k, threshold=accept, params=params)
         if len(selected)
         else np.zeros(0, np.int64)
     )
-    if len(eval_x) == 0:
+    if len(space.eval) == 0:
         selected["max_eval_similarity"] = -1.0  # nothing to leak into; a finite value keeps the gate's column valid
     selected = selected.drop(columns=["_x_row"])
-    ordered = [c for c in manifest.columns] + [c for c in PROVENANCE_COLUMNS if c not in manifest.columns]
-    selected = selected[ordered]
+    ordered = [*space.manifest.columns, *(c for c in PROVENANCE_COLUMNS if c not in space.manifest.columns)]
+    return selected[ordered]
 
+
+def leak_bound(cfg: CurateConfig, report: dict[str, Any]) -> float:
+    """The gate's bound on a curated image's similarity to any evaluation image: the leakage accept threshold in
+    force (above 1 when no pair is accepted on the embedding alone: `verify: on`, or no threshold reached)."""
+    threshold = report.get("eval_dedup", {}).get("threshold")
+    return float(threshold) if threshold is not None and cfg.verify != "on" else 1.0 + 1e-6
+
+
+def _summarise(selected: pd.DataFrame, report: dict[str, Any]) -> None:
     report["counts"]["curated"] = len(selected)
     report["per_source"] = _count(selected["source"].to_numpy())
     report["per_curation"] = _count(selected["curation"].to_numpy())
@@ -261,16 +550,63 @@ def curate(
         "max_eval_similarity": float(selected["max_eval_similarity"].max()) if len(selected) else None,
         "max_dup_group_size": int(selected["dup_group_size"].max()) if len(selected) else 0,
     }
-    dup_groups = _largest_groups(pool, groups, num_examples)
-    leak_examples = [
-        (
-            str(manifest["uri"].iloc[eval_rows[leaks.nearest_eval[i]]]),
-            str(pool["uri"].iloc[i]),
-            float(leaks.max_similarity[i]),
-        )
-        for i in np.flatnonzero(leaks.touching)[:num_examples]
-    ]
-    return CurationResult(selected, report, dup_groups, examples, leak_examples)
+
+
+def _best_edges(num: int, pairs: CopyPairs, symmetric: bool) -> pd.DataFrame:
+    """Per row of the query side: its strongest decided edge (partner, similarity, method, inliers)."""
+    src, dst = pairs.src, pairs.dst
+    sim, method, inliers = pairs.similarity, pairs.method, pairs.inliers
+    if symmetric:
+        src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
+        sim, method, inliers = np.tile(sim, 2), np.tile(method, 2), np.tile(inliers, 2)
+    frame = pd.DataFrame({"row": src, "partner": dst, "sim": sim, "method": method, "inliers": inliers})
+    return frame.sort_values(["row", "sim"], ascending=[True, False]).drop_duplicates("row").set_index("row")
+
+
+def _removed(
+    space: _Space,
+    groups: dedup.SelfDedup,
+    dedup_pairs: CopyPairs,
+    against: Sequence[tuple[str, dedup.EvalLeakage, CopyPairs, np.ndarray]],
+) -> pd.DataFrame:
+    """REMOVED_COLUMNS for every removed pool image: copies of evaluation images (and their groups), of seed images,
+    then duplicates within the pool. `against`: (name, copies found, their pairs, database rows) per comparison."""
+    uris, pool_x = space.uris[space.pool], space.x[space.pool]
+    rows: list[dict[str, Any]] = []
+    listed = np.zeros(len(uris), bool)
+    for name, found, pairs, db_rows in against:
+        db_uris, db_x = space.uris[db_rows], space.x[db_rows]
+        best = _best_edges(len(uris), pairs, symmetric=False)
+        touching_of_group = {int(groups.labels[r]): r for r in np.flatnonzero(found.touching).tolist()}
+        for r in np.flatnonzero(found.removed & ~listed).tolist():
+            t = r if found.touching[r] else touching_of_group[int(groups.labels[r])]  # a sibling goes with its group
+            edge = best.loc[t]
+            e = int(edge.partner)
+            reason = f"{name}_copy" if t == r else f"{name}_copy_group"
+            rows.append(_removed_row(uris[r], reason, db_uris[e], pool_x[r] @ db_x[e], (db_uris[e] if t == r else
+                                     uris[t]), edge))  # fmt: skip
+            listed[r] = True
+    keeper = pd.Series(np.flatnonzero(groups.keep), index=groups.labels[groups.keep])
+    best = _best_edges(len(uris), dedup_pairs, symmetric=True)
+    for r in np.flatnonzero(~groups.keep & ~listed).tolist():
+        kept = int(keeper[groups.labels[r]])
+        edge = best.loc[r]
+        rows.append(_removed_row(uris[r], "duplicate", uris[kept], pool_x[r] @ pool_x[kept], uris[int(edge.partner)],
+                                 edge))  # fmt: skip
+    return pd.DataFrame(rows, columns=list(REMOVED_COLUMNS))
+
+
+def _removed_row(uri: str, reason: str, of: str, similarity: float, matched: str, edge: Any) -> dict[str, Any]:
+    return {
+        "uri": str(uri),
+        "reason": reason,
+        "duplicate_of": str(of),
+        "similarity": float(similarity),
+        "matched_uri": str(matched),
+        "edge_similarity": float(edge.sim),
+        "decided_by": str(edge.method),
+        "inliers": int(edge.inliers),
+    }
 
 
 def _count(values: np.ndarray) -> dict[str, int]:
@@ -278,16 +614,29 @@ def _count(values: np.ndarray) -> dict[str, int]:
     return {str(k): int(c) for k, c in zip(keys, counts, strict=True)}
 
 
-def _largest_groups(pool: pd.DataFrame, groups: dedup.SelfDedup, num: int) -> list[list[str]]:
+def _largest_groups(
+    uris: np.ndarray, groups: dedup.SelfDedup, removed: pd.DataFrame, num: int
+) -> list[list[tuple[str, str]]]:
+    """The largest duplicate groups, kept image first, each image captioned with how it was found a copy."""
     sizes = groups.sizes
     if not len(sizes) or sizes.max() < 2:
         return []
+    why = removed.set_index("uri") if len(removed) else None
     roots, counts = np.unique(groups.labels[sizes > 1], return_counts=True)
     out = []
     for root in roots[np.argsort(-counts, kind="stable")][:num]:
         members = np.flatnonzero(groups.labels == root)
         members = members[np.argsort(~groups.keep[members], kind="stable")]  # the kept image first
-        out.append(pool["uri"].iloc[members].astype(str).tolist())
+        row = []
+        for m in members.tolist():
+            uri = str(uris[m])
+            if groups.keep[m] or why is None or uri not in why.index:
+                row.append((uri, "kept" if groups.keep[m] else "removed"))
+                continue
+            entry = why.loc[uri]
+            how = f"v{int(entry.inliers)}" if entry.decided_by == "local_features" else "emb"
+            row.append((uri, f"{entry.similarity:.2f} {how}"))
+        out.append(row)
     return out
 
 

@@ -140,6 +140,12 @@ class SelfDedup:
         return {int(v): int(g) for v, g in zip(values, groups, strict=True)}
 
 
+def groups_from_edges(num: int, edges: DuplicateEdges, pixels: np.ndarray) -> SelfDedup:
+    """Duplicate groups (union-find over `edges`) of `num` images and the keeper of each group."""
+    labels = connected_components(num, edges.src, edges.dst)
+    return SelfDedup(labels=labels, keep=choose_keepers(labels, pixels), edges=edges)
+
+
 def self_deduplicate(
     x: np.ndarray, pixels: np.ndarray, *, k: int, threshold: float, params: SearchParams = DEFAULT_SEARCH
 ) -> SelfDedup:
@@ -152,9 +158,15 @@ def self_deduplicate(
         threshold: Cosine similarity above which two images are copies.
         params: Search knobs.
     """
-    edges = duplicate_edges(x, k=k, threshold=threshold, params=params)
-    labels = connected_components(len(x), edges.src, edges.dst)
-    return SelfDedup(labels=labels, keep=choose_keepers(labels, pixels), edges=edges)
+    return groups_from_edges(len(x), duplicate_edges(x, k=k, threshold=threshold, params=params), pixels)
+
+
+def leakage_from_copies(
+    labels: np.ndarray, max_similarity: np.ndarray, nearest_eval: np.ndarray, copies: np.ndarray
+) -> EvalLeakage:
+    """Leakage from decided copy pairs: `copies` (N,) marks the pool images found to copy an evaluation image."""
+    removed = np.isin(labels, np.unique(labels[copies])) if copies.any() else np.zeros(len(labels), bool)
+    return EvalLeakage(max_similarity, nearest_eval, np.asarray(copies, bool), removed)
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,20 @@ Run: python -m components curate --prepared data/prepared --embeddings data/embe
 
 Outputs (written into `<out>.partial/` and renamed into place only after every gate passed, so a failed run never
 leaves a manifest that looks complete): `manifest.parquet` (the prepared columns plus provenance, see
-components/curation/curate.py), `report.json` (counts at each step, duplicate-group sizes, leakage removed, per-source
-and per-cluster counts, images without an embedding), `missing.parquet` (manifest rows with no embedding and why),
-`gates/` (Great Expectations results) and `grids/` (duplicate groups, removed leaks, retrieved neighbours; logged to
-MLflow).
+components/curation/curate.py), `report.json` (calibration curves and thresholds, counts at each step, duplicate-group
+sizes, leakage removed, the removed images, per-source and per-cluster counts, images without an embedding, warnings),
+`removed.parquet` (every removed pool image, the image it duplicates, the similarity and how it was decided),
+`calibration.csv` and `plots/calibration.png` (precision and recall against the threshold, per comparison),
+`missing.parquet` (manifest rows with no embedding and why), `gates/` (Great Expectations results) and `grids/`
+(duplicate groups with each image's similarity and verification, removed leaks, retrieved neighbours). Report, plot,
+grids and gates are logged to MLflow, and the calibration curves as step metrics (step = threshold x 1000).
+
+Calibration and verification re-embed planted copies with the embed stage's model: the `embed` section must be the
+one that made the embeddings (their fingerprint is compared), and the model is built again here.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from collections.abc import Sequence
@@ -24,11 +29,14 @@ import pandas as pd
 
 from components import gates, storage
 from components.config import PipelineConfig
-from components.curation.curate import curate
-from components.embedding import load_embeddings, load_failures, read_meta
+from components.curation.calibrate import Calibration
+from components.curation.curate import REMOVED_COLUMNS, CurationResult, ImageAccess, curate, leak_bound
+from components.embedding import build_embedder, load_embeddings, load_failures, read_meta, run_fingerprint
+from components.images import decode_rgb
 from components.log import get_logger
-from components.stage import stage_run
+from components.stage import StageRun, stage_run
 from components.stages.embed import read_prepared
+from components.synthetic import is_synthetic_world
 
 log = get_logger(__name__)
 
@@ -45,38 +53,104 @@ def align(manifest: pd.DataFrame, ids: Sequence[str], x: np.ndarray) -> tuple[pd
     return kept, np.asarray(x[rows]), manifest[~found].reset_index(drop=True)
 
 
+CAPTION = 14
+
+
 def _tile(uri: str) -> object:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
-            tile = image.convert("RGB")
-            tile.thumbnail((TILE, TILE))
-            return tile
+        tile = decode_rgb(storage.read_bytes(uri))
+        tile.thumbnail((TILE, TILE))
+        return tile
     except Exception:  # a grid is illustration: an unreadable image becomes a grey tile
         return Image.new("RGB", (TILE, TILE), (128, 128, 128))
 
 
-def image_grid(rows: Sequence[Sequence[str]], path: Path, max_cols: int = 10) -> Path | None:
-    """A PNG with one row of thumbnails per group (first image = the kept / query one), or None if empty."""
-    from PIL import Image
+def image_grid(rows: Sequence[Sequence[str | tuple[str, str]]], path: Path, max_cols: int = 10) -> Path | None:
+    """A PNG with one row of thumbnails per group (first image = the kept / query one), or None if empty.
 
-    rows = [list(r)[:max_cols] for r in rows if len(r)]
+    An entry is a URI, or (URI, caption): the caption is written under the thumbnail (e.g. "0.93 v41": similarity
+    to the kept image and 41 verified inliers; "emb": accepted on the embedding).
+    """
+    from PIL import Image, ImageDraw
+
+    rows = [[e if isinstance(e, tuple) else (e, "") for e in list(r)[:max_cols]] for r in rows if len(r)]
     if not rows:
         return None
     cols = max(len(r) for r in rows)
-    canvas = Image.new("RGB", (cols * (TILE + 4), len(rows) * (TILE + 4)), (255, 255, 255))
+    captioned = any(caption for row in rows for _, caption in row)
+    cell_h = TILE + 4 + (CAPTION if captioned else 0)
+    canvas = Image.new("RGB", (cols * (TILE + 4), len(rows) * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
     for i, row in enumerate(rows):
-        for j, uri in enumerate(row):
-            tile = _tile(uri)
-            canvas.paste(tile, (j * (TILE + 4) + 2, i * (TILE + 4) + 2))
+        for j, (uri, caption) in enumerate(row):
+            canvas.paste(_tile(uri), (j * (TILE + 4) + 2, i * cell_h + 2))
+            if caption:
+                draw.text((j * (TILE + 4) + 2, i * cell_h + TILE + 3), caption, fill=(0, 0, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
 
 
+def calibration_plot(calibrations: dict[str, Calibration], path: Path) -> Path | None:
+    """Precision and recall of "similarity >= t" against t for each calibrated comparison, with the thresholds."""
+    if not calibrations:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(calibrations), figsize=(5.5 * len(calibrations), 4), squeeze=False)
+    for ax, (name, cal) in zip(axes[0], calibrations.items(), strict=True):
+        ax.plot(cal.curve.thresholds, cal.curve.precision, label="precision (embedding only)")
+        ax.plot(cal.curve.thresholds, cal.curve.recall, label="recall (embedding only)")
+        ax.axhline(cal.target, color="grey", linestyle=":", label=f"target {cal.target}")
+        if cal.accept is not None:
+            ax.axvline(cal.accept, color="black", linestyle="--", label=f"accept {cal.accept:.3f}")
+        if cal.verify != "off":
+            ax.axvline(cal.candidate, color="tab:red", linestyle="--", label=f"candidate {cal.candidate:.3f}")
+        ax.set_title(f"{name}: rule precision {cal.precision:.3f}, recall {cal.recall:.3f}")
+        ax.set_xlabel("cosine similarity threshold")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7, loc="lower left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def _write_json(path: Path, payload: object) -> None:
     path.write_text(json.dumps(payload, indent=1, default=float) + "\n")
+
+
+def _access(cfg: PipelineConfig, meta: dict) -> ImageAccess | None:
+    """The embed stage's model again, for planted copies; None when neither calibration nor verification runs."""
+    cur = cfg.curate
+    if cur.calibration_images == 0 and cur.verify == "off":
+        return None
+    embedder = build_embedder(cfg.embed, cfg.seed)
+    expected = run_fingerprint(cfg.embed, cfg.seed, embedder.weights_digest)
+    if meta.get("fingerprint") != expected:
+        raise ValueError(
+            f"the embeddings were made with another model or embed config (fingerprint {meta.get('fingerprint')}, "
+            f"params.yaml embed gives {expected}): calibration must embed planted copies with the same model; "
+            "run the embed stage again"
+        )
+    return ImageAccess(embed=embedder.embed_images, workers=cur.verify_workers or None)
+
+
+def random_weights_warning(meta: dict, pool_uris: Sequence[str]) -> str | None:
+    """A warning when the embeddings come from a random initialisation and the pool is not the synthetic world."""
+    if not meta.get("random_weights", meta.get("weights") is None) or is_synthetic_world(pool_uris):
+        return None
+    return (
+        f"the embedding model ({meta.get('arch')}) has random weights (embed.weights: null) and the pool is not the "
+        "synthetic world: its features barely tell photographs apart, so copies are found by local-feature "
+        "verification alone and recall is lower; set embed.weights to a trained checkpoint (e.g. a DINOv2 backbone)"
+    )
 
 
 def run_curate(cfg: PipelineConfig, *, prepared: str, embeddings: str, out: str, metrics: str) -> None:
@@ -97,62 +171,135 @@ def run_curate(cfg: PipelineConfig, *, prepared: str, embeddings: str, out: str,
             staging / "gates",
             id_column="id",
         )
-        kept, feats, missing = align(manifest, ids, x)
-        failures = load_failures(embeddings).set_index("id")["error"] if meta.get("failed") else pd.Series(dtype=str)
-        missing = missing.assign(
-            reason=[failures.get(u, "no embedding (not in the embed stage's output)") for u in missing["uri"]]
-        )
-        missing.to_parquet(staging / "missing.parquet", index=False)
-        for row in missing.itertuples():
-            log.warning("curate: %s has no embedding and is left out (%s)", row.uri, row.reason)
-
-        result = curate(manifest=kept, embeddings=feats, cfg=cfg.curate, seed=cfg.seed)
+        kept, feats, missing = _align_and_report_missing(manifest, ids, x, embeddings, meta, staging)
+        warning = random_weights_warning(meta, kept.loc[kept["source"] == "pool", "uri"].head(50).tolist())
+        if warning:
+            log.warning("curate: %s", warning)
+        result = curate(manifest=kept, embeddings=feats, cfg=cfg.curate, seed=cfg.seed, access=_access(cfg, meta))
         report = result.report
+        report["warnings"] = [warning] if warning else []
         report["counts"]["manifest"] = len(manifest)
         report["counts"]["missing_embedding"] = len(missing)
         report["missing_embedding"] = missing[["uri", "reason"]].head(100).to_dict(orient="records")
-        report["embeddings"] = {k: meta.get(k) for k in ("arch", "weights", "dim", "mean_patch", "fingerprint")}
-        curated = result.manifest
-
-        run.gate(
-            "curated_manifest",
-            curated,
-            gates.curated_manifest_suite(max_eval_similarity=cfg.curate.eval_threshold),
-            staging / "gates",
-            id_column="uri",
-        )
-        bounds = {k: tuple(v) for k, v in cfg.curate.source_share_bounds.items()}
-        if bounds:
-            run.gate(
-                "curated_sources",
-                gates.source_share_frame(curated["source"], expected=bounds),
-                gates.source_shares_suite(bounds),
-                staging / "gates",
-                id_column="source",
-            )
-
-        curated.to_parquet(staging / "manifest.parquet", index=False)
-        _write_json(staging / "report.json", report)
-        grids = [
-            image_grid(result.duplicate_groups, staging / "grids" / "duplicate_groups.png"),
-            image_grid([[e, p] for e, p, _ in result.leak_examples], staging / "grids" / "removed_leaks.png"),
-            image_grid([[s, *n] for s, n in result.retrieved_examples], staging / "grids" / "retrieved_neighbours.png"),
-        ]
+        report["embeddings"] = {
+            k: meta.get(k)
+            for k in ("arch", "weights", "random_weights", "dim", "features", "image_size", "fingerprint")
+        }
+        report["removed_images"] = result.removed.head(REPORT_REMOVED).to_dict(orient="records")
+        _gate_outputs(run, cfg, result, staging)
+        _write_outputs(result, staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
+        _log_outputs(run, result, out_dir)
 
-        run.log_artifact(out_dir / "report.json", artifact_path="curate")
-        for grid in grids:
-            if grid is not None:
-                run.log_artifact(out_dir / "grids" / grid.name, artifact_path="curate/grids")
-        counts = report["counts"]
-        run.record(
-            {
-                "counts": counts,
-                "dedup": {k: report["dedup"][k] for k in ("edges", "duplicate_groups", "removed_duplicates")},
-                "eval_dedup": {k: report["eval_dedup"][k] for k in ("pool_images_removed", "seed_images_removed")},
-                "per_source": report["per_source"],
-            }
+
+REPORT_REMOVED = 1000
+"""Removed images listed in report.json itself; removed.parquet lists them all."""
+
+
+def _align_and_report_missing(
+    manifest: pd.DataFrame, ids: Sequence[str], x: np.ndarray, embeddings: str, meta: dict, staging: Path
+) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
+    kept, feats, missing = align(manifest, ids, x)
+    failures = load_failures(embeddings).set_index("id")["error"] if meta.get("failed") else pd.Series(dtype=str)
+    missing = missing.assign(
+        reason=[failures.get(u, "no embedding (not in the embed stage's output)") for u in missing["uri"]]
+    )
+    missing.to_parquet(staging / "missing.parquet", index=False)
+    for row in missing.itertuples():
+        log.warning("curate: %s has no embedding and is left out (%s)", row.uri, row.reason)
+    return kept, feats, missing
+
+
+def calibration_frame(calibrations: dict[str, Calibration]) -> pd.DataFrame:
+    """One row per calibrated comparison: the decision rule's precision on planted copies and its target."""
+    return pd.DataFrame(
+        {
+            "comparison": list(calibrations),
+            "precision": [c.precision for c in calibrations.values()],
+            "recall": [c.recall for c in calibrations.values()],
+            "target": [c.target for c in calibrations.values()],
+            "planted_copies": [len(c.data.pos_sims) for c in calibrations.values()],
+        }
+    )
+
+
+def _gate_outputs(run: StageRun, cfg: PipelineConfig, result: CurationResult, staging: Path) -> None:
+    if result.calibrations:
+        run.gate(
+            "calibration",
+            calibration_frame(result.calibrations),
+            gates.calibration_suite(),
+            staging / "gates",
+            id_column="comparison",
         )
-        run.set_headline("curated_images", float(len(curated)))
+    run.gate(
+        "curated_manifest",
+        result.manifest,
+        gates.curated_manifest_suite(max_eval_similarity=leak_bound(cfg.curate, result.report)),
+        staging / "gates",
+        id_column="uri",
+    )
+    bounds = {k: tuple(v) for k, v in cfg.curate.source_share_bounds.items()}
+    if bounds:
+        run.gate(
+            "curated_sources",
+            gates.source_share_frame(result.manifest["source"], expected=bounds),
+            gates.source_shares_suite(bounds),
+            staging / "gates",
+            id_column="source",
+        )
+
+
+def _write_outputs(result: CurationResult, staging: Path) -> None:
+    result.manifest.to_parquet(staging / "manifest.parquet", index=False)
+    result.removed.reindex(columns=list(REMOVED_COLUMNS)).to_parquet(staging / "removed.parquet", index=False)
+    curves = [pd.DataFrame(c.curve.sampled(1000)).assign(comparison=name) for name, c in result.calibrations.items()]
+    if curves:
+        pd.concat(curves, ignore_index=True).to_csv(staging / "calibration.csv", index=False)
+    calibration_plot(result.calibrations, staging / "plots" / "calibration.png")
+    _write_json(staging / "report.json", result.report)
+    grids = staging / "grids"
+    image_grid(result.duplicate_groups, grids / "duplicate_groups.png")
+    image_grid([[(e, "evaluation"), (p, f"{s:.2f}")] for e, p, s in result.leak_examples], grids / "removed_leaks.png")
+    image_grid([[s, *n] for s, n in result.retrieved_examples], grids / "retrieved_neighbours.png")
+
+
+def _log_outputs(run: StageRun, result: CurationResult, out_dir: Path) -> None:
+    run.log_artifact(out_dir / "report.json", artifact_path="curate")
+    run.log_artifact(out_dir / "removed.parquet", artifact_path="curate")
+    for folder in ("grids", "plots"):
+        for image in sorted((out_dir / folder).glob("*.png")):
+            run.log_artifact(image, artifact_path=f"curate/{folder}")
+    for name, cal in result.calibrations.items():
+        # One point per step (threshold x 1000): the lowest threshold of each step, the curve seen from below.
+        points = {int(round(p["threshold"] * 1000)): p for p in cal.curve.sampled(51)}
+        for step, point in sorted(points.items()):
+            run.log_metrics(
+                {f"calibration.{name}.precision": point["precision"], f"calibration.{name}.recall": point["recall"]},
+                step=step,
+            )
+    report = result.report
+    run.record(
+        {
+            "counts": report["counts"],
+            "dedup": {k: report["dedup"][k] for k in ("edges", "duplicate_groups", "removed_duplicates")},
+            "eval_dedup": {k: report["eval_dedup"][k] for k in ("pool_images_removed", "seed_images_removed")},
+            "calibration": {
+                name: {
+                    "accept_threshold": c.accept if c.accept is not None else float("nan"),
+                    "candidate_threshold": c.candidate,
+                    "expected_precision": c.precision,
+                    "expected_recall": c.recall,
+                }
+                for name, c in result.calibrations.items()
+            },
+            "verification": {
+                name: report[key]["pairs"].get("verification", {})
+                for name, key in (("dedup", "dedup"), ("eval", "eval_dedup"))
+            },
+            "per_source": report["per_source"],
+        }
+    )
+    run.set_headline("curated_images", float(len(result.manifest)))

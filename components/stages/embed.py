@@ -20,6 +20,8 @@ import pandas as pd
 from components import gates
 from components.config import PipelineConfig
 from components.embedding import (
+    RANDOM_INIT,
+    Embedder,
     build_embedder,
     embed_shards,
     finalize,
@@ -30,6 +32,7 @@ from components.embedding import (
 )
 from components.log import get_logger
 from components.stage import stage_run
+from components.synthetic import is_synthetic_world
 
 log = get_logger(__name__)
 
@@ -43,6 +46,19 @@ def read_prepared(prepared: str | Path) -> pd.DataFrame:
     if "decodable" in manifest.columns:
         manifest = manifest[manifest["decodable"].astype(bool)]
     return manifest.reset_index(drop=True)
+
+
+def warn_random_weights(embedder: Embedder, manifest: pd.DataFrame) -> bool:
+    """Warns (and returns True) when a random initialisation embeds a pool that is not the synthetic world."""
+    pool = manifest.loc[manifest["source"] == "pool", "uri"].head(50).tolist()
+    if not embedder.weights_digest.startswith(RANDOM_INIT) or not pool or is_synthetic_world(pool):
+        return False
+    log.warning(
+        "embed: embed.weights is null, so these features come from a RANDOM initialisation, and the pool is not the "
+        "synthetic world: they barely tell real photographs apart (curation then leans on local-feature "
+        "verification); set embed.weights to a trained checkpoint such as a DINOv2 backbone"
+    )
+    return True
 
 
 def _distributed() -> tuple[int, int]:
@@ -83,6 +99,7 @@ def run_embed(cfg: PipelineConfig, *, prepared: str, out: str, metrics: str) -> 
         return
     with stage_run("embed", cfg, config_out=out_dir / "config.yaml", metrics_out=Path(metrics)) as run:
         embedder = build_embedder(cfg.embed, cfg.seed)
+        warn_random_weights(embedder, manifest)
         run_fp = run_fingerprint(cfg.embed, cfg.seed, embedder.weights_digest)
         shards = plan_shards(manifest, cfg.embed.shard_size, run_fp)
         run.set_tags({"embed.fingerprint": run_fp, "embed.device": str(embedder.device), "embed.world_size": world})

@@ -64,7 +64,7 @@ STAGES: dict[str, StageSpec] = {
     "curate": StageSpec(
         "deduplicate the pool, remove evaluation leakage, retrieve and balance: the curated manifest",
         "components.stages.curate:run_curate",
-        ("seed", "curate"),
+        ("seed", "embed", "curate"),
         (
             PathArg("prepared", "data/prepared", "the prepare stage's output"),
             PathArg("embeddings", "data/embeddings", "the embed stage's output"),

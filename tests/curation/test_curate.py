@@ -10,7 +10,15 @@ from components.config import CurateConfig
 from components.curation.curate import PROVENANCE_COLUMNS, curate, whiten
 from tests.curation.vectors import planted, unit
 
-BASE = {"dedup_threshold": 0.8, "eval_threshold": 0.8, "num_clusters": 8, "cluster_take": 10, "cluster_min_seeds": 2}
+BASE = {
+    "dedup_threshold": 0.8,
+    "eval_threshold": 0.8,
+    "verify": "off",
+    "calibration_images": 0,
+    "num_clusters": 8,
+    "cluster_take": 10,
+    "cluster_min_seeds": 2,
+}
 
 
 def world(num_pool: int = 300, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, list[list[int]], list[int]]:

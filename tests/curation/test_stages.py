@@ -76,7 +76,7 @@ def test_embed_shards_resume_and_fingerprint(prepared: tuple[Path, Path], tmp_pa
     manifest = pd.read_parquet(prep / "manifest.parquet")
     first = embed(config(), prep, tmp_path)
     meta = read_meta(tmp_path / "emb")
-    assert meta["dim"] == 128 and meta["normalized"] and meta["mean_patch"]  # vit_test: 64 CLS + 64 mean patch
+    assert meta["dim"] == 320 and meta["normalized"] and meta["features"] == "cls_grid"  # vit_test: 64 CLS + 4 x 64
     assert sum(meta["counts"].values()) == len(manifest) == first["counts"]["total"]
     assert first["shards"]["written"] == first["shards"]["total"] > 3  # several shards per part
     ids, x = load_embeddings(tmp_path / "emb")
@@ -101,7 +101,7 @@ def test_embed_shards_resume_and_fingerprint(prepared: tuple[Path, Path], tmp_pa
     replaced = embed(config(), edited, tmp_path)
     assert replaced["shards"]["written"] == 1 and replaced["shards"]["skipped"] == replaced["shards"]["total"] - 1
 
-    changed = embed(config(**{"embed.mean_patch": False}), prep, tmp_path)  # another model: nothing reused
+    changed = embed(config(**{"embed.features": "cls"}), prep, tmp_path)  # another model: nothing reused
     assert changed["shards"]["written"] == changed["shards"]["total"]
     assert read_meta(tmp_path / "emb")["dim"] == 64
 
@@ -133,11 +133,25 @@ def test_curate_stage_outputs(prepared: tuple[Path, Path], tmp_path: Path) -> No
     report = json.loads((out / "report.json").read_text())
     assert {"curation", "seed_set", "seed_uri", "cluster", "max_eval_similarity", "dup_group_size"} <= set(curated)
     assert (curated["dup_group_size"] == 1).all()
-    assert (curated["max_eval_similarity"] < cfg.curate.eval_threshold).all()
+    assert (curated["max_eval_similarity"] < report["eval_dedup"]["threshold"]).all()
     assert report["counts"]["curated"] == len(curated) > 0
-    for key in ("dedup", "eval_dedup", "retrieval", "per_source", "per_cluster", "verification"):
+    for key in ("dedup", "eval_dedup", "retrieval", "per_source", "per_cluster", "verification", "calibration"):
         assert key in report
-    assert (out / "gates" / "curated_manifest.json").is_file()
+    for name in ("dedup", "eval"):  # calibrated on the world itself, thresholds in force, curve in the report
+        cal = report["calibration"][name]
+        assert cal["accept_threshold_source"] == "calibrated" and cal["planted_copies"] > 10
+        assert cal["expected_precision"] >= cfg.curate.dedup_precision and len(cal["curve"]) > 10
+    assert report["dedup"]["threshold"] == report["calibration"]["dedup"]["accept_threshold"]
+    # A random init on the synthetic world is the demo, not a mistake: no warning (real photos: test_real_photos).
+    assert report["embeddings"]["random_weights"] is True and report["warnings"] == []
+    # Nothing removed silently: every removed pool image is listed with what it duplicates and how it was decided.
+    removed = pd.read_parquet(out / "removed.parquet")
+    pool = int(report["counts"]["pool"])
+    assert len(removed) == pool - report["counts"]["pool_after_eval_dedup"] == report["removed"]["count"] > 0
+    assert set(removed["decided_by"]) <= {"embedding", "local_features"} and removed["duplicate_of"].ne("").all()
+    assert set(removed["uri"]).isdisjoint(curated["uri"]) and len(report["removed_images"]) == len(removed)
+    for name in ("gates/curated_manifest.json", "gates/calibration.json", "plots/calibration.png", "calibration.csv"):
+        assert (out / name).is_file(), name
     assert not (tmp_path / "curated.partial").exists()
     metrics = json.loads((tmp_path / "c.json").read_text())
     assert metrics["headline"] == {"name": "curated_images", "value": float(len(curated))}
@@ -192,3 +206,29 @@ def test_empty_pool_runs(embedded: tuple[Path, Path], tmp_path: Path) -> None:
     run_curate(cfg, prepared=str(tmp_path / "prep"), embeddings=str(emb), out=str(out), metrics=str(tmp_path / "c"))
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["pool"] == 0 and report["counts"]["curated"] == report["per_source"]["seeds/synthetic"]
+
+
+def test_curate_logs_calibration_and_removals_to_mlflow(
+    embedded: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from components.tracking import mlflow_client
+
+    monkeypatch.setenv("DINOV2_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) lands here, not in the checkout
+    prep, emb = embedded
+    out = tmp_path / "curated"
+    cfg = config(**{"curate.calibration_images": 24})
+    run_curate(cfg, prepared=str(prep), embeddings=str(emb), out=str(out), metrics=str(tmp_path / "c.json"))
+    run_id = json.loads((tmp_path / "c.json").read_text())["mlflow_run_id"]
+    client = mlflow_client()
+    curve = client.get_metric_history(run_id, "calibration.dedup.precision")
+    assert len(curve) > 5 and len({m.step for m in curve}) == len(curve)  # one point per threshold (x 1000)
+    run = client.get_run(run_id)
+    report = json.loads((out / "report.json").read_text())
+    expected = report["calibration"]["dedup"]["expected_precision"]
+    assert run.data.metrics["calibration.dedup.expected_precision"] == pytest.approx(expected)
+    assert run.data.params["curate.dedup_precision"] == "0.98" and "embed.features" in run.data.params
+    assert run.data.tags["gate.calibration"] == "passed"
+    logged = {a.path for a in client.list_artifacts(run_id, "curate")}
+    assert {"curate/report.json", "curate/removed.parquet", "curate/plots", "curate/grids"} <= logged

@@ -3,10 +3,11 @@
 Runs synth -> prepare -> embed -> curate with params.yaml as it is (the configured model), then scores the duplicate
 groups and the curated set against ground_truth.json. Slow (a few minutes on 2 cores): `pytest -m slow`.
 
-With `embed.weights: null` the backbone is a seeded random init, which cannot recognise crops (measured on the default
-world: pair recall 0.69 at precision 1.0 after whitening, see docs/curation_at_scale.md); the 0.99 recall and the
-zero ground-truth leakage are then expected failures. Point DINOV2_EMBED_WEIGHTS (and DINOV2_EMBED_ARCH) at an
-official checkpoint to run them for real.
+With `embed.weights: null` the backbone is a seeded random init: calibration and local-feature verification find
+most planted copies (measured on the default world: pair recall 0.87 at precision 0.98, no planted leak left, see
+docs/curation_at_scale.md), so the issue's bar for real photographs (precision 0.95, recall 0.85) holds, while the
+0.99 recall and precision of a trained copy detector remain an expected failure. Point DINOV2_EMBED_WEIGHTS (and
+DINOV2_EMBED_ARCH) at an official checkpoint to run that one for real.
 """
 
 from __future__ import annotations
@@ -17,16 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from components.config import load_config
-from components.curation.curate import search_params, whiten
-from components.curation.dedup import self_deduplicate
-from components.embedding import load_embeddings
 from components.prepare import prepare
-from components.stages.curate import align, run_curate
+from components.stages.curate import run_curate
 from components.stages.embed import read_prepared, run_embed
 from components.synthetic import render_world
 from tests.curation.curation_truth import planted_groups, relative, score_groups
@@ -36,7 +33,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = os.environ.get("DINOV2_EMBED_WEIGHTS")
 REAL_MODEL = pytest.mark.xfail(
-    WEIGHTS is None, reason="random-init features cannot match crops (recall ~0.7); set DINOV2_EMBED_WEIGHTS"
+    WEIGHTS is None, reason="random-init features: recall ~0.87 at precision ~0.98; set DINOV2_EMBED_WEIGHTS"
 )
 
 
@@ -60,22 +57,18 @@ def _outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run_curate(
         cfg, prepared=str(tmp / "prepared"), embeddings=str(tmp / "emb"), out=str(tmp / "cur"), metrics=str(tmp / "c")
     )
-    # The duplicate groups exactly as the stage forms them (same whitening, threshold and index).
-    kept, x, _ = align(read_prepared(tmp / "prepared"), *load_embeddings(tmp / "emb"))
-    source = kept["source"].astype(str)
-    pool = np.flatnonzero(source.eq("pool").to_numpy())
-    if cfg.curate.whiten:
-        fit = np.flatnonzero((source.eq("pool") | source.str.startswith("seeds/")).to_numpy())
-        x = whiten(x, fit)
-    groups = self_deduplicate(
-        x[pool],
-        np.ones(len(pool)),
-        k=cfg.curate.dedup_k,
-        threshold=cfg.curate.dedup_threshold,
-        params=search_params(cfg.curate, cfg.seed),
+    # The duplicate groups exactly as the stage formed them: every removed duplicate points at its group's keeper.
+    kept = read_prepared(tmp / "prepared")
+    pool = kept[kept["source"] == "pool"]
+    removed = pd.read_parquet(tmp / "cur" / "removed.parquet")
+    keeper = dict(zip(removed["uri"], removed["duplicate_of"], strict=True))
+    dups = removed["reason"].eq("duplicate")
+    labels = {u: keeper[u] if u in keeper and dups[removed["uri"].eq(u)].any() else u for u in pool["uri"]}
+    paths = [relative(u, world) for u in pool["uri"]]
+    ids = {u: i for i, u in enumerate(sorted(set(labels.values())))}
+    scores = score_groups(
+        {relative(u, world): ids[label] for u, label in labels.items()}, planted_groups(truth, set(paths))
     )
-    paths = [relative(u, world) for u in kept["uri"].iloc[pool]]
-    scores = score_groups(dict(zip(paths, groups.labels.tolist(), strict=True)), planted_groups(truth, set(paths)))
     curated = pd.read_parquet(tmp / "cur" / "manifest.parquet")
     leaks = {leak["path"] for leak in truth["leaks"]}
     scores["leaks_in_curated"] = sum(relative(u, world) in leaks for u in curated["uri"])
@@ -84,10 +77,11 @@ def _outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return scores
 
 
-def test_demo_calibration_is_precise(outcome: dict[str, Any]) -> None:
-    assert outcome["precision"] >= 0.99
+def test_demo_curation_finds_planted_copies_precisely(outcome: dict[str, Any]) -> None:
+    assert outcome["precision"] >= 0.95 and outcome["recall"] >= 0.85
     verification = outcome["report"]["verification"]
     assert verification["max_dup_group_size"] == 1
+    assert outcome["report"]["calibration"]["dedup"]["expected_precision"] >= 0.98
 
 
 @REAL_MODEL
@@ -95,6 +89,5 @@ def test_planted_duplicates_recall_and_precision(outcome: dict[str, Any]) -> Non
     assert outcome["recall"] >= 0.99 and outcome["precision"] >= 0.99
 
 
-@REAL_MODEL
 def test_no_planted_leak_reaches_the_curated_set(outcome: dict[str, Any]) -> None:
     assert outcome["leaks_in_curated"] == 0

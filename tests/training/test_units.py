@@ -147,6 +147,7 @@ def test_precision_device_and_threads_resolve_as_documented(monkeypatch):
 
     assert resolve_precision("auto", "cuda") == "bf16" and resolve_precision("auto", "cpu") == "fp32"
     monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert cpu_threads(0, num_workers=1) == 1  # never oversubscribe the cores the data workers use
     assert cpu_threads(0, num_workers=4) == 1 and cpu_threads(3, num_workers=1) == 3

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from components import exports, storage
 from components.config import EmbedConfig
 from components.images import decode_rgb
+from components.jsonio import write_json
 from components.log import get_logger
 from components.parallel import mp_context
 from components.runtime import cpu_threads, local_device
@@ -468,8 +469,7 @@ def finalize(
         "failed": failed,
         "shards": entries,
     }
-    with storage.atomic_path(out_dir / META_FILE) as tmp:
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    write_json(out_dir / META_FILE, meta, indent=1)
     return meta
 
 

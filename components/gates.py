@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -44,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from components.jsonio import write_json
 from components.log import get_logger
 
 if TYPE_CHECKING:
@@ -220,7 +219,7 @@ def run_gate(
         ge_result = _validate(context, name, frame, expectations, sample_size)
         if id_columns:
             _attach_ids(ge_result, frame, id_columns)
-        _write_json(json_path, ge_result.to_json_dict())
+        write_json(json_path, ge_result.to_json_dict())
         try:
             _build_docs(context, name, ge_result, docs_dir)
         except Exception as err:  # a rendering bug must not hide the verdict; the JSON has it all
@@ -439,23 +438,6 @@ def _prune_static_assets(docs_dir: Path) -> None:
     for folder in sorted((p for p in static.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         if not any(folder.iterdir()):
             folder.rmdir()
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    """Writes strict JSON (NaN and inf as strings, which browsers and MLflow's viewer can parse) atomically."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_finite_json(payload), indent=2, allow_nan=False, default=str) + "\n")
-    tmp.replace(path)
-
-
-def _finite_json(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan", "inf", "-inf"
-    if isinstance(value, Mapping):
-        return {str(k): _finite_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_json(v) for v in value]
-    return value
 
 
 def _plain(value: Any) -> Any:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import colorsys
 import io
-import json
 import math
 import os
 import shutil
@@ -44,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from components.config import SyntheticConfig
+from components.jsonio import write_json
 from components.log import get_logger
 from components.parallel import mp_context
 
@@ -690,8 +690,8 @@ def _move_into_place(tmp: Path, out_dir: Path, truth: dict[str, Any]) -> None:
     truth_path = out_dir / "ground_truth.json"
     (tmp / "eval" / "depth").mkdir(parents=True, exist_ok=True)
     meta = {"depth_scale": DEPTH_SCALE, "invalid_value": 0, "unit": "metre"}
-    (tmp / "eval" / "depth" / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    (tmp / "ground_truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
+    write_json(tmp / "eval" / "depth" / "meta.json", meta, indent=1, sort_keys=True)
+    write_json(tmp / "ground_truth.json", truth, indent=1, sort_keys=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     truth_path.unlink(missing_ok=True)  # from here until the end the folder reads as incomplete
     for part in _WORLD_PARTS:

@@ -19,7 +19,6 @@ one that made the embeddings (their fingerprint is compared), and the model is b
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from components.curation.calibrate import Calibration
 from components.curation.curate import REMOVED_COLUMNS, CurationResult, ImageAccess, curate, leak_bound
 from components.embedding import build_embedder, load_embeddings, load_failures, read_meta, run_fingerprint
 from components.images import decode_rgb
+from components.jsonio import write_json
 from components.log import get_logger
 from components.stage import StageRun, stage_run
 from components.stages.embed import read_prepared
@@ -120,10 +120,6 @@ def calibration_plot(calibrations: dict[str, Calibration], path: Path) -> Path |
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
-
-
-def _write_json(path: Path, payload: object) -> None:
-    path.write_text(json.dumps(payload, indent=1, default=float) + "\n")
 
 
 def _access(cfg: PipelineConfig, meta: dict) -> ImageAccess | None:
@@ -259,7 +255,7 @@ def _write_outputs(result: CurationResult, staging: Path) -> None:
     if curves:
         pd.concat(curves, ignore_index=True).to_csv(staging / "calibration.csv", index=False)
     calibration_plot(result.calibrations, staging / "plots" / "calibration.png")
-    _write_json(staging / "report.json", result.report)
+    write_json(staging / "report.json", result.report)
     grids = staging / "grids"
     image_grid(result.duplicate_groups, grids / "duplicate_groups.png")
     image_grid([[(e, "evaluation"), (p, f"{s:.2f}")] for e, p, s in result.leak_examples], grids / "removed_leaks.png")

@@ -227,14 +227,16 @@ class Trainer:
         return not any(prefix.endswith("backbone.") for prefix in self.plan.frozen)
 
     def _monitors(self) -> list[tuple[int, Callable[[], dict[str, float]]]]:
-        """The kNN accuracy every `train.knn_eval_period` steps, and, for a run that starts from pretrained weights,
-        the teacher backbone's relative change from them (every kNN or checkpoint period: it reads every weight)."""
+        """The kNN accuracy every `train.knn_eval_period` steps, and, for a pretraining phase that starts from
+        pretrained weights, the teacher backbone's relative change from them (every kNN or checkpoint period: it reads
+        every weight). Distillation's students start from scratch: no drift to measure."""
         if not self._backbone_trains():
             return []  # a head fit: the backbone cannot move
         monitors = []
         if self.train_cfg.knn_eval_period:
             monitors.append((self.train_cfg.knn_eval_period, self._knn_monitor()))
-        if self.plan.weights.kind != "random" and self.phase.source is not None:
+        continues = self.plan.phase in ("pretrain", "highres")  # the same network goes on from its weights
+        if continues and self.plan.weights.kind != "random" and self.phase.source is not None:
             period = self.train_cfg.knn_eval_period or self.train_cfg.checkpoint_period
             monitors.append((period, self._drift_monitor()))
         return monitors

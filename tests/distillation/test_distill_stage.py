@@ -62,6 +62,7 @@ def test_headless_teacher_distils_then_resumes_exactly(curated, teacher_export, 
     assert metrics["iterations"] == 8 and set(metrics["final"]) >= {"loss", "vit_test.dino_loss", "vit_test.ibot_loss"}
     curve = pd.read_csv(tmp_path / "curve.csv")
     assert curve["vit_test.knn_top1"].notna().sum() == 2  # steps 4 and 8
+    assert not any(c.startswith("drift.") for c in curve.columns)  # the students did not start from the teacher
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["distill", "head_fit"]  # one folder per phase
     (fit_export,) = (tmp_path / "ck" / "head_fit").glob("export-*")
     assert (fit_export / "heads.pth").is_file() and (tmp_path / "ck" / "head_fit" / "curve.csv").is_file()

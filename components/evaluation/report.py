@@ -1,4 +1,4 @@
-"""The comparison report: tables, figures, the quality gate and the MLflow Model Registry entry.
+"""The comparison report: tables, figures and the quality gate.
 
 Inputs are the evaluate stage's files (metrics.csv, models.json, the per-task JSONs and samples/*.npz); nothing here
 runs a backbone. Outputs (the report stage writes them under reports/comparison/):
@@ -10,13 +10,11 @@ runs a backbone. Outputs (the report stage writes them under reports/comparison/
   severity, kNN accuracy against k;
 - the quality gate: the best candidate (by `report.gate_metric`) must reach `gate_min` and, optionally, beat the
   baseline on every task's headline metric; checked by Great Expectations (components/gates.py);
-- the registry: the best candidate is registered as a new version of `report.registered_model` with its metrics as
-  tags; the `champion` alias moves to it only when the gate passes.
+- the registry entry is made by the report stage through the tracking seam (components/stages/report.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import math
@@ -432,7 +430,7 @@ def render_figures(evals: Path, models: Sequence[Mapping[str, Any]], out: Path) 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Quality gate and registry
+# Quality gate
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -469,45 +467,3 @@ def quality_gate_frame(
     return pd.DataFrame(
         [{"model": candidate, "task": t, "metric": m, "value": v, "lower": lo, "upper": hi} for t, m, v, lo, hi in rows]
     )
-
-
-def register_model(
-    client: Any,
-    *,
-    name: str,
-    run_id: str,
-    artifact_path: str,
-    tags: Mapping[str, Any],
-    description: str,
-    alias: str,
-    move_alias: bool,
-) -> dict[str, Any]:
-    """Registers `runs:/<run_id>/<artifact_path>` as a new version of `name`; moves `alias` to it if `move_alias`.
-
-    Returns:
-        {"name", "version", "source", "alias", "alias_moved", "previous_alias_version"}.
-    """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name, description="DINOv2 backbones from the pipeline's report stage")
-    except MlflowException as err:
-        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
-            raise
-    previous = None
-    with contextlib.suppress(MlflowException):  # no version holds the alias yet
-        previous = client.get_model_version_by_alias(name, alias).version
-    source = f"runs:/{run_id}/{artifact_path}"
-    version = client.create_model_version(
-        name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, description=description
-    )
-    if move_alias:
-        client.set_registered_model_alias(name, alias, version.version)
-    return {
-        "name": name,
-        "version": int(version.version),
-        "source": source,
-        "alias": alias,
-        "alias_moved": bool(move_alias),
-        "previous_alias_version": int(previous) if previous is not None else None,
-    }

@@ -49,7 +49,7 @@ from components.evaluation.runner import (
     long_frame_rows,
 )
 from components.log import get_logger
-from components.stage import stage_run
+from components.stage import StageRun, stage_run
 
 log = get_logger(__name__)
 
@@ -132,6 +132,21 @@ def headline_table(results: list[ModelResult]) -> dict[str, dict[str, float]]:
     }
 
 
+def _log_eval_sets(run: StageRun, manifest: pd.DataFrame, raw: str) -> None:
+    """Each evaluation set (the prepared manifest's `eval/<task>` rows) as an MLflow dataset of the run."""
+    from components import storage
+    from components.tracking import DatasetRecord, dataset_columns, dataset_digest
+
+    if "source" not in manifest.columns:
+        return
+    rows = manifest[manifest["source"].astype(str).str.startswith("eval/")]
+    for source, part in rows.groupby("source", sort=True):
+        hashes = part["sha256"].astype(str).tolist() if "sha256" in part.columns else [""] * len(part)
+        digest = dataset_digest(part["uri"].astype(str).tolist(), hashes)
+        where = storage.join(raw, str(source))
+        run.log_dataset(DatasetRecord(str(source), where, digest, len(part), "evaluation", dataset_columns(part)))
+
+
 def run_evaluate(
     cfg: PipelineConfig, *, prepared: str, pretrained: str, distilled: str, out: str, metrics: str
 ) -> None:
@@ -148,6 +163,8 @@ def run_evaluate(
         if manifest is None:
             log.warning("%s not found; listing the evaluation folders under %s instead", manifest_path, cfg.data.raw)
         data = load_eval_datasets(cfg.data.raw, manifest)
+        if manifest is not None:
+            _log_eval_sets(run, manifest, cfg.data.raw)
         specs = model_specs(cfg, pretrained, distilled)
         if not specs:
             raise ValueError(f"no model to evaluate: no model.json under {pretrained} or {distilled}, "

@@ -24,10 +24,14 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from components import storage
 from components.config import PipelineConfig, save_resolved
 from components.log import get_logger
+
+if TYPE_CHECKING:
+    from components.stage import StageRun
 
 log = get_logger(__name__)
 
@@ -113,6 +117,8 @@ def train_stage(
     with stage_run(
         name, cfg, sections=STAGES[name].sections, config_out=out / "config.yaml", metrics_out=Path(paths["metrics"])
     ) as run:
+        if run.tracker.run_id is not None:
+            _log_curated(run, paths["curated"])
         training = run_training(
             cfg, build_module=build, curated=paths["curated"], checkpoints=paths["checkpoints"], out=out,
             log_metrics=lambda row, step: run.log_metrics(row, step=step), init_module=init, inputs=inputs,
@@ -140,6 +146,21 @@ def train_stage(
             "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
         })  # fmt: skip
         run.set_headline("loss", float(final["loss"]))
+
+
+def _log_curated(run: StageRun, curated: str) -> None:
+    """The curated manifest as the run's training dataset in MLflow; its digest is the training set's identity that
+    checkpoints record (`manifest_digest`)."""
+    import pandas as pd
+
+    from components.tracking import DatasetRecord, dataset_columns
+    from components.training.data import manifest_digest, manifest_path
+
+    path = manifest_path(curated)
+    with storage.local_copy(path) as local:
+        frame = pd.read_parquet(local)
+    digest = manifest_digest(curated)
+    run.log_dataset(DatasetRecord("curated", path, digest, len(frame), "training", dataset_columns(frame)))
 
 
 def _write_csv(frame: object, path: Path) -> None:

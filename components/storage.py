@@ -264,11 +264,12 @@ def s3_client(*, max_attempts: int | None = None) -> Any:
 def _log_retry(
     attempts: int, max_attempts: int, operation: Any, response: Any = None, caught_exception: Any = None, **_: Any
 ) -> None:
-    """A warning for each failed try that botocore's retries will repeat: a connection error or a 5xx answer.
+    """A warning for each failed try that botocore's retries will repeat: a connection error or a transient server
+    error (500, 502, 503, 504; throttling is retried quietly).
 
     Only the operation and the error are logged (never the request: its headers hold the signature)."""
     status = (response[1] or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0) if response else 0
-    if attempts >= max_attempts or (caught_exception is None and status < 500):
+    if attempts >= max_attempts or (caught_exception is None and status not in (500, 502, 503, 504)):
         return
     error = caught_exception or f"HTTP {status}"
     log.warning("S3 %s: try %d of %d failed (%s); retrying", operation.name, attempts, max_attempts, error)
@@ -681,7 +682,8 @@ def _verify_download(uri: str, path: Path, head: dict[str, Any], config: Transfe
 
 
 def _file_digests(path: Path, parts: list[int] | None) -> tuple[str, str | None]:
-    """(hex sha256 of the file, S3's composite SHA256 `<b64 of SHA256 of the parts' SHA256s>-<n>` for `parts` sizes)."""
+    """(hex sha256 of the file, S3's composite SHA256 `<b64 of SHA256 of the parts' SHA256s>-<n>` for `parts` sizes),
+    in one read of the file."""
     whole = hashlib.sha256()
     part_digests: list[bytes] = []
     with open(path, "rb") as f:

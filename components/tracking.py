@@ -240,8 +240,10 @@ class MlflowTracker(Tracker):
         import mlflow
         from mlflow.exceptions import MlflowException
 
+        with suppress(MlflowException):  # registered by an earlier run
+            self.client.create_registered_model(name, description="DINOv2 backbones from the pipeline's report stage")
         previous = None
-        with suppress(MlflowException):  # no registered model yet, or no version holds the alias
+        with suppress(MlflowException):  # no version holds the alias yet
             previous = self.client.get_model_version_by_alias(name, alias).version
         with _module_api_on(self.client.tracking_uri):  # links the version to the logged model, as MLflow's UI shows
             version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})

@@ -271,7 +271,8 @@ def _finish(
     out = root / SUMMARY_PATH
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
-    _record(parent, cfg, summary, pipeline_record.read_stage_metrics(root, stage_order(root)))
+    # The reports of the stages this run ran or found up to date: a failed or partial run shows no older results.
+    _record(parent, cfg, summary, pipeline_record.read_stage_metrics(root, [o["stage"] for o in outcomes]))
     return summary
 
 

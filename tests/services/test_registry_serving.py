@@ -125,8 +125,8 @@ def test_champion_loads_and_serves_the_features_of_components_model(
         answer = _post(port, {"dataframe_split": {"columns": ["image"], "data": [[b] for b in b64]}})["predictions"]
         for key in ("cls", "patch_mean"):
             np.testing.assert_allclose(np.asarray(answer[key]), expected[key], rtol=1e-4, atol=1e-4)
-        example = mlflow.artifacts.download_artifacts(f"models:/{model.model_id}/serving_input_example.json")
-        answer = _post(port, json.loads(Path(example).read_text()))["predictions"]
+        local = Path(mlflow.artifacts.download_artifacts(CHAMPION, dst_path=str(tmp_path / "champion")))
+        answer = _post(port, json.loads((local / "serving_input_example.json").read_text()))["predictions"]
         assert np.asarray(answer["cls"]).shape == (2, expected["cls"].shape[1])  # the logged example is served too
     finally:
         os.killpg(server.pid, 15)

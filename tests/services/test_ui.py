@@ -158,7 +158,6 @@ def test_mlflow_sets_pipeline_runs_side_by_side(
     """The experiment's run table, filtered to pipeline runs, with the comparison columns a user picks under
     "Columns"; then MLflow's compare view of the two runs."""
     import json
-    import urllib.parse
 
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import expect
@@ -174,29 +173,40 @@ def test_mlflow_sets_pipeline_runs_side_by_side(
     experiment = parents[0].info.experiment_id
     columns = ("preset", "epochs", "curated_images", "final_model", "knn.top1", "depth_linear.rmse", "gate_passed")
     page = browser_page
-    search = urllib.parse.quote("tags.kind = 'pipeline'")
-    page.goto(f"{stack.mlflow.url}/#/experiments/{experiment}/runs?searchFilter={search}")
+    page.set_viewport_size({"width": 2200, "height": 1000})  # the grid renders only the columns in view
     try:
-        close = page.get_by_role("button", name="Close", exact=True)  # the assistant's side panel, if open
-        if close.count():
-            close.first.click()
+        _pick_run_table_columns(page, stack.mlflow.url, experiment, columns)
+        for final in {p.data.params["final_model"] for p in parents}:
+            expect(page.get_by_role("gridcell", name=final, exact=True).first).to_be_visible()
+        runs = json.dumps([p.info.run_id for p in parents])
+        page.goto(f"{stack.mlflow.url}/#/compare-runs?runs={runs}&experiments={json.dumps([experiment])}")
+        try:
+            for name in columns:
+                expect(page.get_by_text(name, exact=True).first).to_be_visible()
+            expect(page.get_by_text("teacher", exact=True).first).to_be_visible()  # the second run's final model
+        finally:
+            _screenshot(page, "mlflow-compare-pipeline-runs.png")
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def _pick_run_table_columns(page: Any, mlflow_url: str, experiment: str, columns: tuple[str, ...]) -> None:
+    """The experiment's run table filtered to pipeline runs, with `columns` picked under "Columns" (and three
+    attribute columns dropped, for room), as a user sets it up."""
+    import urllib.parse
+
+    from playwright.sync_api import expect
+
+    search = urllib.parse.quote("tags.kind = 'pipeline'")
+    page.goto(f"{mlflow_url}/#/experiments/{experiment}/runs?searchFilter={search}")
+    try:
         page.get_by_role("button", name="Columns", exact=True).click()
         dialog = page.get_by_role("dialog")
-        for name in ("Dataset", "Source", "Models", *columns):  # three attributes off (room), the columns on
+        for name in ("Dataset", "Source", "Models", *columns):
             dialog.get_by_role("textbox", name="Search columns").fill(name)
-            dialog.get_by_text(name, exact=True).click()
+            dialog.get_by_text(name, exact=True).first.click()  # `final_model` also matches in `final_model_arch`
         page.keyboard.press("Escape")
         for name in columns:
             expect(page.get_by_role("columnheader", name=name, exact=True).first).to_be_visible()
-        for final in {p.data.params["final_model"] for p in parents}:
-            expect(page.get_by_role("gridcell", name=final, exact=True).first).to_be_visible()
     finally:
         _screenshot(page, "mlflow-pipeline-runs-columns.png")
-    runs = json.dumps([p.info.run_id for p in parents])
-    page.goto(f"{stack.mlflow.url}/#/compare-runs?runs={runs}&experiments={json.dumps([experiment])}")
-    try:
-        for name in columns:
-            expect(page.get_by_text(name, exact=True).first).to_be_visible()
-        expect(page.get_by_text("teacher", exact=True).first).to_be_visible()  # the second run's final model
-    finally:
-        _screenshot(page, "mlflow-compare-pipeline-runs.png")

@@ -8,9 +8,10 @@ An export is a folder (local, or s3:// for reading):
     heads.pth             the DINO and iBOT heads in the release's layout and the softmax centres (optional)
 
 The training stages write exports (`write_export`); the high-resolution phase, distillation, continued pretraining,
-embedding, evaluation and the report's registry read them (`read_export`, `read_weights`). Nothing else parses a
-descriptor or opens a weight file. Weight files outside an export (the release's `dinov2_vits14_pretrain.pth`, its
-training checkpoints) are read by `read_weights` too.
+embedding, evaluation and the report's registry read them (`read_export`, `read_weights`), and the registry's
+servable models carry a backbone-only copy (`copy_backbone`). Nothing else parses a descriptor or opens a weight
+file. Weight files outside an export (the release's `dinov2_vits14_pretrain.pth`, its training checkpoints) are read
+by `read_weights` too.
 
 A descriptor (format 2; format 1, without `format`, `heads_config` or `provenance`, reads the same):
 
@@ -330,6 +331,25 @@ def _local(uri: str | None, download_dir: Path | None) -> str | None:
     if not target.is_file():
         storage.download_file(uri, target)
     return str(target)
+
+
+def copy_backbone(export: Export, out_dir: str | Path) -> Path:
+    """A backbone-only export in `out_dir` (created): the export's official-layout weight files (the `.pth` and the
+    `.safetensors` beside it, each copied verified) and a descriptor naming them, without the heads.
+
+    Raises:
+        ExportError: The export names no weights (a random initialisation).
+    """
+    if export.weights is None:
+        raise ExportError(f"{export.descriptor_uri}: no weights to copy (the descriptor asks for a random init)")
+    out_dir = Path(out_dir)
+    names = [storage.basename(export.weights)]
+    if export.weights == storage.join(export.folder, names[0]) and names[0] in BACKBONE_FILES:  # the export's own
+        names += [n for n in BACKBONE_FILES if n != names[0] and storage.exists(storage.join(export.folder, n))]
+    for i, name in enumerate(names):
+        storage.download_file(export.weights if i == 0 else storage.join(export.folder, name), out_dir / name)
+    write_json(out_dir / DESCRIPTOR, {**export.descriptor, "weights": names[0], "heads": None})
+    return out_dir
 
 
 def read_weights(uri: str | Path) -> tuple[dict[str, Any], str]:

@@ -26,7 +26,7 @@ import psutil
 from components.config import PipelineConfig, flatten, save_resolved
 from components.jsonio import write_json
 from components.log import get_logger, is_main_process
-from components.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, Tracker, start_run
+from components.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, DatasetRecord, Tracker, start_run
 
 log = get_logger(__name__)
 
@@ -67,6 +67,15 @@ class StageRun:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         with self._timed("tracking_s"):
             self.tracker.set_tags(tags)
+
+    def timed_tracking(self) -> Any:
+        """A block whose time counts as tracking (for the tracker's heavier calls: `log_model`, `register_model`)."""
+        return self._timed("tracking_s")
+
+    def log_dataset(self, dataset: DatasetRecord) -> None:
+        """Records a dataset the stage read (MLflow's dataset lineage)."""
+        with self._timed("tracking_s"):
+            self.tracker.log_dataset(dataset)
 
     def gate(self, name: str, df: Any, expectations: Sequence[Any], out_dir: Path, **kwargs: Any) -> Any:
         """Runs a Great Expectations gate; a failure raises `GateFailed` after its report is saved and logged."""

@@ -16,10 +16,11 @@ Errors are `StorageError` (an `OSError`) whose message starts with the URI; a mi
 object is a `StorageNotFoundError`, also a `FileNotFoundError`; a malformed URI (an S3 key with `..`, `.` or empty
 segments, a leading `/`, control characters; a bad bucket name) is an `InvalidURIError`, also a `ValueError`.
 
-Large files (checkpoints, exported models) move with `upload_file` / `download_file`: multipart in parallel parts, each
-part retried with exponential backoff (an S3 server that restarts mid-transfer costs a pause, not the transfer), the
-object visible under its key only once complete, its sha256 stored in the object's metadata at upload and verified
-after download, the local file renamed into place only once verified. Credentials are never logged.
+Large files (checkpoints, exported models) move with `upload_file` / `download_file` through boto3's managed transfer
+layer (s3transfer: multipart in parallel parts, each request retried by botocore, so an S3 server that restarts
+mid-transfer costs a pause, not the transfer), the object visible under its key only once complete, checksummed with
+S3's own SHA256 checksums where the server keeps them and with a sha256 stored in the object's metadata everywhere,
+verified after download, the local file renamed into place only once verified. Credentials are never logged.
 """
 
 from __future__ import annotations
@@ -27,17 +28,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import random
 import re
 import shutil
 import tarfile
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -229,14 +227,16 @@ def list_tar_members(uri: str) -> list[TarMember]:
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 
 
-def s3_client() -> Any:
+def s3_client(*, max_attempts: int | None = None) -> Any:
     """A boto3 S3 client for this process and the current AWS_* environment.
 
-    Cached per process id (clients must not cross a fork) and per AWS_* environment (tests and users may point at
-    another endpoint or profile without restarting).
+    Cached per process id (clients must not cross a fork), per AWS_* environment (tests and users may point at
+    another endpoint or profile without restarting) and per retry budget: `max_attempts` (total tries per request)
+    overrides AWS_MAX_ATTEMPTS, for transfers that must outlast a server restart. Retried requests are logged.
     """
     aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
-    key = (os.getpid(), aws_env)
+    attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS))
+    key = (os.getpid(), aws_env, attempts)
     client = _CLIENTS.get(key)
     if client is None:
         import boto3
@@ -246,7 +246,7 @@ def s3_client() -> Any:
             retries={
                 "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
                 # total attempts, first included: the meaning of AWS_MAX_ATTEMPTS (botocore's max_attempts excludes it)
-                "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", _DEFAULT_MAX_ATTEMPTS)),
+                "total_max_attempts": attempts,
             },
             connect_timeout=_CONNECT_TIMEOUT_S,
             read_timeout=_READ_TIMEOUT_S,
@@ -254,9 +254,25 @@ def s3_client() -> Any:
         )
         # The endpoint (AWS_ENDPOINT_URL), region and credentials are resolved by boto3 itself.
         client = boto3.session.Session().client("s3", config=config)
-        _CLIENTS.clear()  # one live client per process is enough; drop those of an old environment
+        client.meta.events.register("needs-retry.s3", partial(_log_retry, max_attempts=attempts))
+        for old in [k for k in _CLIENTS if k[:2] != key[:2]]:  # drop the clients of an old environment
+            del _CLIENTS[old]
         _CLIENTS[key] = client
     return client
+
+
+def _log_retry(
+    attempts: int, max_attempts: int, operation: Any, response: Any = None, caught_exception: Any = None, **_: Any
+) -> None:
+    """A warning for each failed try that botocore's retries will repeat: a connection error or a transient server
+    error (500, 502, 503, 504; throttling is retried quietly).
+
+    Only the operation and the error are logged (never the request: its headers hold the signature)."""
+    status = (response[1] or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0) if response else 0
+    if attempts >= max_attempts or (caught_exception is None and status not in (500, 502, 503, 504)):
+        return
+    error = caught_exception or f"HTTP {status}"
+    log.warning("S3 %s: try %d of %d failed (%s); retrying", operation.name, attempts, max_attempts, error)
 
 
 def _endpoint() -> str:
@@ -270,6 +286,7 @@ def _endpoint() -> str:
 def _s3_errors(uri: str) -> Iterator[None]:
     """Turns botocore's exceptions into StorageErrors that name the URI and say what to check."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+    from s3transfer.exceptions import RetriesExceededError
 
     try:
         yield
@@ -281,6 +298,8 @@ def _s3_errors(uri: str) -> Iterator[None]:
             raise StorageNotFoundError(uri, f"bucket does not exist (endpoint {_endpoint()})") from err
         if code in ("NoSuchKey", "NotFound", "404") or status == 404:
             raise StorageNotFoundError(uri, "no such object") from err
+        if code in ("PreconditionFailed", "412") or status == 412:
+            raise StorageError(uri, "the object changed during the transfer; try again") from err
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or status == 403:
             raise StorageError(uri, f"access denied ({code}): check the AWS credentials or profile") from err
         raise StorageError(uri, f"S3 error {code or status}: {error.get('Message', err)}") from err
@@ -288,8 +307,9 @@ def _s3_errors(uri: str) -> Iterator[None]:
         raise StorageError(
             uri, f"no usable AWS credentials ({err}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
         ) from err
-    except BotoCoreError as err:
-        # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ... after botocore's retries.
+    except (BotoCoreError, RetriesExceededError) as err:
+        # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ... after botocore's retries; a body that
+        # broke mid-stream on every try of a ranged GET.
         raise StorageError(uri, f"cannot reach S3 at {_endpoint()}: {err}") from err
 
 
@@ -443,38 +463,32 @@ def exists(uri: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Large files: multipart transfers with retries and verified checksums
+# Large files: managed transfers (s3transfer) with verified checksums
 # --------------------------------------------------------------------------------------------------------------------
 
 SHA256_METADATA = "sha256"
 """Object metadata key (`x-amz-meta-sha256`) holding the hex sha256 of the whole object, written by `upload_file`."""
 MiB = 1024 * 1024
-_STREAM_CHUNK = MiB  # bytes read from a GET's body at a time
-_MAX_PARTS = 10_000  # S3's limit per multipart upload
 
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """How `upload_file` and `download_file` split and retry a transfer.
-
-    The retry budget outlasts a restart of the S3 server: with the defaults a part is tried 10 times over at least
-    ~38 s (each wait is half fixed, half random, doubling from `backoff_base_s` up to `backoff_max_s`).
+    """How `upload_file` and `download_file` split and retry a transfer (boto3's transfer layer does the work).
 
     Attributes:
-        part_size: Bytes per multipart part and per ranged GET (S3 requires at least 5 MiB for all but the last part).
+        part_size: Bytes per multipart part and per ranged GET (S3 requires at least 5 MiB for all but the last part;
+            s3transfer raises it for files beyond S3's 10,000 parts).
         multipart_threshold: Files up to this size move in a single request.
-        max_concurrency: Parts in flight at once.
-        max_attempts: Tries per request (a part, the start or the completion of an upload) before the transfer fails.
-        backoff_base_s: Wait before the second try; doubled for each further try.
-        backoff_max_s: Cap of one wait.
+        max_concurrency: Requests in flight at once.
+        max_attempts: Tries per request (botocore's `standard` retries: connection errors, throttling, 5xx), and per
+            ranged GET whose body breaks mid-stream. Each wait is random up to 2^try seconds, capped at 20 s: ten tries
+            wait about a minute in all, which outlasts a restart of the S3 server.
     """
 
     part_size: int = 16 * MiB  # measured on SeaweedFS: 8-64 MiB parts are all within noise; 16 keeps a retry cheap
     multipart_threshold: int = 16 * MiB
     max_concurrency: int = 8
     max_attempts: int = 10
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 15.0
 
     def __post_init__(self) -> None:
         if self.part_size < 5 * MiB:
@@ -482,9 +496,23 @@ class TransferConfig:
         if self.max_concurrency < 1 or self.max_attempts < 1:
             raise ValueError("max_concurrency and max_attempts must be at least 1")
 
+    def manager(self) -> Any:
+        """An s3transfer `TransferManager` on a client with this retry budget (close it, or use it in `with`)."""
+        from s3transfer.manager import TransferConfig as S3TransferConfig
+        from s3transfer.manager import TransferManager
+
+        config = S3TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.part_size,
+            max_request_concurrency=self.max_concurrency,
+            num_download_attempts=self.max_attempts,
+        )
+        return TransferManager(s3_client(max_attempts=self.max_attempts), config)
+
 
 ProgressCallback = Callable[[int], None]
-"""Called with the number of bytes just transferred (from worker threads: keep it thread-safe and quick)."""
+"""Called with the number of bytes just sent or received, from worker threads (keep it thread-safe and quick); a
+request that is retried first reports its bytes again as a negative number, so the sum is always the bytes done."""
 
 
 def sha256_file(path: str | Path, chunk_size: int = 8 * MiB) -> str:
@@ -505,11 +533,13 @@ def upload_file(
 ) -> str:
     """Copies a local file to an S3 object or a local path, atomically, with its sha256 recorded; returns the sha256.
 
-    On S3 a file larger than `config.multipart_threshold` goes up as a multipart upload: parts in parallel, each
-    retried with backoff on connection errors, throttling and server errors; S3 shows the object under its key only
-    when the upload completes, so a reader never sees a partial object, and a failed upload is aborted. The sha256 is
-    stored as object metadata (`x-amz-meta-sha256`) for `download_file` to verify; size and sha256 are checked with a
-    HEAD once the object is complete. The file must not change while it is uploaded (write checkpoints first).
+    On S3 the file goes up through boto3's transfer layer: a file larger than `config.multipart_threshold` as a
+    multipart upload of parallel parts, each request retried by botocore; S3 shows the object under its key only when
+    the upload completes, so a reader never sees a partial object, and a failed upload is aborted. Every request
+    carries the SHA256 of its bytes (`x-amz-checksum-sha256`), which the server checks on receipt and keeps (for a
+    multipart object, the SHA256 of the parts' SHA256s); the sha256 of the whole file is also stored as object
+    metadata (`x-amz-meta-sha256`) for servers that keep no checksums. Size and checksums are checked with a HEAD
+    once the object is complete. The file must not change while it is uploaded (write checkpoints first).
 
     Args:
         local: The file to upload.
@@ -538,23 +568,39 @@ def upload_file(
         _copy_local(source, Path(uri), callback)
         return sha256
     size = source.stat().st_size
-    if size <= config.multipart_threshold:
-
-        def put() -> None:
-            data = source.read_bytes()
-            s3_client().put_object(
-                Bucket=bucket, Key=key, Body=data, Metadata={SHA256_METADATA: sha256}, ContentMD5=_md5_b64(data)
-            )
-
-        _retrying(uri, put, config)
-        if callback:
-            callback(size)
-    else:
-        _multipart_upload(source, uri, bucket, key, size, sha256, config, callback)
-    head = _retrying(uri, lambda: s3_client().head_object(Bucket=bucket, Key=key), config)
-    if head["ContentLength"] != size or head.get("Metadata", {}).get(SHA256_METADATA) != sha256:
+    extra = {"Metadata": {SHA256_METADATA: sha256}, "ChecksumAlgorithm": "SHA256"}
+    try:
+        with _s3_errors(uri), config.manager() as manager:
+            manager.upload(str(source), bucket, key, extra_args=extra, subscribers=[_subscriber(callback)]).result()
+    except StorageError:
+        # A completion whose response was lost fails the transfer with the object complete: then the key holds
+        # exactly this file (whoever wrote it), and the upload did its job.
+        with suppress(StorageError):
+            if _holds(_head(uri, config), size, sha256):
+                return sha256
+        raise
+    head = _head(uri, config)
+    if not _holds(head, size, sha256):
         raise StorageError(uri, f"uploaded object does not match {source} (size {head['ContentLength']} of {size})")
     return sha256
+
+
+def _head(uri: str, config: TransferConfig) -> dict[str, Any]:
+    """HeadObject with S3's checksums (`ChecksumSHA256`, `ChecksumType`) when the server keeps them."""
+    bucket, key = split_s3(uri)
+    with _s3_errors(uri):
+        return s3_client(max_attempts=config.max_attempts).head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+
+
+def _holds(head: dict[str, Any], size: int, sha256: str) -> bool:
+    """True when an object's HEAD says it holds `size` bytes with this sha256: recorded at upload, and S3's own when
+    the server keeps a whole-object SHA256 (a multipart object's is checked on download, against its parts)."""
+    native = head.get("ChecksumSHA256")
+    return (
+        int(head["ContentLength"]) == size
+        and head.get("Metadata", {}).get(SHA256_METADATA) == sha256
+        and (native is None or "-" in native or native == _b64(sha256))
+    )
 
 
 def download_file(
@@ -567,17 +613,19 @@ def download_file(
 ) -> str:
     """Copies an S3 object (or a local file) to a local path, verified, atomically; returns the sha256.
 
-    Large objects come down as parallel ranged GETs pinned to the object's ETag (an object replaced mid-download is
-    an error, not a mix of two versions), each retried with backoff. The bytes go to a hidden temporary file beside
-    the target, are checked against the sha256 recorded at upload, and only then renamed over the target.
+    Large objects come down through boto3's transfer layer as parallel ranged GETs pinned to the ETag of the HEAD
+    that read the object's checksums (an object replaced mid-download is an error, not a mix of two versions). The
+    bytes go to a hidden temporary file beside the target and are checked before they are renamed over it: against
+    the server's own SHA256 when it keeps one (the whole object's, or the SHA256 of the parts' SHA256s of a
+    multipart object, with the part sizes the server reports), else against the sha256 recorded at upload.
 
     Args:
         uri: `s3://bucket/key` or a local path.
         local: The file to write (its folder is created).
         config: Part size, concurrency and retry budget.
         callback: Progress, in bytes.
-        require_checksum: Refuse objects without a recorded sha256 (not written by `upload_file`); otherwise those
-            are checked for size only.
+        require_checksum: Refuse objects with neither an S3 SHA256 nor a recorded sha256 (not written by
+            `upload_file`); otherwise those are checked for size only.
 
     Raises:
         StorageNotFoundError: No such object or file.
@@ -594,49 +642,109 @@ def download_file(
     bucket, key = split_s3(uri)
     if not key or key.endswith("/"):
         raise InvalidURIError(uri, "a download needs an object key, not a bucket or prefix")
-    head = _retrying(uri, lambda: s3_client().head_object(Bucket=bucket, Key=key), config)
-    size, etag = int(head["ContentLength"]), head["ETag"]
+    head = _head(uri, config)
     expected = head.get("Metadata", {}).get(SHA256_METADATA)
-    if expected is None and require_checksum:
-        raise StorageError(uri, f"no sha256 recorded in the object's metadata ({SHA256_METADATA})")
+    native = head.get("ChecksumSHA256")
+    if expected is None and native is None and require_checksum:
+        raise StorageError(uri, f"no S3 SHA256 and no sha256 recorded in the object's metadata ({SHA256_METADATA})")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        os.ftruncate(fd, size)
-        ranges = [(start, min(config.part_size, size - start)) for start in range(0, size, config.part_size)]
-
-        def fetch(start: int, length: int) -> None:
-            def get() -> int:
-                # Streamed into place chunk by chunk (memory stays at a chunk per thread); a retry rewrites the range.
-                body = s3_client().get_object(
-                    Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}", IfMatch=etag
-                )["Body"]
-                written = 0
-                with body:
-                    for chunk in body.iter_chunks(_STREAM_CHUNK):
-                        written += os.pwrite(fd, chunk, start + written)
-                return written
-
-            written = _retrying(uri, get, config)
-            if written != length:
-                raise StorageError(uri, f"short read: {written} of {length} bytes at offset {start}")
-            if callback:
-                callback(length)
-
-        _run_parallel(fetch, ranges, config.max_concurrency)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        actual = sha256_file(tmp)
-        if expected is not None and actual != expected:
-            raise StorageError(uri, f"checksum mismatch: sha256 {actual}, expected {expected}; nothing was written")
+        with _s3_errors(uri), config.manager() as manager:
+            manager.download(bucket, key, tmp, subscribers=[_subscriber(callback, known=head)]).result()
+        actual = _verify_download(uri, Path(tmp), head, config)
         os.replace(tmp, target)
         return actual
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def _verify_download(uri: str, path: Path, head: dict[str, Any], config: TransferConfig) -> str:
+    """The downloaded file's sha256, after checking it against every digest the HEAD gave (nothing else is trusted)."""
+    size, expected = path.stat().st_size, head.get("Metadata", {}).get(SHA256_METADATA)
+    if size != head["ContentLength"]:
+        raise StorageError(uri, f"short download: {size} of {head['ContentLength']} bytes; nothing was written")
+    native = head.get("ChecksumSHA256")
+    parts = None
+    if native is not None and "-" in native:  # a multipart object's SHA256 of its parts' SHA256s
+        parts = _part_sizes(uri, config)
+        if parts is None:  # the server does not list parts: the recorded sha256 alone is checked
+            native = None
+    actual, composite = _file_digests(path, parts)
+    checks = [(expected, actual, "sha256 recorded at upload")]
+    if native is not None:
+        checks.append((native, composite if parts is not None else _b64(actual), "S3 ChecksumSHA256"))
+    for want, got, what in checks:
+        if want is not None and want != got:
+            raise StorageError(uri, f"checksum mismatch: {what} is {want}, the bytes give {got}; nothing was written")
+    return actual
+
+
+def _file_digests(path: Path, parts: list[int] | None) -> tuple[str, str | None]:
+    """(hex sha256 of the file, S3's composite SHA256 `<b64 of SHA256 of the parts' SHA256s>-<n>` for `parts` sizes),
+    in one read of the file."""
+    whole = hashlib.sha256()
+    part_digests: list[bytes] = []
+    with open(path, "rb") as f:
+        for part_size in parts or [None]:
+            part, remaining = hashlib.sha256(), part_size
+            while chunk := f.read(8 * MiB if remaining is None else min(8 * MiB, remaining)):
+                whole.update(chunk)
+                if remaining is not None:
+                    part.update(chunk)
+                    remaining -= len(chunk)
+            part_digests.append(part.digest())
+    if parts is None:
+        return whole.hexdigest(), None
+    composite = hashlib.sha256(b"".join(part_digests)).digest()
+    return whole.hexdigest(), f"{base64.b64encode(composite).decode()}-{len(parts)}"
+
+
+def _part_sizes(uri: str, config: TransferConfig) -> list[int] | None:
+    """The sizes of a multipart object's parts, in order (GetObjectAttributes); None when the server cannot say."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    client, sizes, marker = s3_client(max_attempts=config.max_attempts), [], 0
+    try:
+        while True:
+            with _s3_errors(uri):
+                reply = client.get_object_attributes(
+                    Bucket=bucket, Key=key, ObjectAttributes=["ObjectParts"], PartNumberMarker=marker
+                )
+            listing = reply.get("ObjectParts") or {}
+            sizes += [p["Size"] for p in listing.get("Parts", [])]
+            if not listing.get("IsTruncated"):
+                return sizes or None
+            marker = listing["NextPartNumberMarker"]
+    except StorageError as err:
+        if isinstance(err, StorageNotFoundError) or not isinstance(err.__cause__, ClientError):
+            raise
+        log.info("%s: the server lists no parts (%s); checking the recorded sha256 only", uri, err.__cause__)
+        return None
+
+
+def _b64(hex_digest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+def _subscriber(callback: ProgressCallback | None = None, *, known: dict[str, Any] | None = None) -> Any:
+    """An s3transfer subscriber: reports progress to `callback`; with `known` (the size and ETag of our HEAD), hands
+    them to s3transfer, so it sends no HEAD of its own and pins every GET to that ETag."""
+    from s3transfer.subscribers import BaseSubscriber
+
+    class Subscriber(BaseSubscriber):
+        def on_queued(self, future: Any, **kwargs: Any) -> None:
+            if known is not None:
+                future.meta.provide_transfer_size(int(known["ContentLength"]))
+                future.meta.provide_object_etag(known["ETag"])
+
+        def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+            if callback is not None:
+                callback(bytes_transferred)
+
+    return Subscriber()
 
 
 def upload_tree(local_dir: str | Path, uri: str, *, config: TransferConfig | None = None) -> dict[str, str]:
@@ -715,186 +823,3 @@ def _copy_local(source: Path, target: Path, callback: ProgressCallback | None) -
         shutil.copyfileobj(src, dst, 8 * MiB)
     if callback:
         callback(target.stat().st_size)
-
-
-def _md5_b64(data: bytes) -> str:
-    """Content-MD5 header value: S3 rejects a part whose bytes were damaged in transit."""
-    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-
-
-class _UploadGoneError(Exception):
-    """The server no longer knows the multipart upload (it was aborted or expired): start a new one."""
-
-
-def _multipart_upload(
-    source: Path,
-    uri: str,
-    bucket: str,
-    key: str,
-    size: int,
-    sha256: str,
-    config: TransferConfig,
-    callback: ProgressCallback | None,
-) -> None:
-    """One multipart upload; restarted once from scratch if the server loses it, aborted on failure."""
-    for restart in range(2):
-        upload_id = _retrying(
-            uri,
-            lambda: s3_client().create_multipart_upload(Bucket=bucket, Key=key, Metadata={SHA256_METADATA: sha256})[
-                "UploadId"
-            ],
-            config,
-        )
-        try:
-            _upload_parts_and_complete(source, uri, bucket, key, size, sha256, upload_id, config, callback)
-            return
-        except _UploadGoneError:
-            if restart:
-                raise StorageError(uri, "the server lost the multipart upload twice") from None
-        except BaseException:
-            _abort_quietly(bucket, key, upload_id)
-            raise
-
-
-def _upload_parts_and_complete(
-    source: Path,
-    uri: str,
-    bucket: str,
-    key: str,
-    size: int,
-    sha256: str,
-    upload_id: str,
-    config: TransferConfig,
-    callback: ProgressCallback | None,
-) -> None:
-    etags: dict[int, str] = {}
-    lock = threading.Lock()
-    fd = os.open(source, os.O_RDONLY)
-    try:
-
-        def send(number: int, start: int, length: int) -> None:
-            data = os.pread(fd, length, start)
-            if len(data) != length:
-                raise StorageError(str(source), f"file changed during the upload (short read at {start})")
-            md5 = _md5_b64(data)
-
-            def put_part() -> str:
-                return s3_client().upload_part(
-                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, ContentMD5=md5
-                )["ETag"]
-
-            etag = _retrying(uri, put_part, config)
-            with lock:
-                etags[number] = etag
-            if callback:
-                callback(length)
-
-        # Parts grow past config.part_size only for files beyond S3's 10,000 parts (160 GiB at 16 MiB).
-        part_size = max(config.part_size, -(-size // _MAX_PARTS))
-        starts = range(0, size, part_size)
-        parts = [(i + 1, start, min(part_size, size - start)) for i, start in enumerate(starts)]
-        _run_parallel(send, parts, config.max_concurrency)
-    finally:
-        os.close(fd)
-
-    manifest = {"Parts": [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]}
-
-    def complete() -> None:
-        try:
-            s3_client().complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload=manifest)
-        except Exception as err:
-            # A completion whose response was lost is retried, and the server has forgotten the upload by then:
-            # the object is there if its recorded checksum is ours.
-            if _error_code(err) == "NoSuchUpload" and _object_sha256(bucket, key) == sha256:
-                return
-            raise
-
-    _retrying(uri, complete, config)
-
-
-def _object_sha256(bucket: str, key: str) -> str | None:
-    try:
-        return s3_client().head_object(Bucket=bucket, Key=key).get("Metadata", {}).get(SHA256_METADATA)
-    except Exception:  # noqa: BLE001 - only a hint for a lost completion response
-        return None
-
-
-def _abort_quietly(bucket: str, key: str, upload_id: str) -> None:
-    """Frees the parts of a failed upload (best effort: the server may be the reason it failed)."""
-    # The original error matters more; a lifecycle rule (AbortIncompleteMultipartUpload) cleans up leftovers.
-    with suppress(Exception):
-        s3_client().abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-
-
-def _run_parallel(fn: Callable[..., None], jobs: list[tuple[Any, ...]], max_workers: int) -> None:
-    """Runs `fn(*job)` for every job on a thread pool; the first error cancels what has not started and is raised."""
-    if len(jobs) <= 1 or max_workers == 1:
-        for job in jobs:
-            fn(*job)
-        return
-    with ThreadPoolExecutor(max_workers=min(max_workers, len(jobs)), thread_name_prefix="s3-transfer") as pool:
-        futures = [pool.submit(fn, *job) for job in jobs]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-
-
-_RETRYABLE_CODES = frozenset(
-    {
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "InternalError",
-        "ServiceUnavailable",
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "BadDigest",  # a part damaged in transit: send it again
-        "IncompleteBody",
-    }
-)
-
-
-def _error_code(err: BaseException) -> str:
-    response = getattr(err, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
-
-
-def _retryable(err: BaseException) -> bool:
-    """Connection failures, timeouts, throttling and 5xx are worth another try; 4xx answers (bad input) are not."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
-
-    if isinstance(err, NoCredentialsError | PartialCredentialsError):
-        return False
-    if isinstance(err, ClientError):
-        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return status >= 500 or _error_code(err) in _RETRYABLE_CODES
-    return isinstance(err, BotoCoreError | ConnectionError | TimeoutError)
-
-
-def _retrying(uri: str, call: Callable[[], Any], config: TransferConfig) -> Any:
-    """`call()`, retried with exponential backoff (equal jitter) on transient errors; errors become StorageErrors.
-
-    A `NoSuchUpload` answer raises `_UploadGoneError` so that the caller can start the upload again.
-    """
-    for attempt in range(config.max_attempts):
-        try:
-            with _s3_errors(uri):
-                return call()
-        except StorageError as err:
-            cause = err.__cause__
-            if cause is not None and _error_code(cause) == "NoSuchUpload":
-                raise _UploadGoneError() from err
-            if cause is None or not _retryable(cause) or attempt == config.max_attempts - 1:
-                if attempt:
-                    raise StorageError(uri, f"{str(err).removeprefix(f'{uri}: ')} (after {attempt + 1} tries)") from err
-                raise
-            delay = min(config.backoff_max_s, config.backoff_base_s * 2**attempt)
-            delay = delay / 2 + random.uniform(0, delay / 2)
-            log.warning("%s; try %d of %d in %.1f s", err, attempt + 2, config.max_attempts, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")

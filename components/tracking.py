@@ -5,18 +5,24 @@ parent through the `DINOV2_PARENT_RUN_ID` environment variable, which the flow s
 stage started on its own (CLI or plain `dvc repro`) opens a top-level run. Only rank 0 of a distributed stage logs.
 
 Tracking URI: `MLFLOW_TRACKING_URI` when set, else a SQLite file `mlflow.db` in the working directory, with artifacts
-under `mlartifacts/`. `DINOV2_TRACKING=off` turns tracking off (a `NullTracker`). The Model Registry is reached
-here too (`register_model`: a new version of a registered model, and its alias).
+under `mlartifacts/`. `DINOV2_TRACKING=off` turns tracking off (a `NullTracker`).
+
+Besides params, metrics, artifacts and tags, a run records the datasets it read (`log_dataset`: MLflow dataset inputs
+with their digest, source and row count) and the models it produced (`log_model`: MLflow pyfunc models, logged
+models of the run), and registers a model version (`register_model`, moving an alias). Nothing else in the project
+talks to MLflow's tracking server or registry.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,44 @@ FLOW_RUN_ENV = "DINOV2_PREFECT_FLOW_RUN_ID"
 TRACKING_SWITCH_ENV = "DINOV2_TRACKING"
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A dataset a run read, as MLflow shows it (`Tracker.log_dataset`)."""
+
+    name: str
+    """`curated`, `eval/classification`, ..."""
+    source: str
+    """Where it was read from: a local path or an s3:// URI."""
+    digest: str
+    """Its identity (changes whenever its content does)."""
+    num_rows: int
+    """Rows (images) in it."""
+    context: str
+    """What the run did with it: `training`, `evaluation`."""
+    columns: Mapping[str, str] = field(default_factory=dict)
+    """Its schema: column name -> MLflow type (`string`, `long`, `double`, `boolean`, `binary`)."""
+
+
+@dataclass(frozen=True)
+class PyfuncModel:
+    """An MLflow pyfunc model built from code (`Tracker.log_model`; components/serving.py makes them)."""
+
+    model_code: Path
+    """The Python file that builds the model (it calls `mlflow.models.set_model`)."""
+    artifacts: Mapping[str, str]
+    """Artifact name -> local file or folder, copied into the model."""
+    code_paths: Sequence[str]
+    """Local packages copied into the model and put on `sys.path` when it loads."""
+    signature: Any
+    """Its `mlflow.models.ModelSignature`."""
+    input_example: Any
+    """An input its `predict` takes (saved with it, and as a serving request)."""
+    model_config: Mapping[str, Any]
+    """Settings handed to the model when it loads (`context.model_config`)."""
+    pip_requirements: Sequence[str]
+    """Its environment, pinned (nothing is inferred)."""
 
 
 def tracking_uri(root: Path | None = None) -> str:
@@ -86,12 +130,38 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Sets run tags."""
 
+    def log_dataset(self, dataset: DatasetRecord) -> None:
+        """Records a dataset the run read, as an MLflow dataset input (shown in the run's Datasets panel)."""
+
+    def log_model(self, name: str, model: PyfuncModel, *, tags: Mapping[str, Any]) -> str | None:
+        """Logs an MLflow pyfunc model (models from code) as a logged model of this run, tagged with `tags`.
+
+        Returns:
+            The model's URI, `models:/<model_id>`; None when tracking is off.
+        """
+        return None
+
+    def url(self) -> str | None:
+        """The run's page in the MLflow UI when the tracking URI is a server (http/https); None otherwise."""
+        return None
+
+    def register_model(
+        self, name: str, model_uri: str, *, tags: Mapping[str, Any], description: str, alias: str, move_alias: bool
+    ) -> dict[str, Any] | None:
+        """Registers `model_uri` as a new version of the registered model `name`; moves `alias` to it if `move_alias`.
+
+        Returns:
+            {"name", "version", "source", "alias", "alias_moved", "previous_alias_version"}; None when tracking is off.
+        """
+        return None
+
 
 NullTracker = Tracker
 
 
 class MlflowTracker(Tracker):
-    """A Tracker writing to one MLflow run through `MlflowClient` (no global fluent state, thread-safe)."""
+    """A Tracker writing to one MLflow run through `MlflowClient` (no global fluent state, thread-safe; the model
+    calls point MLflow's module-level API at the same tracking URI for their duration only)."""
 
     def __init__(self, client: Any, run_id: str):
         self.client = client
@@ -123,6 +193,111 @@ class MlflowTracker(Tracker):
         for key, value in tags.items():
             if value is not None:
                 self.client.set_tag(self.run_id, str(key), str(value))
+
+    def log_dataset(self, dataset: DatasetRecord) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        schema = [{"type": t, "name": c, "required": True} for c, t in dataset.columns.items()]
+        entity = Dataset(
+            name=dataset.name,
+            digest=dataset.digest,
+            source_type="s3" if dataset.source.startswith("s3://") else "local",
+            source=json.dumps({"uri": dataset.source}),
+            schema=json.dumps({"mlflow_colspec": schema}) if schema else None,
+            profile=json.dumps({"num_rows": int(dataset.num_rows)}),
+        )
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", dataset.context)])])
+
+    def log_model(self, name: str, model: PyfuncModel, *, tags: Mapping[str, Any]) -> str | None:
+        import mlflow
+        from mlflow.entities import LoggedModelOutput
+
+        # The logged model is created here, in the run's experiment and linked to the run as its output; the pyfunc
+        # is then saved into it (its files, the input example checked against the signature by a trial predict).
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        str_tags = {k: str(v) for k, v in tags.items()}
+        logged = self.client.create_logged_model(experiment_id, name=name, source_run_id=self.run_id, tags=str_tags)
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        with _module_api_on(self.client.tracking_uri):
+            mlflow.pyfunc.log_model(
+                name=name, model_id=logged.model_id, python_model=str(model.model_code),
+                artifacts=dict(model.artifacts), code_paths=list(model.code_paths), signature=model.signature,
+                input_example=model.input_example, model_config=dict(model.model_config),
+                pip_requirements=list(model.pip_requirements),
+            )  # fmt: skip
+        return f"models:/{logged.model_id}"
+
+    def url(self) -> str | None:
+        uri = str(self.client.tracking_uri)
+        if not uri.startswith(("http://", "https://")):
+            return None
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id}"
+
+    def register_model(
+        self, name: str, model_uri: str, *, tags: Mapping[str, Any], description: str, alias: str, move_alias: bool
+    ) -> dict[str, Any] | None:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        with suppress(MlflowException):  # registered by an earlier run
+            self.client.create_registered_model(name, description="DINOv2 backbones from the pipeline's report stage")
+        previous = None
+        with suppress(MlflowException):  # no version holds the alias yet
+            previous = self.client.get_model_version_by_alias(name, alias).version
+        with _module_api_on(self.client.tracking_uri):  # links the version to the logged model, as MLflow's UI shows
+            version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+        self.client.update_model_version(name, version.version, description=description)
+        if move_alias:
+            self.client.set_registered_model_alias(name, alias, version.version)
+        return {
+            "name": name,
+            "version": int(version.version),
+            "source": model_uri,
+            "alias": alias,
+            "alias_moved": bool(move_alias),
+            "previous_alias_version": int(previous) if previous is not None else None,
+        }
+
+
+@contextmanager
+def _module_api_on(uri: str) -> Iterator[None]:
+    """Points MLflow's module-level API (`mlflow.pyfunc.log_model`, `mlflow.register_model`) at `uri` for a block.
+
+    `set_tracking_uri` sets a module global and MLFLOW_TRACKING_URI; afterwards the global is cleared and the variable
+    restored, so the process (and its children) resolve the URI as they did before.
+    """
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # clears the global and the variable ...
+        if previous is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous  # ... which had this value
+
+
+def dataset_digest(uris: Sequence[str], hashes: Sequence[str]) -> str:
+    """The identity of a list of images: each one's URI and content hash, in order (16 hex digits)."""
+    digest = hashlib.sha256()
+    for uri, sha in zip(uris, hashes, strict=True):
+        digest.update(f"{uri}\t{sha}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def dataset_columns(frame: Any) -> dict[str, str]:
+    """A DataFrame's columns as an MLflow dataset schema: name -> `boolean`, `long`, `double`, `binary` or `string`."""
+    kinds = {"b": "boolean", "i": "long", "u": "long", "f": "double", "S": "binary"}
+    return {str(c): kinds.get(frame[c].dtype.kind, "string") for c in frame.columns}
+
+
+def existing_run(run_id: str | None, root: Path | None = None) -> Tracker:
+    """A Tracker on a run opened elsewhere (a stage's run, tagged by the flow once DVC has locked the stage)."""
+    if not run_id or not tracking_enabled():
+        return Tracker()
+    return MlflowTracker(mlflow_client(root), run_id)
 
 
 def mlflow_client(root: Path | None = None) -> Any:
@@ -178,46 +353,3 @@ def start_run(
         client.set_terminated(run.info.run_id, status="FAILED")
         raise
     client.set_terminated(run.info.run_id, status="FINISHED")
-
-
-def register_model(
-    *,
-    name: str,
-    run_id: str,
-    artifact_path: str,
-    tags: Mapping[str, Any],
-    description: str,
-    alias: str,
-    move_alias: bool,
-    root: Path | None = None,
-) -> dict[str, Any]:
-    """Registers `runs:/<run_id>/<artifact_path>` as a new version of `name`; moves `alias` to it if `move_alias`.
-
-    Returns:
-        {"name", "version", "source", "alias", "alias_moved", "previous_alias_version"}.
-    """
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow_client(root)
-    try:
-        client.create_registered_model(name, description="DINOv2 backbones from the pipeline's report stage")
-    except MlflowException as err:
-        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
-            raise
-    previous = None
-    with contextlib.suppress(MlflowException):  # no version holds the alias yet
-        previous = client.get_model_version_by_alias(name, alias).version
-    source = f"runs:/{run_id}/{artifact_path}"
-    version = client.create_model_version(
-        name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, description=description
-    )
-    if move_alias:
-        client.set_registered_model_alias(name, alias, version.version)
-    return {
-        "name": name,
-        "version": int(version.version),
-        "source": source,
-        "alias": alias,
-        "alias_moved": bool(move_alias),
-        "previous_alias_version": int(previous) if previous is not None else None,
-    }

@@ -9,6 +9,11 @@ stale and records what ran in dvc.lock; a second run of an unchanged pipeline sk
 MLflow parent run, hands its id to the stage processes through the environment (each stage opens a nested run), and
 tags each stage's run with the DVC hashes of its inputs and outputs once the stage is locked. Parameter overrides from
 the UI are validated first, then written to params.yaml as `dvc exp run -S` would, so dvc.lock records them.
+
+When the stages are done (or one failed), the parent run gets the parameters that tell pipeline runs apart and the
+final model's headline metrics (components/pipeline_record.py), and the flow run publishes Prefect artifacts: the
+stage summary (`pipeline-stages`), the evaluation comparison (`evaluation-comparison`), the quality gate's verdict
+(`quality-gate`) and, with an MLflow server, a link to the parent run (`mlflow-parent-run`).
 """
 
 import argparse
@@ -24,19 +29,22 @@ from typing import Any, Literal
 import psutil
 import yaml
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from components import pipeline_record
 from components.cli import EXIT_CONFIG_ERROR, EXIT_GATE_FAILED, STAGES
-from components.config import DEFAULT_PARAMS, Arch, ConfigError, load_config, parse_override, read_recipe
-from components.tracking import (
-    FLOW_RUN_ENV,
-    PARENT_RUN_ENV,
-    dvc_lock_hashes,
-    ensure_experiment,
-    git_commit,
-    mlflow_client,
-    tracking_enabled,
+from components.config import (
+    DEFAULT_PARAMS,
+    Arch,
+    ConfigError,
+    PipelineConfig,
+    load_config,
+    parse_override,
+    read_recipe,
 )
+from components.jsonio import write_json
+from components.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, Tracker, dvc_lock_hashes, existing_run, start_run
 
 SUMMARY_PATH = Path("reports/pipeline_summary.json")
 StageName = Literal[tuple(STAGES)]  # a drop-down of dvc.yaml's stages in the Prefect UI's run form
@@ -139,17 +147,15 @@ def run_stage(stage: str, root: str) -> dict[str, Any]:
 
     logger = get_run_logger()
     start = time.monotonic()
-    metrics_path = Path(root) / "metrics" / f"{stage}.json"
+    metrics_path = pipeline_record.stage_metrics_path(Path(root), stage)
     # DVC resolves paths (its run cache included) against the working directory, so it must be the checkout
     with chdir(root), Repo(root) as repo:
         ran = repo.reproduce(_target(Path(root), stage), single_item=True)
     duration = time.monotonic() - start
     status = "completed" if ran else "skipped"
     report = _read_json(metrics_path)
-    if ran and report.get("mlflow_run_id") and tracking_enabled():
-        client = mlflow_client(Path(root))
-        for key, value in dvc_lock_hashes(stage, Path(root) / "dvc.lock").items():
-            client.set_tag(report["mlflow_run_id"], key, value)
+    if ran:
+        existing_run(report.get("mlflow_run_id"), Path(root)).set_tags(dvc_lock_hashes(stage, Path(root) / "dvc.lock"))
     logger.info("stage %s %s in %.1f s", stage, status, duration)
     return {
         "stage": stage,
@@ -161,46 +167,37 @@ def run_stage(stage: str, root: str) -> dict[str, Any]:
 
 
 @contextmanager
-def _parent_run(root: Path, experiment: str, name: str, params: dict[str, Any]) -> Iterator[str | None]:
+def _parent_run(root: Path, experiment: str, name: str, params: dict[str, Any]) -> Iterator[Tracker]:
     """The pipeline's MLflow parent run; its id reaches the stage processes through the environment."""
-    if not tracking_enabled():
-        yield None
-        return
-    client = mlflow_client(root)
-    exp_id = ensure_experiment(client, experiment, root)
-    run = client.create_run(exp_id, run_name=name, tags={"mlflow.runName": name, "kind": "pipeline"})
-    run_id = run.info.run_id
     flow_run_id = flow_run.get_id()
-    for key, value in {"git_commit": git_commit(root), "prefect_flow_run_id": flow_run_id}.items():
-        if value:
-            client.set_tag(run_id, key, value)
-    for key, value in params.items():
-        client.log_param(run_id, f"override.{key}", str(value))
-    saved = {k: os.environ.get(k) for k in (PARENT_RUN_ENV, FLOW_RUN_ENV)}
-    os.environ[PARENT_RUN_ENV] = run_id
-    os.environ[FLOW_RUN_ENV] = str(flow_run_id or "")
-    status = "FAILED"
-    try:
-        yield run_id
-        status = "FINISHED"
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        client.set_terminated(run_id, status=status)
+    tags = {"kind": "pipeline", "prefect_flow_run_id": flow_run_id}
+    with start_run(name, experiment, tags=tags, root=root) as tracker:
+        tracker.log_params({f"override.{key}": value for key, value in params.items()})
+        saved = {k: os.environ.get(k) for k in (PARENT_RUN_ENV, FLOW_RUN_ENV)}
+        os.environ[PARENT_RUN_ENV] = tracker.run_id or ""
+        os.environ[FLOW_RUN_ENV] = str(flow_run_id or "")
+        try:
+            yield tracker
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
-def _summarize(outcomes: list[dict[str, Any]], stages: list[str], parent_run_id: str | None) -> dict[str, Any]:
+def _not_done(status: str) -> dict[str, Any]:
+    return {"status": status, "duration_s": 0.0, "compute_s": 0.0, "headline": {}}
+
+
+def _summarize(
+    outcomes: list[dict[str, Any]], stages: list[str], parent_run_id: str | None, failed: str | None = None
+) -> dict[str, Any]:
     wall = time.time() - psutil.Process().create_time()
     compute = sum(o["compute_s"] for o in outcomes)
     by_stage = {o["stage"]: o for o in outcomes}
     return {
-        "stages": {
-            s: by_stage.get(s, {"status": "not run", "duration_s": 0.0, "compute_s": 0.0, "headline": {}})
-            for s in stages
-        },
+        "stages": {s: by_stage.get(s, _not_done("failed" if s == failed else "not run")) for s in stages},
         "mlflow_parent_run_id": parent_run_id,
         "pipeline_wall_s": round(wall, 2),
         "stages_compute_s": round(compute, 2),
@@ -260,16 +257,63 @@ def pipeline(
     # pipeline.pretrained_model names its export).
     stages = upstream_of(root, stage or order[-1])
     outcomes: list[dict[str, Any]] = []
-    with _parent_run(root, cfg.tracking.experiment, _flow_run_name(), changes) as parent_run_id:
-        for name in stages:
-            options = {"retries": 2} if name in NETWORK_STAGES else {}
-            runner = run_stage.with_options(retry_condition_fn=_retry_unless_bad_input, **options)
-            outcomes.append(runner(name, str(root)))
-    summary = _summarize(outcomes, stages, parent_run_id)
-    out = root / SUMMARY_PATH
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    with _parent_run(root, cfg.tracking.experiment, _flow_run_name(), changes) as parent:
+        try:
+            for name in stages:
+                options = {"retries": 2} if name in NETWORK_STAGES else {}
+                runner = run_stage.with_options(retry_condition_fn=_retry_unless_bad_input, **options)
+                outcomes.append(runner(name, str(root)))
+        except BaseException:  # a failed run is summarised too: which stage failed, what ran before it
+            _finish(root, cfg, parent, outcomes, stages, failed=stages[len(outcomes)])
+            raise
+        return _finish(root, cfg, parent, outcomes, stages)
+
+
+def _finish(
+    root: Path,
+    cfg: PipelineConfig,
+    parent: Tracker,
+    outcomes: list[dict[str, Any]],
+    stages: list[str],
+    failed: str | None = None,
+) -> dict[str, Any]:
+    """Writes the pipeline summary, logs the parent run's comparison columns and publishes the Prefect artifacts."""
+    summary = _summarize(outcomes, stages, parent.run_id, failed)
+    write_json(root / SUMMARY_PATH, summary)
+    # The reports of the stages this run ran or found up to date: a failed or partial run shows no older results.
+    _record(parent, cfg, summary, pipeline_record.read_stage_metrics(root, [o["stage"] for o in outcomes]))
     return summary
+
+
+def _record(parent: Tracker, cfg: PipelineConfig, summary: dict[str, Any], reports: dict[str, Any]) -> None:
+    """The parent run's comparison columns, and the flow run's Prefect artifacts (see the module docstring)."""
+    parent.log_params(pipeline_record.comparison_params(cfg, reports))
+    parent.log_metrics(pipeline_record.comparison_metrics(reports))
+    if "report" in reports:
+        parent.set_tags({"quality_gate": "passed" if reports["report"].get("gate_passed") else "failed"})
+    link = parent.url()
+    where = f" MLflow parent run: {link}" if link else f" MLflow parent run {parent.run_id}." if parent.run_id else ""
+    create_table_artifact(
+        pipeline_record.stage_rows(summary), key="pipeline-stages",
+        description=f"Each stage: status, duration, headline metric.{where}",
+    )  # fmt: skip
+    if "evaluate" in reports:
+        create_table_artifact(
+            pipeline_record.evaluation_rows(reports), key="evaluation-comparison",
+            description=f"Headline metric of every task, one row per evaluated model.{where}",
+        )  # fmt: skip
+    create_markdown_artifact(
+        pipeline_record.gate_markdown(reports, link),
+        key="quality-gate",
+        description=f"The report stage's verdict.{where}",
+    )
+    if link:
+        create_link_artifact(
+            link,
+            link_text="MLflow parent run",
+            key="mlflow-parent-run",
+            description="This pipeline run in MLflow: its stages' runs, params, metrics and models.",
+        )
 
 
 def stage_flow(stage: str) -> Any:

@@ -164,3 +164,10 @@ def test_failing_gate_stops_downstream_stages(prefect_api, tmp_path):
     assert not (ws / "models").exists()
     gate_reports = list((ws / "data").rglob("embeddings*.json"))
     assert gate_reports, "the failed gate's report was not saved"
+    # The failed run is summarised too: what ran, the stage that failed, what never ran.
+    summary = json.loads((ws / "reports" / "pipeline_summary.json").read_text())
+    order = list(yaml.safe_load((ws / "dvc.yaml").read_text())["stages"])
+    after = order[order.index("embed") + 1 :]
+    assert {s: v["status"] for s, v in summary["stages"].items()} == {
+        "synth": "completed", "prepare": "completed", "embed": "failed", **dict.fromkeys(after, "not run")
+    }  # fmt: skip

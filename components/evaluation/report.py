@@ -1,4 +1,4 @@
-"""The comparison report: tables, figures, the quality gate and the MLflow Model Registry entry.
+"""The comparison report: tables, figures and the quality gate.
 
 Inputs are the evaluate stage's files (metrics.csv, models.json, the per-task JSONs and samples/*.npz); nothing here
 runs a backbone. Outputs (the report stage writes them under reports/comparison/):
@@ -10,9 +10,9 @@ runs a backbone. Outputs (the report stage writes them under reports/comparison/
   Mask2Former protocol's beside the linear head's), robustness by severity, kNN accuracy against k;
 - the quality gate: the best candidate (by `report.gate_metric`) must reach `gate_min` and, optionally, beat the
   baseline on every task's headline metric; checked by Great Expectations (components/gates.py);
-- the registry entry (written by the report stage through the tracking seam, `tracking.register_model`): the best
-  candidate as a new version of `report.registered_model` with its metrics as tags; the `champion` alias moves to it
-  only when the gate passes.
+- the registry entry is made by the report stage through the tracking seam (components/stages/report.py): each
+  candidate logged as a servable MLflow model, the best registered as a new version of `report.registered_model`; the
+  `champion` alias moves to it only when the gate passes.
 """
 
 from __future__ import annotations

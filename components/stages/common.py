@@ -83,6 +83,8 @@ def train_stage(name: str, cfg: PipelineConfig, paths: dict[str, str], phases: C
         if is_main_process():
             run.log_artifact(write_plans(planned, out / "plan.yaml"), artifact_path="config")
             run.log_params(flatten({"plan": planned[-1].plan.to_dict()}))
+            if run.tracker.run_id is not None:
+                log_curated(run, paths["curated"])
         for phase in planned[:-1]:  # the earlier phases, each in its own MLflow run beside the stage's
             with start_run(
                 f"{name}_{phase.plan.phase}", cfg.tracking.experiment,
@@ -117,6 +119,21 @@ def head_fit_first(
     export = checkpoints / "head_fit" / f"export-{source.digest[:16]}"
     after = WeightsPlan("phase", "head_fit", fingerprint(fit.fingerprint_items(), {"weights": source.digest}))
     return [Phase(fit, SSLMetaArch, checkpoints / "head_fit", export, source.location)], after, str(export)
+
+
+def log_curated(run: Any, curated: str) -> None:
+    """The curated manifest as the run's training dataset in MLflow; its digest is the training set's identity that
+    checkpoints record (`manifest_digest`)."""
+    import pandas as pd
+
+    from components.tracking import DatasetRecord, dataset_columns
+    from components.training.data import manifest_digest, manifest_path
+
+    path = manifest_path(curated)
+    with storage.local_copy(path) as local:
+        frame = pd.read_parquet(local)
+    digest = manifest_digest(curated)
+    run.log_dataset(DatasetRecord("curated", path, digest, len(frame), "training", dataset_columns(frame)))
 
 
 def write_plans(phases: Sequence[Any], path: Path) -> Path:

@@ -50,7 +50,7 @@ from components.evaluation.robustness import finalize_robustness
 from components.evaluation.runner import ImageCache, evaluate_model, long_frame_rows
 from components.log import get_logger
 from components.runtime import resolve_device
-from components.stage import stage_run
+from components.stage import StageRun, stage_run
 
 log = get_logger(__name__)
 
@@ -134,6 +134,21 @@ def headline_of(frame: pd.DataFrame, results: list[ModelResult]) -> dict[str, di
     return {row["model"]: {c: row[c] for c in columns if math.isfinite(row[c])} for row in table.to_dict("records")}
 
 
+def _log_eval_sets(run: StageRun, manifest: pd.DataFrame, raw: str) -> None:
+    """Each evaluation set (the prepared manifest's `eval/<task>` rows) as an MLflow dataset of the run."""
+    from components import storage
+    from components.tracking import DatasetRecord, dataset_columns, dataset_digest
+
+    if "source" not in manifest.columns:
+        return
+    rows = manifest[manifest["source"].astype(str).str.startswith("eval/")]
+    for source, part in rows.groupby("source", sort=True):
+        hashes = part["sha256"].astype(str).tolist() if "sha256" in part.columns else [""] * len(part)
+        digest = dataset_digest(part["uri"].astype(str).tolist(), hashes)
+        where = storage.join(raw, str(source))
+        run.log_dataset(DatasetRecord(str(source), where, digest, len(part), "evaluation", dataset_columns(part)))
+
+
 def run_evaluate(
     cfg: PipelineConfig,
     *,
@@ -157,6 +172,8 @@ def run_evaluate(
         if manifest is None:
             log.warning("%s not found; listing the evaluation folders under %s instead", manifest_path, cfg.data.raw)
         data = load_eval_datasets(cfg.data.raw, manifest)
+        if manifest is not None:
+            _log_eval_sets(run, manifest, cfg.data.raw)
         specs = model_specs(cfg, pretrained, distilled, final)
         if not specs:
             raise ValueError(f"no model to evaluate: no model.json under {pretrained} or {distilled}, "

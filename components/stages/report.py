@@ -10,21 +10,30 @@ figures/*.png            PCA of patch features as RGB, retrieval neighbours, seg
                          ground truth, robustness by severity, kNN accuracy against k
 quality_gate.json        the candidate, the gate's rows and verdict
 registry.json            the registered model version and whether the alias moved (or why nothing was registered)
+model_card.json          the registered candidate: its evaluated models entry, headline metrics and the gate's verdict
 gates/                   the quality gate's Great Expectations result and Data Docs
 config.yaml              the resolved config
 ```
-Everything is also logged to the stage's MLflow run; the best candidate's backbone (model.json + weights) is logged
-as the run's `model` artifact and registered from there.
+Everything is also logged to the stage's MLflow run. Each candidate backbone (a model whose role is in
+`report.candidate_roles`) is logged as an MLflow model of the run: a pyfunc that takes images and returns the CLS and
+mean-patch features, its preset's preprocessing and the official-layout weights included (components/serving.py).
+The best candidate's model becomes a new version of `report.registered_model`; the alias `champion` moves to it
+when the quality gate passes, so `mlflow.pyfunc.load_model("models:/dinov2-backbone@champion")` and
+`mlflow models serve -m models:/dinov2-backbone@champion` give the latest backbone that passed.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.config import PipelineConfig
-from components.evaluation.metrics import mlflow_key
+import pandas as pd
+
+from components.config import PipelineConfig, ReportConfig
+from components.evaluation.metrics import HEADLINE_METRICS, mlflow_key
 from components.evaluation.outputs import clear_output, write_json
 from components.evaluation.report import (
     headline_table,
@@ -38,108 +47,171 @@ from components.evaluation.report import (
     write_tables,
 )
 from components.log import get_logger
-from components.stage import stage_run
+from components.stage import StageRun, stage_run
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The evaluate stage's results as the report reads them: the long metrics frame, the evaluated models, and the
+    candidates (models whose role may be registered), best first by the gate metric."""
+
+    frame: pd.DataFrame
+    models: list[dict[str, Any]]
+    ranked: list[str]
+
+    @property
+    def candidate(self) -> str | None:
+        return self.ranked[0] if self.ranked else None
+
+    def spec(self, name: str | None) -> dict[str, Any]:
+        """A model's entry of models.json ({} for None or an unknown name)."""
+        return next((m for m in self.models if m["name"] == name), {})
+
+    def headline(self, name: str | None) -> dict[str, float]:
+        """{"<task>.<headline metric>": value} of a model, over the tasks it was evaluated on."""
+        if name is None:
+            return {}
+        values = {f"{t}.{m}": metric_value(self.frame, name, f"{t}.{m}") for t, m in HEADLINE_METRICS.items()}
+        return {k: v for k, v in values.items() if math.isfinite(v)}
 
 
 def run_report(
     cfg: PipelineConfig, *, evals: str, pretrained: str | None, distilled: str, out: str, metrics: str
 ) -> None:
-    """Builds the report from the evaluate stage's outputs, gates the best candidate and registers it.
+    """Builds the report from the evaluate stage's outputs, gates the best candidate, logs the candidates as MLflow
+    models and registers the best.
 
     `pretrained` (default: `pipeline.pretrained_model`, the model the pipeline goes on with) and `distilled` are the
-    folders the candidates' weights came from (dvc.yaml deps of this stage); the weights to register are found
-    through metrics/eval/models.json, whose roles mark the candidates (the pretrain export evaluated beside a later
-    final model is `intermediate`, not a candidate).
+    folders the candidates' weights came from (dvc.yaml deps of this stage); the weights to log are found through
+    metrics/eval/models.json, whose roles mark the candidates (the pretrain export evaluated beside a later final model
+    is `intermediate`, not a candidate).
     """
-    from components import gates
-    from components.tracking import register_model
-
     log.info("candidates from %s and %s", pretrained or cfg.pipeline.pretrained_model, distilled)
     rc = cfg.report
     out_dir = Path(out)
     clear_output(out_dir, markers=("table.md", "quality_gate.json", "config.yaml"))
     with stage_run("report", cfg, config_out=out_dir / "config.yaml", metrics_out=Path(metrics)) as run:
         frame, models = load_evaluation(evals)
-        ranked = rank_candidates(frame, models, rc.gate_metric, rc.candidate_roles)
-        candidate = ranked[0] if ranked else None
-        names = {m["name"] for m in models}
-        baseline = rc.baseline_model if rc.require_beats_baseline else None
-        if baseline is not None and baseline not in names:
-            log.warning("baseline %r was not evaluated; the gate cannot compare against it", baseline)
-            baseline = None
-        order = [*ranked, *(m["name"] for m in models if m["name"] not in ranked)]
+        ev = Evaluation(frame, models, rank_candidates(frame, models, rc.gate_metric, rc.candidate_roles))
+        order = [*ev.ranked, *(m["name"] for m in models if m["name"] not in ev.ranked)]
         figures = render_figures(Path(evals), models, out_dir / "figures") if rc.figures else []
-
-        gate_info: dict[str, Any] = {"candidate": candidate, "gate_metric": rc.gate_metric, "passed": False}
-        failure: gates.GateFailed | None = None
-        if candidate is None:
-            gate_info["reason"] = f"no evaluated model has a role in {list(rc.candidate_roles)} and {rc.gate_metric}"
-            log.warning("quality gate: %s", gate_info["reason"])
-        else:
-            gate_df = quality_gate_frame(
-                frame, candidate, gate_metric=rc.gate_metric, gate_min=rc.gate_min, baseline=baseline
-            )
-            gate_info["rows"] = gate_df.to_dict(orient="records")
-            try:
-                run.gate("quality", gate_df, gates.evaluation_metrics_suite(), out_dir / "gates",
-                         id_column=list(gates.EVAL_ID_COLUMNS))  # fmt: skip
-                gate_info["passed"] = True
-            except gates.GateFailed as err:
-                failure = err
-                gate_info["report"] = str(err)
+        gate_info, failure = _quality_gate(run, ev, rc, out_dir)
         tables = task_tables(frame, order)
         notes = reference_notes(evals, models, list(tables))
         write_tables(out_dir, headline_table(frame, models, order), tables, gate_info, notes)
         write_json(out_dir / "quality_gate.json", gate_info)
-
-        registry: dict[str, Any] = {"registered": False}
-        spec = next((m for m in models if m["name"] == candidate), None)
-        if spec is None:
-            registry["reason"] = "no candidate"
-        elif run.tracker.run_id is None:
-            registry["reason"] = "tracking is off"
-        elif not spec.get("weights") or not Path(spec["weights"]).is_file():
-            registry["reason"] = f"weights not found: {spec.get('weights')}"
-        else:
-            model_metrics = {f"{r.task}.{r.metric}": r.value for r in frame[frame["model"] == candidate].itertuples()}
-            card = out_dir / "model_card.json"
-            write_json(card, {"model": spec, "metrics": model_metrics, "gate": gate_info["passed"]})
-            for path in (spec.get("descriptor"), spec["weights"], card):
-                if path and Path(path).is_file():
-                    run.log_artifact(path, artifact_path="model")
-            tags = {"arch": spec["arch"], "role": spec["role"], "gate_passed": gate_info["passed"]}
-            tags.update({mlflow_key(k): v for k, v in model_metrics.items()})
-            registry.update(
-                register_model(
-                    name=rc.registered_model, run_id=run.tracker.run_id, artifact_path="model",
-                    tags=tags, description=f"{candidate} ({spec['arch']}), {rc.gate_metric} = "
-                    f"{metric_value(frame, candidate, rc.gate_metric):.4f}", alias=rc.champion_alias,
-                    move_alias=gate_info["passed"],
-                ),
-                registered=True,
-            )  # fmt: skip
-            log.info(
-                "registered %s as %s version %s; alias %r %s", candidate, rc.registered_model, registry["version"],
-                rc.champion_alias, "moved" if registry["alias_moved"] else "kept (gate failed)",
-            )  # fmt: skip
+        logged = _log_candidates(run, ev)
+        registry = _register(run, ev, logged, gate_info, rc, out_dir)
         write_json(out_dir / "registry.json", registry)
-
-        for name in ("table.md", "table.html", "quality_gate.json", "registry.json"):
+        for name in ("table.md", "table.html", "quality_gate.json", "registry.json", "model_card.json"):
             run.log_artifact(out_dir / name, artifact_path="report")
         if figures:
             run.log_artifact(out_dir / "figures", artifact_path="report/figures")
-        value = metric_value(frame, candidate, rc.gate_metric) if candidate else math.nan
+        final = ev.spec(ev.candidate)
         run.record({
-            "candidate": candidate,
+            "candidate": ev.candidate,
             "gate_passed": gate_info["passed"],
             "registered_version": registry.get("version"),
             "alias_moved": registry.get("alias_moved", False),
             "num_models": len(models),
+            "num_logged_models": len(logged),
             "num_figures": len(figures),
+            # What the pipeline's parent run and the Prefect flow show of this run (flows/pipeline.py).
+            "final_model": {"name": ev.candidate, "arch": final.get("arch"), "role": final.get("role"),
+                            "metrics": ev.headline(ev.candidate)},
+            "gate": {"passed": gate_info["passed"], "metric": rc.gate_metric, "min": rc.gate_min,
+                     "baseline": rc.baseline_model if rc.require_beats_baseline else None,
+                     "rows": _finite_or_none(gate_info.get("rows", [])), "reason": gate_info.get("reason")},
         })  # fmt: skip
+        value = metric_value(frame, ev.candidate, rc.gate_metric) if ev.candidate else math.nan
         if math.isfinite(value):
             run.set_headline(rc.gate_metric, value)
         if failure is not None and rc.fail_on_gate:
             raise failure
+
+
+def _quality_gate(
+    run: StageRun, ev: Evaluation, rc: ReportConfig, out_dir: Path
+) -> tuple[dict[str, Any], Exception | None]:
+    """The gate's verdict on the best candidate (`quality_gate.json`) and its failure, if it failed."""
+    from components import gates
+
+    candidate = ev.candidate
+    gate_info: dict[str, Any] = {"candidate": candidate, "gate_metric": rc.gate_metric, "passed": False}
+    if candidate is None:
+        gate_info["reason"] = f"no evaluated model has a role in {list(rc.candidate_roles)} and {rc.gate_metric}"
+        log.warning("quality gate: %s", gate_info["reason"])
+        return gate_info, None
+    baseline = rc.baseline_model if rc.require_beats_baseline else None
+    if baseline is not None and not ev.spec(baseline):
+        log.warning("baseline %r was not evaluated; the gate cannot compare against it", baseline)
+        baseline = None
+    gate_df = quality_gate_frame(
+        ev.frame, candidate, gate_metric=rc.gate_metric, gate_min=rc.gate_min, baseline=baseline
+    )
+    gate_info["rows"] = gate_df.to_dict(orient="records")
+    try:
+        run.gate("quality", gate_df, gates.evaluation_metrics_suite(), out_dir / "gates",
+                 id_column=list(gates.EVAL_ID_COLUMNS))  # fmt: skip
+    except gates.GateFailed as err:
+        gate_info["report"] = str(err)
+        return gate_info, err
+    gate_info["passed"] = True
+    return gate_info, None
+
+
+def _finite_or_none(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The gate's rows with open bounds (infinities) as None: the metrics file stays strict JSON."""
+    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+
+
+def _log_candidates(run: StageRun, ev: Evaluation) -> dict[str, str]:
+    """Logs each candidate with an export as an MLflow model of the run; returns {name: model URI}."""
+    from components.exports import read_export
+    from components.serving import servable_model
+
+    logged: dict[str, str] = {}
+    for name in ev.ranked:
+        descriptor = ev.spec(name).get("descriptor")
+        if run.tracker.run_id is None or not descriptor or not Path(descriptor).is_file():
+            continue
+        export = read_export(descriptor)
+        tags = {"arch": export.arch, "role": export.role, "export": export.folder, "export_digest": export.digest()}
+        tags.update({mlflow_key(k): v for k, v in ev.headline(name).items()})
+        with servable_model(export) as model, run.timed_tracking():
+            uri = run.tracker.log_model(name, model, tags=tags)
+        if uri is not None:
+            logged[name] = uri
+            log.info("logged %s (%s) as MLflow model %s", name, export.arch, uri)
+    return logged
+
+
+def _register(
+    run: StageRun, ev: Evaluation, logged: Mapping[str, str], gate_info: Mapping[str, Any], rc: ReportConfig,
+    out_dir: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """Registers the best candidate's MLflow model and moves the alias if the gate passed (`registry.json`)."""
+    candidate, spec, metrics = ev.candidate, ev.spec(ev.candidate), ev.headline(ev.candidate)
+    write_json(out_dir / "model_card.json", {"model": spec or None, "metrics": metrics, "gate": gate_info["passed"]})
+    if not spec:
+        return {"registered": False, "reason": "no candidate"}
+    if run.tracker.run_id is None:
+        return {"registered": False, "reason": "tracking is off"}
+    if candidate not in logged:
+        return {"registered": False, "reason": f"no export to log for {candidate}: {spec.get('descriptor')}"}
+    tags = {"arch": spec["arch"], "role": spec["role"], "gate_passed": gate_info["passed"]}
+    tags.update({mlflow_key(k): v for k, v in metrics.items()})
+    value = metric_value(ev.frame, candidate, rc.gate_metric)
+    with run.timed_tracking():
+        registry = run.tracker.register_model(
+            rc.registered_model, logged[candidate], tags=tags, alias=rc.champion_alias,
+            description=f"{candidate} ({spec['arch']}), {rc.gate_metric} = {value:.4f}",
+            move_alias=bool(gate_info["passed"]),
+        )  # fmt: skip
+    log.info(
+        "registered %s as %s version %s; alias %r %s", candidate, rc.registered_model, registry["version"],
+        rc.champion_alias, "moved" if registry["alias_moved"] else "kept (gate failed)",
+    )  # fmt: skip
+    return {"registered": True, **registry}

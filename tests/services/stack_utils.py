@@ -27,6 +27,11 @@ DVC_REMOTE = "stack"
 RUN_PARAMETERS: dict[str, Any] = {}
 """Parameters of the deployment run: none, so the whole pipeline runs on the project's tiny params.yaml
 (`{"stage": "pretrain"}` runs that stage and the stages it needs)."""
+SECOND_RUN_PARAMETERS: dict[str, Any] = {
+    "overrides": {"report.candidate_roles": ["teacher"]},
+}
+"""The second deployment run: another final model (the teacher, not the best of teacher and student), so the two
+pipeline runs differ in what they register and in its metrics; only the report stage reads these keys."""
 
 
 @contextmanager

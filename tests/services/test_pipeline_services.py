@@ -9,6 +9,7 @@ as the UI's Run button does and executed by the stack's process worker.
 from __future__ import annotations
 
 import filecmp
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,118 @@ def test_every_stage_has_a_deployment_and_gpu_stages_run_one_at_a_time(stack: An
     for name in ("pretrain", "distill"):
         limit = registered[name].global_concurrency_limit
         assert limit is not None and limit.limit == 1, (name, limit)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Lineage, Prefect artifacts, pipeline runs side by side
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_stage_runs_record_the_datasets_they_read(stack: Any, pipeline_run: PipelineRun) -> None:
+    """The curated manifest on the training runs, each evaluation set on the evaluate run: MLflow datasets with the
+    digest, source and row count."""
+    import pandas as pd
+
+    from components.training.data import manifest_digest
+
+    client, _, children = _mlflow_runs(stack, pipeline_run)
+    runs = {c.data.tags["stage"]: client.get_run(c.info.run_id) for c in children}
+    project = pipeline_run.project
+    curated_rows = len(pd.read_parquet(project / "data/curated/manifest.parquet"))
+    for stage in ("pretrain", "pretrain_highres", "distill"):
+        (curated,) = [i for i in runs[stage].inputs.dataset_inputs if i.dataset.name == "curated"]
+        assert curated.dataset.digest == manifest_digest(str(project / "data/curated")), stage  # the training set's
+        assert json.loads(curated.dataset.source) == {"uri": "data/curated/manifest.parquet"}
+        assert json.loads(curated.dataset.profile)["num_rows"] == curated_rows
+        assert "uri" in [c["name"] for c in json.loads(curated.dataset.schema)["mlflow_colspec"]]
+        assert {t.key: t.value for t in curated.tags}["mlflow.data.context"] == "training"
+    prepared = pd.read_parquet(project / "data/prepared/manifest.parquet")
+    eval_rows = prepared[prepared["source"].str.startswith("eval/")]["source"].value_counts().to_dict()
+    inputs = {i.dataset.name: i for i in runs["evaluate"].inputs.dataset_inputs}
+    assert set(inputs) == set(eval_rows)  # eval/classification, eval/segmentation, eval/depth, eval/retrieval
+    for name, item in inputs.items():
+        assert json.loads(item.dataset.profile)["num_rows"] == eval_rows[name]
+        assert json.loads(item.dataset.source) == {"uri": f"data/synthetic/{name}"}
+        assert (
+            len(item.dataset.digest) == 16
+            and {t.key: t.value for t in item.tags}["mlflow.data.context"] == "evaluation"
+        )
+
+
+def _artifacts(stack: Any, flow_run_id: Any) -> dict[str, Any]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read(client: Any) -> list[Any]:
+        runs = ArtifactFilterFlowRunId(any_=[flow_run_id])
+        return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=runs))
+
+    return {a.key: a for a in prefect_call(stack, read)}
+
+
+def test_flow_run_publishes_its_summary_evaluation_and_gate_as_prefect_artifacts(
+    stack: Any, pipeline_run: PipelineRun
+) -> None:
+    _, parent, _ = _mlflow_runs(stack, pipeline_run)
+    link = f"{stack.mlflow.url}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    artifacts = _artifacts(stack, pipeline_run.flow_run.id)
+    assert set(artifacts) == {"pipeline-stages", "evaluation-comparison", "quality-gate", "mlflow-parent-run"}
+    assert artifacts["mlflow-parent-run"].data == f"[MLflow parent run]({link})"  # a link artifact, as Markdown
+    for key in ("pipeline-stages", "evaluation-comparison", "quality-gate"):
+        assert link in artifacts[key].description, key
+    stages = json.loads(artifacts["pipeline-stages"].data)
+    assert [r["stage"] for r in stages] == pipeline_run.stages
+    assert all(r["status"] == "completed" and r["duration_s"] > 0 for r in stages)
+    summary = json.loads((pipeline_run.project / "reports/pipeline_summary.json").read_text())
+    assert {r["stage"]: r["headline"].split(" = ")[0] for r in stages} == {
+        s: v["headline"].get("name", "") for s, v in summary["stages"].items()
+    }
+    final = parent.data.params["final_model"]
+    models = {r["model"]: r for r in json.loads(artifacts["evaluation-comparison"].data)}
+    assert set(models) == {"teacher", "student_vit_test", "random_init"} and models[final]["final"] == "yes"
+    assert models[final]["knn.top1"] == pytest.approx(parent.data.metrics["knn.top1"], abs=1e-4)
+    gate = artifacts["quality-gate"].data
+    assert gate.startswith("# Quality gate: PASSED") and f"Candidate **{final}**" in gate and "| knn | top1 |" in gate
+
+
+def test_pipeline_runs_compare_side_by_side_in_mlflow(
+    stack: Any, pipeline_run: PipelineRun, second_pipeline_run: PipelineRun
+) -> None:
+    """Two pipeline runs: the parent runs carry what tells them apart and the final model's headline metric of every
+    task, so `search_runs` ranks them by a headline metric without opening a nested run."""
+    import pandas as pd
+
+    from components.evaluation.metrics import HEADLINE_METRICS
+
+    client, first, _ = _mlflow_runs(stack, pipeline_run)
+    _, second, _ = _mlflow_runs(stack, second_pipeline_run)
+    second_stages = json.loads(_artifacts(stack, second_pipeline_run.flow_run.id)["pipeline-stages"].data)
+    # The second run changed report keys only: DVC re-ran that stage and skipped the others.
+    assert {r["stage"]: r["status"] for r in second_stages} == {
+        s: "completed" if s == "report" else "skipped" for s in second_pipeline_run.stages
+    }
+
+    ranked = client.search_runs(
+        [first.info.experiment_id], filter_string="tags.kind = 'pipeline'", order_by=["metrics.`knn.top1` DESC"]
+    )
+    ids = [r.info.run_id for r in ranked if r.info.run_id in (first.info.run_id, second.info.run_id)]
+    assert len(ids) == 2
+    values = [client.get_run(i).data.metrics["knn.top1"] for i in ids]
+    assert values == sorted(values, reverse=True)
+
+    project = pipeline_run.project
+    headline = json.loads((project / "metrics/eval/summary.json").read_text())["headline"]
+    curated = len(pd.read_parquet(project / "data/curated/manifest.parquet"))
+    # The first run registers the better candidate by the gate metric (ties: the name first in order), the second one
+    # the teacher, the only candidate it allows.
+    best = min(("teacher", "student_vit_test"), key=lambda m: (-headline[m]["knn.top1"], m))
+    for parent, expected_final in ((first, best), (second, "teacher")):
+        params, metrics = parent.data.params, parent.data.metrics
+        assert {k: params[k] for k in ("preset", "epochs", "global_batch_size", "data_source", "curated_images")} == {
+            "preset": "vit_test", "epochs": "1", "global_batch_size": "8", "data_source": "data/synthetic",
+            "curated_images": str(curated),
+        }  # fmt: skip
+        final = params["final_model"]
+        assert final == expected_final
+        tasks = {f"{t}.{m}" for t, m in HEADLINE_METRICS.items()} & set(headline[final])
+        assert tasks and {k: metrics[k] for k in tasks} == pytest.approx({k: headline[final][k] for k in tasks})
+        assert metrics["gate_passed"] == 1.0 and parent.data.tags["quality_gate"] == "passed"

@@ -115,3 +115,98 @@ def test_mlflow_ui_lists_the_pipeline_runs(stack: Any, pipeline_run: PipelineRun
             expect(page.get_by_role("link", name=stage, exact=True).first).to_be_visible()
     finally:
         _screenshot(page, "mlflow-pipeline-run.png")
+
+
+def test_prefect_ui_shows_the_flow_run_artifacts(stack: Any, pipeline_run: PipelineRun, browser_page: Any) -> None:
+    from playwright.sync_api import expect
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from tests.services.stack_utils import prefect_call
+
+    async def artifacts(client: Any) -> list[Any]:
+        runs = ArtifactFilterFlowRunId(any_=[pipeline_run.flow_run.id])
+        return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=runs))
+
+    by_key = {a.key: a for a in prefect_call(stack, artifacts)}
+    page = browser_page
+    # The flow run's Artifacts tab lists them ...
+    page.goto(f"{stack.prefect.url}/runs/flow-run/{pipeline_run.flow_run.id}")
+    try:
+        page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
+        for key in ("pipeline-stages", "evaluation-comparison", "quality-gate", "mlflow-parent-run"):
+            expect(page.get_by_text(key, exact=False).first).to_be_visible()
+    finally:
+        _screenshot(page, "prefect-flow-run-artifacts.png")
+    # ... the stage summary renders as a table, the gate's verdict as Markdown, each with the MLflow link.
+    page.goto(f"{stack.prefect.url}/artifacts/artifact/{by_key['pipeline-stages'].id}")
+    try:
+        expect(page.get_by_text("pretrain_highres", exact=True).first).to_be_visible()
+        expect(page.get_by_text("completed", exact=True).first).to_be_visible()
+        expect(page.get_by_text(f"{stack.mlflow.url}/#/experiments/", exact=False).first).to_be_visible()
+    finally:
+        _screenshot(page, "prefect-artifact-pipeline-stages.png")
+    page.goto(f"{stack.prefect.url}/artifacts/artifact/{by_key['quality-gate'].id}")
+    try:
+        expect(page.get_by_role("heading", name="Quality gate: PASSED").first).to_be_visible()
+    finally:
+        _screenshot(page, "prefect-artifact-quality-gate.png")
+
+
+def test_mlflow_sets_pipeline_runs_side_by_side(
+    stack: Any, pipeline_run: PipelineRun, second_pipeline_run: PipelineRun, browser_page: Any
+) -> None:
+    """The experiment's run table, filtered to pipeline runs, with the comparison columns a user picks under
+    "Columns"; then MLflow's compare view of the two runs."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import expect
+
+    client = MlflowClient(tracking_uri=stack.mlflow.url)
+    parents = []
+    for flow in (pipeline_run, second_pipeline_run):
+        (parent,) = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string=f"tags.prefect_flow_run_id = '{flow.flow_run.id}' and tags.kind = 'pipeline'",
+        )
+        parents.append(parent)
+    experiment = parents[0].info.experiment_id
+    columns = ("preset", "epochs", "curated_images", "final_model", "knn.top1", "depth_linear.rmse", "gate_passed")
+    page = browser_page
+    page.set_viewport_size({"width": 2200, "height": 1000})  # the grid renders only the columns in view
+    try:
+        _pick_run_table_columns(page, stack.mlflow.url, experiment, columns)
+        for final in {p.data.params["final_model"] for p in parents}:
+            expect(page.get_by_role("gridcell", name=final, exact=True).first).to_be_visible()
+        runs = json.dumps([p.info.run_id for p in parents])
+        page.goto(f"{stack.mlflow.url}/#/compare-runs?runs={runs}&experiments={json.dumps([experiment])}")
+        try:
+            for name in columns:
+                expect(page.get_by_text(name, exact=True).first).to_be_visible()
+            expect(page.get_by_text("teacher", exact=True).first).to_be_visible()  # the second run's final model
+        finally:
+            _screenshot(page, "mlflow-compare-pipeline-runs.png")
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def _pick_run_table_columns(page: Any, mlflow_url: str, experiment: str, columns: tuple[str, ...]) -> None:
+    """The experiment's run table filtered to pipeline runs, with `columns` picked under "Columns" (and three
+    attribute columns dropped, for room), as a user sets it up."""
+    import urllib.parse
+
+    from playwright.sync_api import expect
+
+    search = urllib.parse.quote("tags.kind = 'pipeline'")
+    page.goto(f"{mlflow_url}/#/experiments/{experiment}/runs?searchFilter={search}")
+    try:
+        page.get_by_role("button", name="Columns", exact=True).click()
+        dialog = page.get_by_role("dialog")
+        for name in ("Dataset", "Source", "Models", *columns):
+            dialog.get_by_role("textbox", name="Search columns").fill(name)
+            dialog.get_by_text(name, exact=True).first.click()  # `final_model` also matches in `final_model_arch`
+        page.keyboard.press("Escape")
+        for name in columns:
+            expect(page.get_by_role("columnheader", name=name, exact=True).first).to_be_visible()
+    finally:
+        _screenshot(page, "mlflow-pipeline-runs-columns.png")

@@ -47,7 +47,7 @@ def comparison_params(cfg: PipelineConfig, reports: Mapping[str, Mapping[str, An
     params = {
         "preset": cfg.model.arch,
         "epochs": cfg.optim.epochs,
-        "global_batch_size": (reports.get("pretrain", {}).get("derived") or {}).get("global_batch_size"),
+        "global_batch_size": (reports.get("pretrain", {}).get("plan") or {}).get("global_batch_size"),
         "data_source": cfg.data.raw,
         "extra_pool": ", ".join(cfg.data.extra_pool) or "none",
         "curated_images": (reports.get("curate", {}).get("counts") or {}).get("curated"),

@@ -266,7 +266,9 @@ def test_flow_run_publishes_its_summary_evaluation_and_gate_as_prefect_artifacts
     }
     final = parent.data.params["final_model"]
     models = {r["model"]: r for r in json.loads(artifacts["evaluation-comparison"].data)}
-    assert set(models) == {"teacher", "student_vit_test", "random_init"} and models[final]["final"] == "yes"
+    # The high-resolution export is the teacher; the pretrain export is evaluated beside it (`teacher_pretrain`).
+    assert set(models) == {"teacher", "teacher_pretrain", "student_vit_test", "random_init"}
+    assert models[final]["final"] == "yes" and models["teacher_pretrain"]["final"] != "yes"
     assert models[final]["knn.top1"] == pytest.approx(parent.data.metrics["knn.top1"], abs=1e-4)
     gate = artifacts["quality-gate"].data
     assert gate.startswith("# Quality gate: PASSED") and f"Candidate **{final}**" in gate and "| knn | top1 |" in gate

@@ -17,8 +17,8 @@ config.yaml              the resolved config
 Everything is also logged to the stage's MLflow run. Each candidate backbone (a model whose role is in
 `report.candidate_roles`) is logged as an MLflow model of the run: a pyfunc that takes images and returns the CLS and
 mean-patch features, its preset's preprocessing and the official-layout weights included (components/serving.py).
-The best candidate's model becomes a new version of `report.registered_model`; the alias `champion` moves to it
-when the quality gate passes, so `mlflow.pyfunc.load_model("models:/dinov2-backbone@champion")` and
+The best candidate that passes the quality gate (by `report.gate_metric`; when none passes, the best) becomes a new
+version of `report.registered_model`; the alias `champion` moves to it when the gate passes, so `mlflow.pyfunc.load_model("models:/dinov2-backbone@champion")` and
 `mlflow models serve -m models:/dinov2-backbone@champion` give the latest backbone that passed.
 """
 
@@ -94,7 +94,8 @@ def run_report(
     clear_output(out_dir, markers=("table.md", "quality_gate.json", "config.yaml"))
     with stage_run("report", cfg, config_out=out_dir / "config.yaml", metrics_out=Path(metrics)) as run:
         frame, models = load_evaluation(evals)
-        ev = Evaluation(frame, models, rank_candidates(frame, models, rc.gate_metric, rc.candidate_roles))
+        ranked = rank_candidates(frame, models, rc.gate_metric, rc.candidate_roles)
+        ev = Evaluation(frame, models, passing_first(frame, models, ranked, rc))
         order = [*ev.ranked, *(m["name"] for m in models if m["name"] not in ev.ranked)]
         figures = render_figures(Path(evals), models, out_dir / "figures") if rc.figures else []
         gate_info, failure = _quality_gate(run, ev, rc, out_dir)
@@ -132,10 +133,35 @@ def run_report(
             raise failure
 
 
+def _gate_baseline(models: Sequence[Mapping[str, Any]], rc: ReportConfig) -> str | None:
+    """The model the gate compares against, when it was evaluated."""
+    baseline = rc.baseline_model if rc.require_beats_baseline else None
+    if baseline is not None and not any(m["name"] == baseline for m in models):
+        log.warning("baseline %r was not evaluated; the gate cannot compare against it", baseline)
+        return None
+    return baseline
+
+
+def passing_first(
+    frame: pd.DataFrame, models: Sequence[Mapping[str, Any]], ranked: Sequence[str], rc: ReportConfig
+) -> list[str]:
+    """The candidates, those the quality gate would pass first (each group by the gate metric, best first): the
+    registry's champion is the best model that passes, not the best by one metric that fails another."""
+    baseline = _gate_baseline(models, rc)
+
+    def passes(name: str) -> bool:
+        rows = quality_gate_frame(frame, name, gate_metric=rc.gate_metric, gate_min=rc.gate_min, baseline=baseline)
+        return bool(((rows["value"] >= rows["lower"]) & (rows["value"] <= rows["upper"])).all())
+
+    verdicts = {name: passes(name) for name in ranked}
+    return [n for n in ranked if verdicts[n]] + [n for n in ranked if not verdicts[n]]
+
+
 def _quality_gate(
     run: StageRun, ev: Evaluation, rc: ReportConfig, out_dir: Path
 ) -> tuple[dict[str, Any], Exception | None]:
-    """The gate's verdict on the best candidate (`quality_gate.json`) and its failure, if it failed."""
+    """The gate's verdict on the candidate (`quality_gate.json`: the best that passes, else the best) and its failure,
+    if it failed."""
     from components import gates
 
     candidate = ev.candidate
@@ -144,10 +170,7 @@ def _quality_gate(
         gate_info["reason"] = f"no evaluated model has a role in {list(rc.candidate_roles)} and {rc.gate_metric}"
         log.warning("quality gate: %s", gate_info["reason"])
         return gate_info, None
-    baseline = rc.baseline_model if rc.require_beats_baseline else None
-    if baseline is not None and not ev.spec(baseline):
-        log.warning("baseline %r was not evaluated; the gate cannot compare against it", baseline)
-        baseline = None
+    baseline = _gate_baseline(ev.models, rc)
     gate_df = quality_gate_frame(
         ev.frame, candidate, gate_metric=rc.gate_metric, gate_min=rc.gate_min, baseline=baseline
     )

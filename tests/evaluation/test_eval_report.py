@@ -89,3 +89,17 @@ def test_quality_gate_frame() -> None:
     assert beat_depth.upper < 0.45 and beat_depth.value > beat_depth.upper  # the teacher's depth is worse: fails
     equal = R.quality_gate_frame(frame, "random_init", gate_metric="knn.top1", gate_min=0.0, baseline="random_init")
     assert (equal["value"] < equal["lower"]).any() or (equal["value"] > equal["upper"]).any()  # a tie is no win
+
+
+def test_the_champion_is_the_best_candidate_that_passes_the_gate() -> None:
+    from components.config import ReportConfig
+    from components.stages.report import passing_first
+
+    frame = _frame()  # the teacher has the best kNN but a depth RMSE worse than random_init's; the student beats it
+    ranked = R.rank_candidates(frame, MODELS, "knn.top1", ("teacher", "student"))
+    assert ranked == ["teacher", "student_vit_small"]
+    assert passing_first(frame, MODELS, ranked, ReportConfig()) == ["student_vit_small", "teacher"]
+    lenient = ReportConfig(require_beats_baseline=False)  # kNN above gate_min alone: both pass, kNN order kept
+    assert passing_first(frame, MODELS, ranked, lenient) == ranked
+    strict = ReportConfig(gate_min=0.95)  # nobody passes: the order by the gate metric
+    assert passing_first(frame, MODELS, ranked, strict) == ranked

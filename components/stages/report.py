@@ -18,8 +18,9 @@ Everything is also logged to the stage's MLflow run. Each candidate backbone (a 
 `report.candidate_roles`) is logged as an MLflow model of the run: a pyfunc that takes images and returns the CLS and
 mean-patch features, its preset's preprocessing and the official-layout weights included (components/serving.py).
 The best candidate that passes the quality gate (by `report.gate_metric`; when none passes, the best) becomes a new
-version of `report.registered_model`; the alias `champion` moves to it when the gate passes, so `mlflow.pyfunc.load_model("models:/dinov2-backbone@champion")` and
-`mlflow models serve -m models:/dinov2-backbone@champion` give the latest backbone that passed.
+version of `report.registered_model`; the alias `champion` moves to it when the gate passes, so
+`mlflow.pyfunc.load_model("models:/dinov2-backbone@champion")` and `mlflow models serve -m
+models:/dinov2-backbone@champion` give the latest backbone that passed.
 """
 
 from __future__ import annotations

@@ -135,6 +135,8 @@ class PhasePlan:
             value = getattr(self, key)
             out[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
         out["batch"]["global_size"] = self.batch.global_size
+        # The teacher's centring only: its momentum and temperatures are the schedule's (one value, one place).
+        out["teacher"] = {k: out["teacher"][k] for k in ("centering", "center_momentum")}
         return out
 
     def schedules(self) -> TrainingSchedules:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 REPORTS = {
     "curate": {"counts": {"curated": 31, "pool": 56}},
-    "pretrain": {"derived": {"global_batch_size": 64, "world_size": 8}},
+    "pretrain": {"plan": {"global_batch_size": 64, "lr": 0.001}},
     "evaluate": {
         "models": {
             "teacher": {"knn.top1": 0.5, "depth_linear.rmse": 1.25},

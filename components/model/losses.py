@@ -17,11 +17,12 @@ from torch import Tensor, nn
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """Whether there are other ranks to reduce with (a process group of one, as DeepSpeed starts, has none)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _all_reduce(t: Tensor, op: str = "sum") -> Tensor:
-    """In-place sum (or max) over all ranks when a process group is initialised; identity otherwise."""
+    """In-place sum (or max) over all ranks when there are several; identity otherwise."""
     if _distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t

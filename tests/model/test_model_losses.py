@@ -252,3 +252,28 @@ def test_reductions_over_two_processes_match_one(tmp_path):
     torch.testing.assert_close(r0["center"], single.center)
     torch.testing.assert_close(r1["center"], single.center)
     assert r0["center"].abs().sum() > 0
+
+
+def test_a_group_of_one_process_reduces_nothing(tmp_path, monkeypatch):
+    """DeepSpeed starts a process group even on one GPU: the losses' reductions are then skipped, not sent."""
+    torch.manual_seed(0)
+    logits, teacher = cosine_logits(12, 6), torch.randn(12, 6)
+    expected_q = sinkhorn_knopp(logits, 0.07, 3)
+    expected = iBOTPatchLoss(6)
+    expected.update_center(teacher)
+    expected.apply_center_update()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+
+        def no_collectives(*args, **kwargs):
+            raise AssertionError("a collective was called with one rank")
+
+        monkeypatch.setattr(dist, "all_reduce", no_collectives)
+        torch.testing.assert_close(sinkhorn_knopp(logits, 0.07, 3), expected_q)
+        loss = iBOTPatchLoss(6)
+        loss.update_center(teacher)
+        loss.apply_center_update()
+        torch.testing.assert_close(loss.center, expected.center)
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""Where code runs: the device a `device` setting picks, and the CPU threads a process may use.
+"""Where code runs: the device a `device` setting picks, the CPU threads a process may use, and whether other ranks
+share the work.
 
 One copy for every stage: training (`train.device`, `train.cpu_threads`), embedding (`embed.device`) and evaluation
 (`evaluate.device`) resolve their settings here.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 
 
 def resolve_device(choice: str, *, key: str = "device") -> str:
@@ -39,3 +41,9 @@ def cpu_threads(configured: int, num_workers: int) -> int:
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // local_ranks - num_workers)
+
+
+def several_ranks() -> bool:
+    """Whether a process group with other ranks is running: collectives are skipped otherwise, including in the group
+    of one that DeepSpeed starts on a single device."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -15,15 +15,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _distributed() -> bool:
-    """Whether there are other ranks to reduce with (a process group of one, as DeepSpeed starts, has none)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from components.runtime import several_ranks
 
 
 def _all_reduce(t: Tensor, op: str = "sum") -> Tensor:
     """In-place sum (or max) over all ranks when there are several; identity otherwise."""
-    if _distributed():
+    if several_ranks():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
 
@@ -104,7 +101,7 @@ class _CenteredTeacher(nn.Module):
         rows = teacher_logits.detach().float().flatten(0, -2)  # (B_local, K)
         count = rows.new_full((1, 1), rows.shape[0])
         packed = torch.cat((rows.sum(0, keepdim=True), count), dim=1)  # (1, K + 1): batch sum and row count
-        work = dist.all_reduce(packed, async_op=True) if _distributed() else None
+        work = dist.all_reduce(packed, async_op=True) if several_ranks() else None
         self._pending = (packed, work)
 
     @torch.no_grad()

@@ -209,13 +209,9 @@ class DistillMetaArch(SelfDistillation):
                 model=model,
                 backbone_state=prefixed(state, f"{prefix}backbone."),
                 heads={head: prefixed(state, f"{prefix}{head}.") for head in heads_of(self.students_ema[name])},
-                centers={"dino": state.get("dino_loss.center"), "ibot": state.get("ibot_loss.center")},
                 role="student",
                 iterations=iterations,
-                heads_config={
-                    "dino": self.plan.dino.model_dump(mode="json"),
-                    "ibot": self.plan.ibot.model_dump(mode="json"),
-                },
                 provenance={"teacher": self.teacher_info},
+                **self.export_heads_fields(state),
             )
         return written

@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from components.config import TrainConfig
 from components.log import get_logger
-from components.runtime import resolve_device
+from components.runtime import resolve_device, several_ranks
 from components.training.module import LossOutput, TrainModule
 
 log = get_logger(__name__)
@@ -212,14 +212,14 @@ def init_distributed(device: str) -> tuple[int, int]:
 
 def all_reduce_mean(t: Tensor) -> Tensor:
     """Mean over ranks (in place), identity on one process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several_ranks():
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
 
 
 def all_reduce_max(t: Tensor) -> Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several_ranks():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 

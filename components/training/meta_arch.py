@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from components import exports
 from components.config import DinoConfig, IbotConfig
 from components.model import DINOHead, DINOLoss, backbone_from_config, iBOTPatchLoss, koleo_loss, param_groups
 from components.model.adapter import HeadsState, load_official_heads, load_official_weights, normalize_heads_state
+from components.runtime import several_ranks
 from components.training.module import LossOutput, TrainModule
 from components.training.plan import PhasePlan
 
@@ -62,7 +62,7 @@ def heads_of(network: nn.ModuleDict) -> dict[str, nn.Module]:
 
 def gathered(features: Tensor) -> Tensor:
     """All ranks' rows, differentiable (the backward sums each rank's gradient back to its own rows)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several_ranks():
         return features
     from torch.distributed.nn.functional import all_gather
 
@@ -175,6 +175,17 @@ class SelfDistillation(TrainModule):
         self.dino_loss.apply_center_update()
         self.ibot_loss.apply_center_update()
 
+    def export_heads_fields(self, state: Mapping[str, Tensor]) -> dict[str, Any]:
+        """What every export of this module writes beside its heads: the losses' centres from the consolidated `state`
+        and the `dino` / `ibot` sections the heads were built from (`exports.write_export`'s keywords)."""
+        return {
+            "centers": {"dino": state.get("dino_loss.center"), "ibot": state.get("ibot_loss.center")},
+            "heads_config": {
+                "dino": self.plan.dino.model_dump(mode="json"),
+                "ibot": self.plan.ibot.model_dump(mode="json"),
+            },
+        }
+
 
 class SSLMetaArch(SelfDistillation):
     """Student and EMA teacher (same preset), DINO head, tied or separate iBOT head, and the three losses.
@@ -277,13 +288,9 @@ class SSLMetaArch(SelfDistillation):
             model=self.plan.model,
             backbone_state=prefixed(state, "teacher.backbone."),
             heads={name: prefixed(state, f"teacher.{name}.") for name in heads_of(self.teacher)},
-            centers={"dino": state.get("dino_loss.center"), "ibot": state.get("ibot_loss.center")},
             role="teacher",
             iterations=iterations,
-            heads_config={
-                "dino": self.plan.dino.model_dump(mode="json"),
-                "ibot": self.plan.ibot.model_dump(mode="json"),
-            },
+            **self.export_heads_fields(state),
         )
 
 

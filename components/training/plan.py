@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -296,8 +296,3 @@ def distill_plan(cfg: PipelineConfig, *, world_size: int, teacher: ModelConfig, 
         weights=weights, students=tuple(d.students),
         teacher_model=teacher.model_copy(update={"drop_path_rate": 0.0, "pretrained_weights": None}),
     )  # fmt: skip
-
-
-def with_world_size(plan: PhasePlan, world_size: int) -> PhasePlan:
-    """The same plan on another number of ranks (the per-rank batch kept)."""
-    return replace(plan, batch=replace(plan.batch, world_size=world_size))

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from components.model.rope import apply_rope
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -103,10 +106,11 @@ class ViTConfig:
 
 @dataclass(frozen=True)
 class Preset:
-    """A named backbone and the preprocessing its weights expect."""
+    """A named backbone and the preprocessing its weights expect (shared by the families: see `families.py`)."""
 
     name: str
-    config: ViTConfig
+    config: Any
+    """The architecture: the family's frozen config (`ViTConfig` here), with `patch_size` and `img_size`."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     """Per-channel mean of `Normalize` (inputs in [0, 1])."""
     std: tuple[float, float, float] = IMAGENET_STD
@@ -117,6 +121,8 @@ class Preset:
     """Centre crop fed to the model in the official evaluation transform (a multiple of the patch size)."""
     official_name: str | None = None
     """Torch Hub name of the released backbone with this architecture (registers: append `_reg`)."""
+    family: str = "dinov2"
+    """The model family (`dinov2`, `dinov3_vit`, ...): which module builds it and which adapter loads it."""
 
     @property
     def patch_size(self) -> int:
@@ -241,21 +247,30 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU)."""
+    """Multi-head self-attention through `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU).
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    DINOv2 uses it as is. DINOv3 passes its own q, k, v projection (no bias, or a bias whose key part is masked) and
+    a RoPE table to `forward`, which rotates the queries and keys of the patch tokens (`rope.apply_rope`).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv: nn.Linear | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.qkv = qkv if qkv is not None else nn.Linear(dim, dim * 3, bias=True)  # D -> 3 D
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)  # (B, N, 3, heads, head_dim)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return self.proj(self.attend(self.qkv(x), rope))
+
+    def attend(self, qkv: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """softmax(q k^T / sqrt(head_dim)) v of projected tokens (B, N, 3 D) -> (B, N, D), heads concatenated."""
+        B, N, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        qkv = qkv.view(B, N, 3, self.num_heads, C // self.num_heads)  # (B, N, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v: (B, heads, N, head_dim)
-        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, D)
-        return self.proj(x)
+        if rope is not None:
+            q, k = apply_rope(q, k, rope)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        return x.transpose(1, 2).reshape(B, N, C)  # (B, N, D)
 
 
 class Mlp(nn.Module):
@@ -288,7 +303,11 @@ class LayerScale(nn.Module):
 
     def __init__(self, dim: int, init_value: float) -> None:
         super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+        self.init_value = float(init_value)
+        self.gamma = nn.Parameter(torch.full((dim,), self.init_value))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gamma, self.init_value)
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma
@@ -318,55 +337,79 @@ def drop_add_residual_subset(x: Tensor, residual: Callable[[Tensor], Tensor], ra
     return out.view_as(x)
 
 
+LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
+"""DINOv2's norm layer (a factory of the width)."""
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + LS1(Attn(LN1(x))), then x + LS2(FFN(LN2(x)))."""
+    """Pre-norm transformer block: x + LS1(Attn(N1(x))), then x + LS2(FFN(N2(x))).
 
-    def __init__(self, cfg: ViTConfig, drop_path_rate: float) -> None:
+    Built from its attention and feed-forward (`dinov2_block` for DINOv2's; DINOv3 builds its own). `rope`, when
+    given, goes to the attention. Stochastic depth runs the residual branch on a subset of the batch above
+    `subset_drop_above` (DINOv2: 0.1; DINOv3: any rate) and drops it per sample below.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        attn: Attention,
+        mlp: nn.Module,
+        *,
+        layerscale_init: float | None,
+        drop_path_rate: float,
+        norm_layer: Callable[[int], nn.Module] = LAYER_NORM,
+        subset_drop_above: float = 0.1,
+    ) -> None:
         super().__init__()
-        D = cfg.embed_dim
-        self.norm1 = nn.LayerNorm(D, eps=1e-6)
-        self.attn = Attention(D, cfg.num_heads)
-        self.ls1 = LayerScale(D, cfg.layerscale_init)
-        self.norm2 = nn.LayerNorm(D, eps=1e-6)
-        self.mlp: nn.Module = (SwiGLUFFN if cfg.ffn_layer == "swiglu" else Mlp)(D, cfg.ffn_hidden_dim)
-        self.ls2 = LayerScale(D, cfg.layerscale_init)
+        self.norm1 = norm_layer(dim)
+        self.attn = attn
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path_rate = drop_path_rate
+        self.subset_drop_above = subset_drop_above
 
-    def _attn_branch(self, x: Tensor) -> Tensor:
-        return self.ls1(self.attn(self.norm1(x)))
+    def _attn_branch(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x), rope=rope))
 
     def _ffn_branch(self, x: Tensor) -> Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         rate = self.drop_path_rate if self.training else 0.0
-        if rate > 0.1:  # the subset overhead is only repaid above 0.1, as in the release
-            x = drop_add_residual_subset(x, self._attn_branch, rate)
+        if rate > self.subset_drop_above:  # the subset overhead is only repaid above 0.1 (DINOv2's threshold)
+            x = drop_add_residual_subset(x, lambda t: self._attn_branch(t, rope), rate)
             return drop_add_residual_subset(x, self._ffn_branch, rate)
-        x = x + drop_path(self._attn_branch(x), rate, self.training)
+        x = x + drop_path(self._attn_branch(x, rope), rate, self.training)
         return x + drop_path(self._ffn_branch(x), rate, self.training)
 
     # -- several token batches at once (the multi-crop student) ------------------------------------------------------
 
-    def forward_packed(self, xs: Sequence[Tensor]) -> list[Tensor]:
+    def forward_packed(
+        self, xs: Sequence[Tensor], ropes: Sequence[tuple[Tensor, Tensor] | None] | None = None
+    ) -> list[Tensor]:
         """`forward` on several batches of different token counts (global and local crops) in one pass.
 
         The norms, linear layers and LayerScales run once over the rows of every batch (larger matrix products, half
-        the kernel launches for two crop sizes), attention once per batch. Stochastic-depth subsets are drawn per
-        batch in the order `forward` on each batch draws them, so both compute the same thing up to float rounding.
+        the kernel launches for two crop sizes), attention once per batch (with that batch's RoPE table, if any).
+        Stochastic-depth subsets are drawn per batch in the order `forward` on each batch draws them, so both
+        compute the same thing up to float rounding.
         """
+        ropes = list(ropes) if ropes is not None else [None] * len(xs)
         rate = self.drop_path_rate if self.training else 0.0
-        if 0.0 < rate <= 0.1:  # per-sample masks: kept as `forward` draws them
-            return [self(x) for x in xs]
+        if 0.0 < rate <= self.subset_drop_above:  # per-sample masks: kept as `forward` draws them
+            return [self(x, r) for x, r in zip(xs, ropes, strict=True)]
         if rate == 0.0:
-            xs = [x + a for x, a in zip(xs, self._attn_branches(xs), strict=True)]
+            xs = [x + a for x, a in zip(xs, self._attn_branches(xs, ropes), strict=True)]
             return [x + f for x, f in zip(xs, self._ffn_branches(xs), strict=True)]
         subsets = [max(int(x.shape[0] * (1.0 - rate)), 1) for x in xs]
         keeps = [
             (torch.randperm(x.shape[0], device=x.device)[:n], torch.randperm(x.shape[0], device=x.device)[:n])
             for x, n in zip(xs, subsets, strict=True)
         ]  # (attention, FFN) subsets of each batch, drawn batch after batch as `forward` draws them
-        for branch, which in ((self._attn_branches, 0), (self._ffn_branches, 1)):
+        branches = ((lambda subsets: self._attn_branches(subsets, ropes), 0), (self._ffn_branches, 1))
+        for branch, which in branches:
             outs = branch([x[k[which]] for x, k in zip(xs, keeps, strict=True)])
             xs = [
                 torch.index_add(x.flatten(1), 0, k[which], o.flatten(1).to(x.dtype), alpha=x.shape[0] / n).view_as(x)
@@ -374,15 +417,15 @@ class Block(nn.Module):
             ]
         return xs
 
-    def _attn_branches(self, xs: Sequence[Tensor]) -> list[Tensor]:
-        """LS1(Attn(LN1(x))) of each batch: qkv and proj over all rows at once, attention per batch."""
+    def _attn_branches(self, xs: Sequence[Tensor], ropes: Sequence[tuple[Tensor, Tensor] | None]) -> list[Tensor]:
+        """LS1(Attn(N1(x))) of each batch: qkv and proj over all rows at once, attention per batch."""
         shapes, rows = [x.shape for x in xs], [x.shape[0] * x.shape[1] for x in xs]
-        D, heads = shapes[0][-1], self.attn.num_heads
+        D = shapes[0][-1]
         qkv = self.attn.qkv(self.norm1(torch.cat([x.reshape(-1, D) for x in xs])))  # (sum B N, 3 D)
-        outs = []
-        for (B, N, _), part in zip(shapes, qkv.split(rows), strict=True):
-            q, k, v = part.view(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, hd)
-            outs.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B * N, D))
+        outs = [
+            self.attn.attend(part.view(B, N, 3 * D), rope).reshape(B * N, D)  # (B N, D)
+            for (B, N, _), part, rope in zip(shapes, qkv.split(rows), ropes, strict=True)
+        ]
         out = self.ls1(self.attn.proj(torch.cat(outs)))  # (sum B N, D)
         return [o.view(shape) for o, shape in zip(out.split(rows), shapes, strict=True)]
 
@@ -391,6 +434,15 @@ class Block(nn.Module):
         shapes, rows = [x.shape for x in xs], [x.shape[0] * x.shape[1] for x in xs]
         out = self._ffn_branch(torch.cat([x.reshape(-1, shapes[0][-1]) for x in xs]))  # (sum B N, D)
         return [o.view(shape) for o, shape in zip(out.split(rows), shapes, strict=True)]
+
+
+def dinov2_block(cfg: ViTConfig, drop_path_rate: float) -> Block:
+    """A DINOv2 block: LayerNorm (eps 1e-6), biased qkv, GELU MLP or fused SwiGLU, LayerScale."""
+    D = cfg.embed_dim
+    mlp = (SwiGLUFFN if cfg.ffn_layer == "swiglu" else Mlp)(D, cfg.ffn_hidden_dim)
+    return Block(
+        D, Attention(D, cfg.num_heads), mlp, layerscale_init=cfg.layerscale_init, drop_path_rate=drop_path_rate
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -429,7 +481,7 @@ class DinoVisionTransformer(nn.Module):
             rates = [cfg.drop_path_rate] * cfg.depth
         else:
             rates = [r.item() for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
-        self.blocks = nn.ModuleList(Block(cfg, rates[i]) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(dinov2_block(cfg, rates[i]) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Identity()  # kept for compatibility: forward() returns head(CLS)
         self.init_weights()

@@ -1,12 +1,15 @@
-"""The DINOv2 model core: backbones, heads, losses, masking, multi-crop, schedules, checkpoints and export.
+"""The model core: DINOv2 and DINOv3 backbones, heads, losses, masking, multi-crop, schedules, checkpoints, export.
 
-from components.model import build_backbone, load_official_weights
+from components.model import build_backbone, build_official_backbone, load_official_weights
 model = load_official_weights(build_backbone("vit_small"), "dinov2_vits14_pretrain.pth")
+model = load_official_weights(build_official_backbone("dinov3_vits16"), "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
 features = model.forward_features(images)  # x_norm_clstoken (B, D), x_norm_patchtokens (B, N, D), ...
 """
 
 from components.model.adapter import (
     CheckpointError,
+    checkpoint_family,
+    checkpoint_geometry,
     load_official_weights,
     normalize_state_dict,
     official_state_dict,
@@ -21,9 +24,21 @@ from components.model.augment import (
     eval_transform,
 )
 from components.model.export import export_onnx
+from components.model.families import (
+    FAMILIES,
+    OFFICIAL_MODELS,
+    PRESETS,
+    backbone_config,
+    build_backbone,
+    build_official_backbone,
+    family_of,
+    get_preset,
+    official_checkpoint_url,
+)
 from components.model.heads import DINOHead
 from components.model.losses import DINOLoss, KoLeoLoss, cross_entropy, iBOTPatchLoss, koleo_loss, sinkhorn_knopp
 from components.model.masking import MaskingGenerator
+from components.model.rope import RopePositionEmbedding
 from components.model.schedules import (
     CosineSchedule,
     TrainingSchedules,
@@ -34,20 +49,15 @@ from components.model.schedules import (
 from components.model.vit import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    OFFICIAL_MODELS,
-    PRESETS,
     DinoVisionTransformer,
     Preset,
     ViTConfig,
-    backbone_config,
     backbone_from_config,
-    build_backbone,
-    build_official_backbone,
-    get_preset,
-    official_checkpoint_url,
 )
+from components.model.vit_dinov3 import DinoV3VisionTransformer, DinoV3ViTConfig, official_file_name
 
 __all__ = [
+    "FAMILIES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "OFFICIAL_MODELS",
@@ -56,12 +66,15 @@ __all__ = [
     "CosineSchedule",
     "DINOHead",
     "DINOLoss",
+    "DinoV3ViTConfig",
+    "DinoV3VisionTransformer",
     "DinoVisionTransformer",
     "KoLeoLoss",
     "MaskingGenerator",
     "MultiCropAugmentation",
     "MultiCropCollate",
     "Preset",
+    "RopePositionEmbedding",
     "TrainingSchedules",
     "ViTConfig",
     "augmentation_from_config",
@@ -70,17 +83,21 @@ __all__ = [
     "build_backbone",
     "build_official_backbone",
     "build_schedules",
+    "checkpoint_family",
+    "checkpoint_geometry",
     "collate_from_config",
     "cosine_schedule",
     "cross_entropy",
     "eval_transform",
     "export_onnx",
+    "family_of",
     "get_preset",
     "iBOTPatchLoss",
     "koleo_loss",
     "load_official_weights",
     "normalize_state_dict",
     "official_checkpoint_url",
+    "official_file_name",
     "official_state_dict",
     "param_groups",
     "read_state_dict",

@@ -1,9 +1,10 @@
-"""ONNX export of a backbone with dynamic batch size and image size (the release never shipped one).
+"""ONNX export of a backbone with dynamic batch size and image size (the releases never shipped one).
 
 The graph takes `images` (B, 3, H, W) with H and W any multiples of the patch size and returns the normalised CLS
-token (B, D), the patch tokens (B, H/p * W/p, D) and, for register models, the registers (B, R, D). The position
-grid is resized inside the graph by the separable bicubic matrices of `vit.bicubic_resize_matrix`, which reproduce
-PyTorch's kernels (and the release's 0.1 offset) for any size.
+token (B, D), the patch tokens (B, H/p * W/p, D) and, for models with registers (DINOv2) or storage tokens (DINOv3),
+those (B, R, D), under the name of the family's features. DINOv2's position grid is resized inside the graph by the
+separable bicubic matrices of `vit.bicubic_resize_matrix`, which reproduce PyTorch's kernels (and the release's 0.1
+offset) for any size; DINOv3's RoPE tables are computed inside the graph from the symbolic grid size.
 """
 
 from __future__ import annotations
@@ -16,29 +17,31 @@ from torch import Tensor, nn
 
 from components.model.adapter import _unwrap_model
 from components.model.vit import DinoVisionTransformer
+from components.model.vit_dinov3 import DinoV3VisionTransformer
 
 _MAX_PATCHES_PER_SIDE = 1024  # 14 336 px at patch 14: a bound torch.export needs, not a practical limit
+EXTRA_TOKENS = {DinoVisionTransformer: "x_norm_regtokens", DinoV3VisionTransformer: "x_storage_tokens"}
+"""Each family's features key of its registers / storage tokens."""
+
+
+def output_names(backbone: nn.Module) -> list[str]:
+    """Names of the exported graph's outputs, in order (`forward_features` keys)."""
+    backbone = _unwrap_model(backbone)
+    names = ["x_norm_clstoken", "x_norm_patchtokens"]
+    return names + [EXTRA_TOKENS[type(backbone)]] if backbone.num_register_tokens else names
 
 
 class _Features(nn.Module):
     """forward_features as a tuple of tensors, which an exporter can name."""
 
-    def __init__(self, backbone: DinoVisionTransformer) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
+        self.names = output_names(backbone)
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         f = self.backbone.forward_features(images)
-        out = (f["x_norm_clstoken"], f["x_norm_patchtokens"])
-        if self.backbone.num_register_tokens:
-            out = out + (f["x_norm_regtokens"],)
-        return out  # type: ignore[return-value]
-
-
-def output_names(backbone: nn.Module) -> list[str]:
-    """Names of the exported graph's outputs, in order."""
-    names = ["x_norm_clstoken", "x_norm_patchtokens"]
-    return names + ["x_norm_regtokens"] if _unwrap_model(backbone).num_register_tokens else names
+        return tuple(f[name] for name in self.names)
 
 
 def export_onnx(

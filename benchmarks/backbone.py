@@ -36,8 +36,12 @@ TIMM_MODELS = {"vit_small": "vit_small_patch14_dinov2", "vit_base": "vit_base_pa
                "vit_large": "vit_large_patch14_dinov2", "vit_giant2": "vit_giant_patch14_dinov2"}  # fmt: skip
 
 
-def naive_attention(self: Attention, x: torch.Tensor) -> torch.Tensor:
-    """The release's `Attention.forward` without xFormers, for a baseline."""
+def naive_attention(
+    self: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The release's `Attention.forward` without xFormers, for a baseline (DINOv2: no RoPE)."""
+    if rope is not None:
+        raise ValueError("the naive baseline is DINOv2's attention, without RoPE")
     B, N, C = x.shape
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0] * (C // self.num_heads) ** -0.5, qkv[1], qkv[2]

@@ -168,6 +168,11 @@ def _without_norm_biases(templates: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in templates.items() if not _NORM_BIAS.search(k)}
 
 
+def _without_layerscale(templates: Mapping[str, str]) -> dict[str, str]:
+    """The key map of a model without LayerScale (`layerscale_init` None): no `ls1.gamma` / `ls2.gamma`."""
+    return {k: v for k, v in templates.items() if not k.endswith(".gamma")}
+
+
 def dinov3_key_map(model: DinoV3VisionTransformer) -> dict[str, str]:
     """The DINOv3 key map of this backbone expanded over its blocks: official key -> our parameter or buffer name."""
     cfg: DinoV3ViTConfig = model.cfg
@@ -184,6 +189,8 @@ def dinov3_key_map(model: DinoV3VisionTransformer) -> dict[str, str]:
         templates.update(DINOV3_LOCAL_CLS_NORM_KEY_MAP)
     if cfg.norm_layer == "rmsnorm":
         templates = _without_norm_biases(templates)
+    if not cfg.layerscale_init:
+        templates = _without_layerscale(templates)
     return _expand(templates, model.n_blocks)
 
 
@@ -210,8 +217,9 @@ def _dinov3_ffn_geometry(state: Mapping[str, Tensor]) -> dict[str, Any]:
 def dinov3_geometry(state: Mapping[str, Tensor]) -> dict[str, Any]:
     """The geometry a DINOv3 ViT file fixes, as `vit_dinov3.build_backbone` overrides: patch size, storage tokens,
     feed-forward type and width, qkv bias and its key mask, untied CLS norms (the 7B's and the SAT-493M ViT-L's
-    local-crop norm) and RMSNorm (norms without bias). The width, depth and heads are the preset's (a file of another
-    size does not fit it); the LayerNorm epsilon is not in a file (the preset's: 1e-5 as released)."""
+    local-crop norm), RMSNorm (norms without bias) and LayerScale's absence. The width, depth and heads are the
+    preset's (a file of another size does not fit it); the LayerNorm epsilon is not in a file (the preset's: 1e-5 as
+    released)."""
     geometry: dict[str, Any] = {
         "patch_size": int(state["patch_embed.proj.weight"].shape[-1]),
         "n_storage_tokens": int(state["storage_tokens"].shape[1]) if "storage_tokens" in state else 0,
@@ -224,6 +232,8 @@ def dinov3_geometry(state: Mapping[str, Tensor]) -> dict[str, Any]:
         geometry["mask_k_bias"] = "blocks.0.attn.qkv.bias_mask" in state
     if "norm.bias" not in state:
         geometry["norm_layer"] = "rmsnorm"
+    if "blocks.0.ls1.gamma" not in state:
+        geometry["layerscale_init"] = None
     return geometry
 
 

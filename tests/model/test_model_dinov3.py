@@ -410,6 +410,31 @@ def test_a_release_layout_state_dict_loads_strictly_and_round_trips(tmp_path):
     load_official_weights(build_official_backbone("dinov3_vit7b16", embed_dim=80, num_heads=2, depth=2), seven)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"layerscale_init": None, "norm_layer": "rmsnorm"},
+        {"qkv_bias": False, "untie_cls_and_patch_norms": True, "n_storage_tokens": 0},
+        {
+            "mask_k_bias": False,
+            "ffn_layer": "swiglu128",
+            "rope_base": None,
+            "rope_min_period": 0.5,
+            "rope_max_period": 9.0,
+        },
+    ],
+)
+def test_every_option_round_trips_strictly(overrides):
+    torch.manual_seed(0)
+    src = build_backbone("dinov3_vit_test", **overrides).eval()
+    dst = load_official_weights(build_backbone("dinov3_vit_test", **overrides), official_state_dict(src)).eval()
+    x = torch.randn(2, 3, 16, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(dst.forward_features(x)["x_prenorm"], src.forward_features(x)["x_prenorm"])
+    geometry = checkpoint_geometry(official_state_dict(src))  # what the file fixes, on the plain preset
+    check_official_weights(build_backbone("dinov3_vit_test", **geometry), official_state_dict(src))
+
+
 def test_misfits_name_the_key_and_both_shapes():
     model = build_backbone("dinov3_vit_test")
     state = official_state_dict(build_backbone("dinov3_vit_test"))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from components.model.convnext import ConvNeXt
 from components.model.vit import DinoVisionTransformer
 
 # The released backbone layout: official key -> our parameter name; `{i}` is a block index. Our modules carry the
@@ -434,3 +435,162 @@ def official_heads_state(heads: Mapping[str, Mapping[str, Tensor]], centers: Map
         if center is not None:
             out[CENTER_KEYS[name]] = center.detach().to("cpu").contiguous()
     return out
+
+
+# ======================================================================================================================
+# DINOv3 ConvNeXt backbones (`dinov3_convnext_tiny`, `_small`, `_base`, `_large`): the released layout, strictly
+# ======================================================================================================================
+# Official key -> our parameter name; `{i}` is a stage (the downsample layers before stages 1-3 are `{i}` = 1, 2, 3;
+# `downsample_layers.0` is the stem) and `{j}` a block of stage i. Our modules carry the release's names, so the map
+# is the identity; it stays literal for the same reason as `KEY_MAP`.
+CONVNEXT_STEM_KEY_MAP: dict[str, str] = {
+    "downsample_layers.0.0.weight": "downsample_layers.0.0.weight",  # [C0, 3, 4, 4], stride 4
+    "downsample_layers.0.0.bias": "downsample_layers.0.0.bias",
+    "downsample_layers.0.1.weight": "downsample_layers.0.1.weight",  # [C0], channels-first LayerNorm
+    "downsample_layers.0.1.bias": "downsample_layers.0.1.bias",
+}
+CONVNEXT_DOWNSAMPLE_KEY_MAP: dict[str, str] = {  # i = 1, 2, 3
+    "downsample_layers.{i}.0.weight": "downsample_layers.{i}.0.weight",  # [C_{i-1}], channels-first LayerNorm
+    "downsample_layers.{i}.0.bias": "downsample_layers.{i}.0.bias",
+    "downsample_layers.{i}.1.weight": "downsample_layers.{i}.1.weight",  # [C_i, C_{i-1}, 2, 2], stride 2
+    "downsample_layers.{i}.1.bias": "downsample_layers.{i}.1.bias",
+}
+CONVNEXT_BLOCK_KEY_MAP: dict[str, str] = {  # i = 0..3, j < depths[i]
+    "stages.{i}.{j}.dwconv.weight": "stages.{i}.{j}.dwconv.weight",  # [C_i, 1, 7, 7], depthwise
+    "stages.{i}.{j}.dwconv.bias": "stages.{i}.{j}.dwconv.bias",
+    "stages.{i}.{j}.norm.weight": "stages.{i}.{j}.norm.weight",  # [C_i], channels-last LayerNorm
+    "stages.{i}.{j}.norm.bias": "stages.{i}.{j}.norm.bias",
+    "stages.{i}.{j}.pwconv1.weight": "stages.{i}.{j}.pwconv1.weight",  # [4 C_i, C_i]
+    "stages.{i}.{j}.pwconv1.bias": "stages.{i}.{j}.pwconv1.bias",
+    "stages.{i}.{j}.pwconv2.weight": "stages.{i}.{j}.pwconv2.weight",  # [C_i, 4 C_i]
+    "stages.{i}.{j}.pwconv2.bias": "stages.{i}.{j}.pwconv2.bias",
+}
+CONVNEXT_GAMMA_KEY_MAP: dict[str, str] = {"stages.{i}.{j}.gamma": "stages.{i}.{j}.gamma"}  # [C_i], LayerScale > 0
+CONVNEXT_NORM_KEY_MAP: dict[str, str] = {
+    "norm.weight": "norm.weight",  # [C3], the final LayerNorm
+    "norm.bias": "norm.bias",
+    "norms.3.weight": "norms.3.weight",  # the same tensors again: the release's `norms[3]` is `norm`
+    "norms.3.bias": "norms.3.bias",
+}
+CONVNEXT_SHARED_NORM = {"norm.weight": "norms.3.weight", "norm.bias": "norms.3.bias"}
+"""The final norm's two spellings in the released layout (one module, so one tensor under two keys)."""
+
+
+def convnext_key_map(model: ConvNeXt) -> dict[str, str]:
+    """The ConvNeXt key map expanded over its stages and blocks: official key -> our parameter name."""
+    expanded = {**CONVNEXT_STEM_KEY_MAP, **CONVNEXT_NORM_KEY_MAP}
+    for i in range(1, len(model.cfg.depths)):
+        expanded |= {k.format(i=i): v.format(i=i) for k, v in CONVNEXT_DOWNSAMPLE_KEY_MAP.items()}
+    block_map = {**CONVNEXT_BLOCK_KEY_MAP, **(CONVNEXT_GAMMA_KEY_MAP if model.cfg.layer_scale_init > 0 else {})}
+    for i, depth in enumerate(model.cfg.depths):
+        for j in range(depth):
+            expanded |= {k.format(i=i, j=j): v.format(i=i, j=j) for k, v in block_map.items()}
+    return expanded
+
+
+def _unwrap_convnext(model: nn.Module) -> ConvNeXt:
+    """The ConvNeXt inside DDP (`.module`) or `torch.compile` (`._orig_mod`) wrappers."""
+    while not isinstance(model, ConvNeXt):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            raise TypeError(f"expected a ConvNeXt, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def _complete_shared_norm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The final norm under both of its released keys: a file holding one spelling (a writer that drops shared
+    tensors, as safetensors' `save_model`) gets the other; a file holding two different tensors is an error."""
+    out = dict(state)
+    for key, alias in CONVNEXT_SHARED_NORM.items():
+        if key in out and alias in out:
+            if out[key].shape == out[alias].shape and not torch.equal(out[key], out[alias]):
+                raise CheckpointError(f"checkpoint keys {key!r} and {alias!r} differ; the release holds one tensor")
+        elif key in out or alias in out:
+            out.setdefault(key, out.get(alias))  # type: ignore[arg-type]
+            out.setdefault(alias, out[key])
+    return out
+
+
+def _convnext_fit_problems(backbone: ConvNeXt, state: Mapping[str, Tensor]) -> list[str]:
+    """What keeps a released-layout state dict from loading into the ConvNeXt, one line per key."""
+    key_map, ours = convnext_key_map(backbone), backbone.state_dict()
+    if set(key_map.values()) != set(ours):  # an internal invariant: the key map covers the model exactly
+        raise RuntimeError(f"ConvNeXt key map out of sync with the model: {sorted(set(ours) ^ set(key_map.values()))}")
+    problems = [f"missing key {k!r} (expected shape {list(ours[key_map[k]].shape)})" for k in key_map if k not in state]
+    problems += [f"unexpected key {k!r} (shape {list(v.shape)})" for k, v in state.items() if k not in key_map]
+    problems += [
+        f"shape mismatch for {k!r}: checkpoint {list(state[k].shape)}, model {list(ours[v].shape)}"
+        for k, v in key_map.items()
+        if k in state and state[k].shape != ours[v].shape
+    ]
+    return problems
+
+
+def load_convnext_weights(model: nn.Module, path_or_state_dict: str | Path | Mapping[str, Any]) -> ConvNeXt:
+    """Loads released (or training) DINOv3 ConvNeXt weights into `model`, strictly.
+
+    Args:
+        model: a ConvNeXt of the checkpoint's architecture (see `build_convnext`, and `convnext_geometry` for the
+            depths and widths a file holds), possibly wrapped by DDP or `torch.compile`.
+        path_or_state_dict: a released `.pth`, a `.safetensors` file, a training checkpoint (wrapper prefixes
+            `module.`, `teacher.`, `student.`, `backbone.` stripped, heads dropped: `normalize_state_dict`) or any
+            of them in memory.
+
+    Returns:
+        The ConvNeXt, with its parameters overwritten (dtype and device kept).
+
+    Raises:
+        CheckpointError: a key is missing or unexpected, or a tensor's shape differs (named with both shapes).
+    """
+    backbone = _unwrap_convnext(model)
+    raw = read_state_dict(path_or_state_dict) if isinstance(path_or_state_dict, str | Path) else path_or_state_dict
+    state = _complete_shared_norm(normalize_state_dict(raw))
+    problems = _convnext_fit_problems(backbone, state)
+    if problems:
+        raise CheckpointError("checkpoint does not fit the ConvNeXt:\n  " + "\n  ".join(problems))
+    key_map = convnext_key_map(backbone)
+    backbone.load_state_dict({key_map[k]: v for k, v in state.items()}, strict=True)
+    return backbone
+
+
+def convnext_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Our ConvNeXt's weights as a released-layout state dict (CPU, contiguous, one copy per key, the final norm
+    under both of its keys; `dtype` None keeps the model's), which the release's hub loader loads strictly."""
+    backbone = _unwrap_convnext(model)
+    ours = backbone.state_dict()
+    out = {}
+    for official, name in convnext_key_map(backbone).items():
+        t = ours[name].detach().to("cpu")
+        out[official] = (t.to(dtype) if dtype is not None else t).contiguous().clone()
+    return out
+
+
+_CONVNEXT_DWCONV = re.compile(r"^stages\.(\d+)\.(\d+)\.dwconv\.weight$")
+
+
+def convnext_geometry(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture a ConvNeXt checkpoint's weights fix, as `build_convnext` overrides: `depths` and `dims`
+    (blocks and channels of each stage), and `layer_scale_init` 0 when its blocks have no LayerScale.
+
+    Raises:
+        CheckpointError: the checkpoint holds no ConvNeXt stages, or a stage without blocks.
+    """
+    state = normalize_state_dict(checkpoint)
+    blocks: dict[int, dict[int, int]] = {}  # stage -> block -> channels
+    for key, value in state.items():
+        match = _CONVNEXT_DWCONV.match(key)
+        if match:
+            blocks.setdefault(int(match[1]), {})[int(match[2])] = int(value.shape[0])
+    if not blocks:
+        raise CheckpointError("not a ConvNeXt checkpoint: no key 'stages.<i>.<j>.dwconv.weight'")
+    stages = sorted(blocks)
+    if stages != list(range(len(stages))):
+        raise CheckpointError(f"ConvNeXt checkpoint with stages {stages}: expected 0..{len(stages) - 1}")
+    geometry: dict[str, Any] = {
+        "depths": tuple(max(blocks[i]) + 1 for i in stages),
+        "dims": tuple(blocks[i][0] for i in stages),
+    }
+    if not any(key.endswith(".gamma") for key in state if key.startswith("stages.")):
+        geometry["layer_scale_init"] = 0.0
+    return geometry

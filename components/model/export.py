@@ -3,7 +3,9 @@
 The graph takes `images` (B, 3, H, W) with H and W any multiples of the patch size and returns the normalised CLS
 token (B, D), the patch tokens (B, H/p * W/p, D) and, for register models, the registers (B, R, D). The position
 grid is resized inside the graph by the separable bicubic matrices of `vit.bicubic_resize_matrix`, which reproduce
-PyTorch's kernels (and the release's 0.1 offset) for any size.
+PyTorch's kernels (and the release's 0.1 offset) for any size. A DINOv3 ConvNeXt exports the same two outputs, for
+H and W any multiples of its stride 32 (patch tokens on the stride-32 grid, or on the pseudo-patch grid with
+`resize_patch_tokens`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from components.model.adapter import _unwrap_model
+from components.model.adapter import _unwrap_convnext, _unwrap_model
+from components.model.convnext import STRIDE, ConvNeXt
 from components.model.vit import DinoVisionTransformer
 
 _MAX_PATCHES_PER_SIDE = 1024  # 14 336 px at patch 14: a bound torch.export needs, not a practical limit
@@ -23,7 +26,7 @@ _MAX_PATCHES_PER_SIDE = 1024  # 14 336 px at patch 14: a bound torch.export need
 class _Features(nn.Module):
     """forward_features as a tuple of tensors, which an exporter can name."""
 
-    def __init__(self, backbone: DinoVisionTransformer) -> None:
+    def __init__(self, backbone: DinoVisionTransformer | ConvNeXt) -> None:
         super().__init__()
         self.backbone = backbone
 
@@ -35,10 +38,21 @@ class _Features(nn.Module):
         return out  # type: ignore[return-value]
 
 
+def _unwrap_backbone(model: nn.Module) -> DinoVisionTransformer | ConvNeXt:
+    """The ViT or ConvNeXt inside DDP / `torch.compile` wrappers."""
+    try:
+        return _unwrap_model(model)
+    except TypeError:
+        try:
+            return _unwrap_convnext(model)
+        except TypeError:
+            raise TypeError(f"expected a ViT or ConvNeXt backbone, got {type(model).__name__}") from None
+
+
 def output_names(backbone: nn.Module) -> list[str]:
     """Names of the exported graph's outputs, in order."""
     names = ["x_norm_clstoken", "x_norm_patchtokens"]
-    return names + ["x_norm_regtokens"] if _unwrap_model(backbone).num_register_tokens else names
+    return names + ["x_norm_regtokens"] if _unwrap_backbone(backbone).num_register_tokens else names
 
 
 def export_onnx(
@@ -61,8 +75,9 @@ def export_onnx(
     Returns:
         The path written. Input `images` (B, 3, H, W); outputs as `output_names(model)`.
     """
-    backbone = _unwrap_model(model)
-    p = backbone.patch_size
+    backbone = _unwrap_backbone(model)
+    # A ConvNeXt's input side is a multiple of its stride (32), so that every stage's grid is exact.
+    p = STRIDE if isinstance(backbone, ConvNeXt) else backbone.patch_size
     if example_size[0] % p or example_size[1] % p or example_batch < 2:
         raise ValueError(f"example_size must be multiples of {p} and example_batch >= 2")
     path = Path(path)

@@ -97,7 +97,7 @@ CONVNEXT_FILES: dict[str, str] = {
     "dinov3_convnext_base": "dinov3_convnext_base_pretrain_lvd1689m-801f2ba9.pth",
     "dinov3_convnext_large": "dinov3_convnext_large_pretrain_lvd1689m-61fa432d.pth",
 }
-"""Hub name -> the released weights' file name (LVD-1689M; the release's base URL is access-gated, no URL here)."""
+"""Hub name -> the released weights' file (LVD-1689M), as the release's hub composes it (`dinov3_<arch>/<file>`)."""
 
 _OVERRIDABLE = ("depths", "dims", "drop_path_rate", "patch_size", "resize_patch_tokens", "layer_scale_init")
 

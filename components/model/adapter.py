@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from components.model.convnext import ConvNeXt
 from components.model.vit import DinoVisionTransformer
 from components.model.vit_dinov3 import SWIGLU_ALIGN, DinoV3VisionTransformer, DinoV3ViTConfig
 
@@ -375,7 +376,8 @@ def _fit_problems(backbone: nn.Module, state: Mapping[str, Tensor]) -> list[str]
 def check_official_weights(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
     """Raises `CheckpointError` when `checkpoint` would not load into `model` (which may live on the meta device:
     nothing is loaded), naming each key and both shapes."""
-    problems = _fit_problems(_unwrap_model(model), normalize_state_dict(checkpoint))
+    backbone = _unwrap_model(model)
+    problems = _fit_problems(backbone, _layout_of_model(backbone).complete(normalize_state_dict(checkpoint)))
     if problems:
         raise CheckpointError("checkpoint does not fit the backbone:\n  " + "\n  ".join(problems))
 
@@ -404,7 +406,7 @@ def load_official_weights(model: nn.Module, path_or_state_dict: str | Path | Map
     """
     backbone = _unwrap_model(model)
     raw = read_state_dict(path_or_state_dict) if isinstance(path_or_state_dict, str | Path) else path_or_state_dict
-    state = normalize_state_dict(raw)
+    state = _layout_of_model(backbone).complete(normalize_state_dict(raw))
     problems = _fit_problems(backbone, state)
     if problems:
         raise CheckpointError("checkpoint does not fit the backbone:\n  " + "\n  ".join(problems))
@@ -645,12 +647,118 @@ class Layout:
     """Normalised state dict -> the overrides of the family's builder that the file fixes."""
     metadata_key: str
     """Name of the config entry in the metadata of a `.safetensors` file we write."""
+    complete: Callable[[Mapping[str, Tensor]], dict[str, Tensor]] = dict
+    """Normalised state dict -> the same with any key the family's files may leave out filled in (ConvNeXt's final
+    norm, stored under two names)."""
+
+
+# ======================================================================================================================
+# DINOv3 ConvNeXt backbones (`dinov3_convnext_tiny`, `_small`, `_base`, `_large`): the released layout, strictly
+# ======================================================================================================================
+# Official key -> our parameter name; `{i}` is a stage (the downsample layers before stages 1-3 are `{i}` = 1, 2, 3;
+# `downsample_layers.0` is the stem) and `{j}` a block of stage i. Our modules carry the release's names, so the map
+# is the identity; it stays literal for the same reason as `KEY_MAP`.
+CONVNEXT_STEM_KEY_MAP: dict[str, str] = {
+    "downsample_layers.0.0.weight": "downsample_layers.0.0.weight",  # [C0, 3, 4, 4], stride 4
+    "downsample_layers.0.0.bias": "downsample_layers.0.0.bias",
+    "downsample_layers.0.1.weight": "downsample_layers.0.1.weight",  # [C0], channels-first LayerNorm
+    "downsample_layers.0.1.bias": "downsample_layers.0.1.bias",
+}
+CONVNEXT_DOWNSAMPLE_KEY_MAP: dict[str, str] = {  # i = 1, 2, 3
+    "downsample_layers.{i}.0.weight": "downsample_layers.{i}.0.weight",  # [C_{i-1}], channels-first LayerNorm
+    "downsample_layers.{i}.0.bias": "downsample_layers.{i}.0.bias",
+    "downsample_layers.{i}.1.weight": "downsample_layers.{i}.1.weight",  # [C_i, C_{i-1}, 2, 2], stride 2
+    "downsample_layers.{i}.1.bias": "downsample_layers.{i}.1.bias",
+}
+CONVNEXT_BLOCK_KEY_MAP: dict[str, str] = {  # i = 0..3, j < depths[i]
+    "stages.{i}.{j}.dwconv.weight": "stages.{i}.{j}.dwconv.weight",  # [C_i, 1, 7, 7], depthwise
+    "stages.{i}.{j}.dwconv.bias": "stages.{i}.{j}.dwconv.bias",
+    "stages.{i}.{j}.norm.weight": "stages.{i}.{j}.norm.weight",  # [C_i], channels-last LayerNorm
+    "stages.{i}.{j}.norm.bias": "stages.{i}.{j}.norm.bias",
+    "stages.{i}.{j}.pwconv1.weight": "stages.{i}.{j}.pwconv1.weight",  # [4 C_i, C_i]
+    "stages.{i}.{j}.pwconv1.bias": "stages.{i}.{j}.pwconv1.bias",
+    "stages.{i}.{j}.pwconv2.weight": "stages.{i}.{j}.pwconv2.weight",  # [C_i, 4 C_i]
+    "stages.{i}.{j}.pwconv2.bias": "stages.{i}.{j}.pwconv2.bias",
+}
+CONVNEXT_GAMMA_KEY_MAP: dict[str, str] = {"stages.{i}.{j}.gamma": "stages.{i}.{j}.gamma"}  # [C_i], LayerScale > 0
+CONVNEXT_NORM_KEY_MAP: dict[str, str] = {
+    "norm.weight": "norm.weight",  # [C3], the final LayerNorm
+    "norm.bias": "norm.bias",
+    "norms.3.weight": "norms.3.weight",  # the same tensors again: the release's `norms[3]` is `norm`
+    "norms.3.bias": "norms.3.bias",
+}
+CONVNEXT_SHARED_NORM = {"norm.weight": "norms.3.weight", "norm.bias": "norms.3.bias"}
+"""The final norm's two spellings in the released layout (one module, so one tensor under two keys)."""
+
+
+def convnext_key_map(model: ConvNeXt) -> dict[str, str]:
+    """The ConvNeXt key map expanded over its stages and blocks: official key -> our parameter name."""
+    expanded = {**CONVNEXT_STEM_KEY_MAP, **CONVNEXT_NORM_KEY_MAP}
+    for i in range(1, len(model.cfg.depths)):
+        expanded |= {k.format(i=i): v.format(i=i) for k, v in CONVNEXT_DOWNSAMPLE_KEY_MAP.items()}
+    block_map = {**CONVNEXT_BLOCK_KEY_MAP, **(CONVNEXT_GAMMA_KEY_MAP if model.cfg.layer_scale_init > 0 else {})}
+    for i, depth in enumerate(model.cfg.depths):
+        for j in range(depth):
+            expanded |= {k.format(i=i, j=j): v.format(i=i, j=j) for k, v in block_map.items()}
+    return expanded
+
+
+def _complete_shared_norm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The final norm under both of its released keys: a file holding one spelling (a writer that drops shared
+    tensors, as safetensors' `save_model`) gets the other; a file holding two different tensors is an error."""
+    out = dict(state)
+    for key, alias in CONVNEXT_SHARED_NORM.items():
+        if key in out and alias in out:
+            if out[key].shape == out[alias].shape and not torch.equal(out[key], out[alias]):
+                raise CheckpointError(f"checkpoint keys {key!r} and {alias!r} differ; the release holds one tensor")
+        elif key in out or alias in out:
+            out.setdefault(key, out.get(alias))  # type: ignore[arg-type]
+            out.setdefault(alias, out[key])
+    return out
+
+
+_CONVNEXT_DWCONV = re.compile(r"^stages\.(\d+)\.(\d+)\.dwconv\.weight$")
+
+
+def convnext_geometry(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The architecture a normalised ConvNeXt state dict fixes, as `build_convnext` overrides: `depths` and `dims`
+    (blocks and channels of each stage), and `layer_scale_init` 0 when its blocks have no LayerScale.
+
+    Raises:
+        CheckpointError: the checkpoint holds no ConvNeXt stages, or a stage without blocks.
+    """
+    blocks: dict[int, dict[int, int]] = {}  # stage -> block -> channels
+    for key, value in state.items():
+        match = _CONVNEXT_DWCONV.match(key)
+        if match:
+            blocks.setdefault(int(match[1]), {})[int(match[2])] = int(value.shape[0])
+    if not blocks:
+        raise CheckpointError("not a ConvNeXt checkpoint: no key 'stages.<i>.<j>.dwconv.weight'")
+    stages = sorted(blocks)
+    if stages != list(range(len(stages))):
+        raise CheckpointError(f"ConvNeXt checkpoint with stages {stages}: expected 0..{len(stages) - 1}")
+    geometry: dict[str, Any] = {
+        "depths": tuple(max(blocks[i]) + 1 for i in stages),
+        "dims": tuple(blocks[i][0] for i in stages),
+    }
+    if not any(key.endswith(".gamma") for key in state if key.startswith("stages.")):
+        geometry["layer_scale_init"] = 0.0
+    return geometry
 
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout("dinov2", DinoVisionTransformer, "pos_embed", dinov2_key_map, dinov2_geometry, "dinov2_config"),
     Layout(
         "dinov3_vit", DinoV3VisionTransformer, "rope_embed.periods", dinov3_key_map, dinov3_geometry, "dinov3_config"
+    ),
+    Layout(
+        "dinov3_convnext",
+        ConvNeXt,
+        "downsample_layers.0.0.weight",
+        convnext_key_map,
+        convnext_geometry,
+        "convnext_config",
+        complete=_complete_shared_norm,
     ),
 )
 """Every family's layout (a new family: its key map section above, and one entry here)."""

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from components.model.adapter import _unwrap_model
+from components.model.convnext import STRIDE, ConvNeXt
 from components.model.vit import DinoVisionTransformer
 from components.model.vit_dinov3 import DinoV3VisionTransformer
 
@@ -65,7 +66,8 @@ def export_onnx(
         The path written. Input `images` (B, 3, H, W); outputs as `output_names(model)`.
     """
     backbone = _unwrap_model(model)
-    p = backbone.patch_size
+    # A ConvNeXt's input side is a multiple of its stride (32), so that every stage's grid is exact.
+    p = STRIDE if isinstance(backbone, ConvNeXt) else backbone.patch_size
     if example_size[0] % p or example_size[1] % p or example_batch < 2:
         raise ValueError(f"example_size must be multiples of {p} and example_batch >= 2")
     path = Path(path)

@@ -1,6 +1,7 @@
 """Backbone families by name: which module builds a preset or a released backbone, for every family at once.
 
-Each family module keeps its own presets and builder (`vit.py`: DINOv2; `vit_dinov3.py`: the DINOv3 ViTs); this
+Each family module keeps its own presets and builder (`vit.py`: DINOv2; `vit_dinov3.py`: the DINOv3 ViTs;
+`convnext.py`: the DINOv3 ConvNeXts); this
 registry finds the family of a name and hands the call over, so that `build_backbone("vit_small")` and
 `build_backbone("dinov3_vitl16")` read the same. A new family is one `Family` entry in `FAMILIES`.
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from components.model import vit, vit_dinov3
+from components.model import convnext, vit, vit_dinov3
 from components.model.vit import Preset
 
 
@@ -56,6 +57,15 @@ FAMILIES: tuple[Family, ...] = (
         vit_dinov3.build_backbone,
         vit_dinov3.build_official_backbone,
         vit_dinov3.official_checkpoint_url,
+    ),
+    Family(
+        convnext.FAMILY,
+        convnext.PRESETS,
+        convnext.OFFICIAL_MODELS,
+        convnext.convnext_config,
+        convnext.build_convnext,
+        convnext.build_convnext,
+        convnext.official_checkpoint_url,
     ),
 )
 

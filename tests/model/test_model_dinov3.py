@@ -381,7 +381,7 @@ def release_state(layout: dict[str, tuple[int, ...]], heads: int, seed: int) -> 
     return seeded_weights(state, seed)
 
 
-@pytest.mark.parametrize("name", [n for n in OFFICIAL_MODELS if n.startswith("dinov3_")])
+@pytest.mark.parametrize("name", [n for n in OFFICIAL_MODELS if n.startswith("dinov3_vit")])
 def test_released_layouts_and_sizes(name):
     """Every released ViT at full size on the meta device: exactly the release's keys and shapes and its size."""
     with torch.device("meta"):
@@ -605,7 +605,7 @@ def test_training_with_drop_path_backpropagates():
 
 def test_presets_builders_and_initialisation():
     dinov3 = [n for n, p in PRESETS.items() if p.family == "dinov3_vit"]
-    assert set(dinov3) == {"dinov3_vit_test", *(n for n in OFFICIAL_MODELS if n.startswith("dinov3_"))}
+    assert set(dinov3) == {"dinov3_vit_test", *(n for n in OFFICIAL_MODELS if n.startswith("dinov3_vit"))}
     for name in dinov3:
         p = get_preset(name)
         assert p.patch_size == 16 and p.eval_crop == 224 and p.mean == (0.485, 0.456, 0.406)

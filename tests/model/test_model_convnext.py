@@ -95,7 +95,9 @@ def reference():
 
 
 def _loaded(state, **overrides) -> ConvNeXt:
-    return load_official_weights(build_convnext("convnext_test", **checkpoint_geometry(state), **overrides), state).eval()
+    return load_official_weights(
+        build_convnext("convnext_test", **checkpoint_geometry(state), **overrides), state
+    ).eval()
 
 
 # -- fidelity to the release -------------------------------------------------------------------------------------------

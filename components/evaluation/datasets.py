@@ -1,7 +1,7 @@
 """Loaders for the evaluation folder formats: which images, labels and targets each task uses.
 
-The layout (under the raw root, `data.raw`; docs/evaluation.md shows how to arrange NYU-Depth V2, ADE20K,
-Oxford-IIIT Pets and the like this way):
+The layout of one's own data (under the raw root, `data.raw`; the paper's benchmarks are read from their publishers'
+layouts instead, by components/evaluation/benchmarks/):
 ```
 eval/classification/{train,val,test}/<class>/<image>
 eval/segmentation/{train,val}/images/<id>.<ext> + masks/<id>.png     8-bit class index per pixel, 255 = ignore

@@ -37,7 +37,7 @@ import pandas as pd
 
 from components import storage
 from components.config import PipelineConfig
-from components.evaluation.benchmarks.run import LoadedBenchmark, evaluate_benchmark, load_benchmark
+from components.evaluation.benchmarks.run import LoadedBenchmark, evaluate_benchmark, image_uris, load_benchmark
 from components.evaluation.context import ModelResult
 from components.evaluation.datasets import load_eval_datasets
 from components.evaluation.metrics import BENCHMARK_SEP, metric_spec, mlflow_key
@@ -154,6 +154,15 @@ def _log_eval_sets(run: StageRun, manifest: pd.DataFrame, raw: str) -> None:
         run.log_dataset(DatasetRecord(str(source), where, digest, len(part), "evaluation", dataset_columns(part)))
 
 
+def _log_benchmark_set(run: StageRun, loaded: LoadedBenchmark) -> None:
+    """A benchmark's images as an MLflow dataset of the run (its identity: the images read, in order)."""
+    from components.tracking import DatasetRecord, dataset_digest
+
+    uris = image_uris(loaded.data)
+    run.log_dataset(DatasetRecord(loaded.name, loaded.root, dataset_digest(uris, [""] * len(uris)), len(uris),
+                                  "evaluation"))  # fmt: skip
+
+
 def load_benchmarks(cfg: PipelineConfig) -> list[LoadedBenchmark]:
     """Every benchmark of `evaluate.benchmarks`, read and checked before any model is built."""
     out = []
@@ -203,6 +212,8 @@ def run_evaluate(
         if manifest is not None:
             _log_eval_sets(run, manifest, cfg.data.raw)
         benchmarks = load_benchmarks(cfg)
+        for loaded in benchmarks:
+            _log_benchmark_set(run, loaded)
         specs = model_specs(cfg, pretrained, distilled, final)
         if not specs:
             raise ValueError(f"no model to evaluate: no model.json under {pretrained} or {distilled}, "

@@ -575,6 +575,21 @@ Corruption = Literal[
 ALL_EVAL_TASKS: tuple[EvalTask, ...] = ("knn", "linear", "logreg", "retrieval", "segmentation", "depth", "robustness")
 ALL_CORRUPTIONS: tuple[Corruption, ...] = Corruption.__args__  # type: ignore[attr-defined]
 PAPER_LINEAR_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+BenchmarkName = Literal[
+    "imagenet1k", "cifar10", "cifar100", "pets", "food101", "imagefolder", "imagenet_c", "imagenet_a", "imagenet_r",
+    "imagenet_sketch", "roxford5k", "rparis6k", "amstertime", "pitts30k", "ade20k", "voc2012", "cityscapes",
+    "nyu_depth_v2", "kitti",
+]  # fmt: skip
+"""The registry's names (components/evaluation/benchmarks: `BENCHMARKS`; a test keeps the two equal)."""
+
+
+class BenchmarkSource(Section):
+    """Where a benchmark's data is, as its publisher ships it."""
+
+    root: str = Field(min_length=1)
+    """The benchmark's folder: a local path or an s3:// prefix."""
+    train_root: str | None = None
+    """ImageNet-1k's root for the robustness benchmarks (imagenet_c, _a, _r, _sketch): its classifier is scored."""
 
 
 class EvaluateConfig(Section):
@@ -693,6 +708,9 @@ class EvaluateConfig(Section):
     """mCE normaliser: the name of an evaluated model, or a JSON file {corruption: [error at each severity]}."""
     num_figure_samples: int = Field(4, ge=0, le=32)
     """Images per figure (PCA of patch features, retrieval, segmentation, depth) saved for the report."""
+    benchmarks: dict[BenchmarkName, str | BenchmarkSource] = Field(default_factory=dict)
+    """The paper's benchmarks run for every model beside the tasks above, read from their publishers' layouts:
+    name -> root (local or s3://), or {root, train_root}; results `<name>-<result>` (docs/evaluation.md)."""
 
     @field_validator("knn_k", "knn_few_shot", "linear_n_blocks", "retrieval_ks")
     @classmethod
@@ -766,8 +784,8 @@ class ReportConfig(Section):
     @field_validator("gate_metric")
     @classmethod
     def _task_metric(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9_]+\.[A-Za-z0-9_@]+", v):
-            raise ValueError("expected <task>.<metric>, e.g. knn.top1, linear.top1, depth_linear.rmse")
+        if not re.fullmatch(r"[a-z0-9_]+(-[a-z0-9_]+)?\.[A-Za-z0-9_@]+", v):
+            raise ValueError("expected <task>.<metric>, e.g. knn.top1, depth_linear.rmse, ade20k-segmentation_ms.miou")
         return v
 
     @field_validator("champion_alias")

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from components.cli import STAGES, build_parser
+from components.stages.specs import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -62,6 +63,18 @@ def test_every_stage_has_help(stage):
     assert "--params" in proc.stdout
     for arg in STAGES[stage].paths:
         assert f"--{arg.name}" in proc.stdout
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_commands_are_not_dvc_stages_and_have_help(command):
+    """`benchmark` and the like read data outside the repository: dispatched like a stage, absent from dvc.yaml."""
+    assert command not in DVC and command not in STAGES
+    proc = subprocess.run(
+        [sys.executable, "-m", "components", command, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0
+    for flag in ("--params", "--recipe", *(f"--{arg.name.replace('_', '-')}" for arg in COMMANDS[command].paths)):
+        assert flag in proc.stdout
 
 
 def test_unknown_stage_is_refused():

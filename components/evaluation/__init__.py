@@ -11,6 +11,10 @@ Modules, from the bottom up:
     models        discovery of the backbones to evaluate (`model.json` descriptors) and their loading
     runner        every task for one model, and the robustness normalisation across models
     report        comparison tables, figures, the quality gate and the MLflow Model Registry entry
+    benchmarks    the paper's benchmarks read from their publishers' layouts: one reader per dataset family and a
+                  registry (reader + protocol); `python -m components benchmark`, `evaluate.benchmarks`
+    items         pictures inside a publisher's file (CIFAR pickles, NYU's .mat) and query crops, read in place
+    alexnet_c     AlexNet's published ImageNet-C errors, the normaliser of the benchmark's mCE
     outputs       strict JSON and safe clearing of the stages' output folders
 
 docs/evaluation.md gives the metric definitions and the dataset folder formats.

@@ -1,7 +1,7 @@
 """Loaders for the evaluation folder formats: which images, labels and targets each task uses.
 
-The layout (under the raw root, `data.raw`; docs/evaluation.md shows how to arrange NYU-Depth V2, ADE20K,
-Oxford-IIIT Pets and the like this way):
+The layout of one's own data (under the raw root, `data.raw`; the paper's benchmarks are read from their publishers'
+layouts instead, by components/evaluation/benchmarks/):
 ```
 eval/classification/{train,val,test}/<class>/<image>
 eval/segmentation/{train,val}/images/<id>.<ext> + masks/<id>.png     8-bit class index per pixel, 255 = ignore
@@ -33,6 +33,7 @@ import pandas as pd
 from PIL import Image
 
 from components import storage
+from components.evaluation import items
 from components.log import get_logger
 
 log = get_logger(__name__)
@@ -71,6 +72,12 @@ class ClassificationData:
     class_names: tuple[str, ...]
     splits: dict[str, ImageSet]
     """train (memory bank, probe training), val (probe selection; may be empty), test (reported)."""
+    test_classes: tuple[int, ...] | None = None
+    """Classes the test set is scored over (ImageNet-A and -R: their 200 of ImageNet's 1000, the other scores left
+    out); None: all."""
+    corrupted: dict[tuple[str, int], ImageSet] | None = None
+    """Released corrupted copies of the test set (ImageNet-C: (corruption, severity) -> images), read instead of
+    rendering the corruptions; None: the robustness task renders them."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ class SegmentationData:
     ignore_index: int = DEFAULT_IGNORE_INDEX
     reduce_zero_label: bool = False
     """ADE20K convention: mask value 0 means "other" (ignored) and class k is stored as k + 1."""
+    label_map: np.ndarray | None = None
+    """(256,) uint8 lookup applied to every stored value first (Cityscapes: labelIds -> train ids, 255 = ignore)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,9 @@ class RetrievalData:
     query_xy: np.ndarray | None = None
     """(Q, 2) positions from positions.csv, for positives by distance; None without that file."""
     database_xy: np.ndarray | None = None
+    ground_truth: tuple[dict[str, np.ndarray], ...] | None = None
+    """Revisited Oxford / Paris: per query, database indices `easy`, `hard` and `junk`; scored with the revisited
+    Easy / Medium / Hard protocols (`metrics.revisited_map`) instead of identities."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +145,10 @@ class EvalDatasets:
 
 
 def read_rgb(uri: str) -> Image.Image:
-    """Decodes an image as RGB (EXIF orientation is not applied: evaluation sets store pixels as they are)."""
+    """Decodes an image as RGB (EXIF orientation is not applied: evaluation sets store pixels as they are); an item
+    URI (a CIFAR record, a NYU frame, a query crop: `components.evaluation.items`) is read from its container."""
+    if items.is_item(uri):
+        return items.read_item_rgb(uri)
     with Image.open(io.BytesIO(storage.read_bytes(uri))) as img:
         return img.convert("RGB")
 
@@ -150,7 +165,9 @@ def read_mask(uri: str) -> np.ndarray:
 
 
 def read_depth(uri: str, depth_scale: float) -> np.ndarray:
-    """(H, W) float32 depth in metres; 0 where the sensor gave no value."""
+    """(H, W) float32 depth in metres; 0 where the sensor gave no value (item URIs: NYU's depths, see `items`)."""
+    if items.is_item(uri):
+        return items.read_item_depth(uri) / np.float32(depth_scale)
     with Image.open(io.BytesIO(storage.read_bytes(uri))) as img:
         raw = np.asarray(img)
     if raw.ndim != 2:
@@ -367,8 +384,15 @@ def load_eval_datasets(raw: str | None = None, manifest: pd.DataFrame | None = N
 
 
 def load_masks(data: SegmentationData, split: str) -> list[np.ndarray]:
-    """The split's masks as class indices, with `reduce_zero_label` applied (0 -> ignore, k -> k - 1)."""
-    masks = read_many(read_mask, data.splits[split].target_uris)
+    """The split's masks as class indices: `label_map` applied, then `reduce_zero_label` (0 -> ignore, k -> k - 1).
+
+    Raises:
+        ValueError: A mask holds a class index at or above `num_classes` (other than the ignore index), naming it.
+    """
+    uris = data.splits[split].target_uris
+    masks = read_many(read_mask, uris)
+    if data.label_map is not None:
+        masks = [data.label_map[m] for m in masks]
     if data.reduce_zero_label:
         out = []
         for m in masks:
@@ -377,6 +401,12 @@ def load_masks(data: SegmentationData, split: str) -> list[np.ndarray]:
             m[m == data.ignore_index - 1] = data.ignore_index  # the ignore value itself stays ignored
             out.append(m.astype(np.uint8))
         masks = out
+    if data.num_classes is not None:
+        for uri, m in zip(uris, masks, strict=True):
+            bad = m[(m != data.ignore_index) & (m >= data.num_classes)]
+            if bad.size:
+                raise ValueError(f"{uri}: class index {int(bad.max())} in a mask of {data.num_classes} classes "
+                                 f"(0..{data.num_classes - 1}, {data.ignore_index} = ignore)")  # fmt: skip
     return masks
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from components.evaluation.metrics import knn_vote, topk_accuracy
+from components.evaluation.metrics import knn_vote, restrict_to_classes, topk_accuracy
 
 if TYPE_CHECKING:
     from components.evaluation.context import TaskContext, TaskOutputs
@@ -62,6 +62,7 @@ def evaluate_knn(
     few_shot: Sequence[int] = (),
     few_shot_tries: int = 5,
     seed: int = 0,
+    test_classes: Sequence[int] | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """kNN top-1 / top-5 for each k, and the few-shot variant.
 
@@ -74,6 +75,7 @@ def evaluate_knn(
         few_shot: Shots per class n; the bank keeps n random train images per class (fewer if a class has fewer).
         few_shot_tries: Draws per n, averaged.
         seed: Seed of the few-shot draws.
+        test_classes: Classes the test set is scored over (ImageNet-A / -R: their 200); None: all.
 
     Returns:
         (metrics, details): `top1_k{k}`, `top5_k{k}`, `top1`, `top5` (at the headline k), `fewshot_{n}_top1`;
@@ -83,6 +85,7 @@ def evaluate_knn(
     metrics: dict[str, float] = {}
     for k in ks:
         scores = knn_scores(train, bank_labels, test, k=k, temperature=temperature, num_classes=num_classes)
+        scores = restrict_to_classes(scores, test_classes)
         metrics[f"top1_k{k}"] = topk_accuracy(scores, test_labels, 1)
         metrics[f"top5_k{k}"] = topk_accuracy(scores, test_labels, 5)
     k0 = headline_k(ks)
@@ -99,7 +102,7 @@ def evaluate_knn(
                 train[index], bank_labels[index], test, k=min(k0, len(index)), temperature=temperature,
                 num_classes=num_classes,
             )  # fmt: skip
-            accs.append(topk_accuracy(scores, test_labels, 1))
+            accs.append(topk_accuracy(restrict_to_classes(scores, test_classes), test_labels, 1))
         metrics[f"fewshot_{n}_top1"] = float(np.mean(accs))
         details[f"fewshot_{n}_top1_std"] = float(np.std(accs))
     return metrics, details
@@ -111,6 +114,6 @@ def knn_task(ctx: TaskContext) -> TaskOutputs:
     metrics, details = evaluate_knn(
         feats["train"].output, labels["train"], feats["test"].output, labels["test"], num_classes=ctx.num_classes,
         ks=cfg.knn_k, temperature=cfg.knn_temperature, few_shot=cfg.knn_few_shot,
-        few_shot_tries=cfg.knn_few_shot_tries, seed=ctx.seed,
+        few_shot_tries=cfg.knn_few_shot_tries, seed=ctx.seed, test_classes=ctx.classification.test_classes,
     )  # fmt: skip
     return {"knn": (metrics, details)}

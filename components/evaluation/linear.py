@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from components.evaluation.features import ImageFeatures, head_threads
-from components.evaluation.metrics import topk_accuracy
+from components.evaluation.metrics import restrict_to_classes, topk_accuracy
 
 if TYPE_CHECKING:
     from components.evaluation.context import TaskContext, TaskOutputs
@@ -150,8 +150,10 @@ def evaluate_linear(
     epochs: int = 100,
     batch_size: int = 64,
     seed: int = 0,
+    test_classes: Sequence[int] | None = None,
 ) -> tuple[dict[str, float], dict[str, Any], LinearProbe]:
-    """The linear-probe protocol: train the grid, select on val (10% of train if val is empty), report test.
+    """The linear-probe protocol: train the grid, select on val (10% of train if val is empty), report test (scored
+    over `test_classes` only when given: ImageNet-A / -R).
 
     Returns:
         (metrics `top1`, `top5`, `val_top1`; details: the chosen variant and every classifier's val top-1; the probe).
@@ -165,7 +167,7 @@ def evaluate_linear(
         epochs=epochs, batch_size=batch_size, seed=seed,
     )  # fmt: skip
     with torch.no_grad():
-        scores = probe.scores(test)
+        scores = restrict_to_classes(probe.scores(test), test_classes)
     metrics = {
         "top1": topk_accuracy(scores, test_labels, 1),
         "top5": topk_accuracy(scores, test_labels, 5),
@@ -196,6 +198,7 @@ def evaluate_logreg(
     num_c: int = 45,
     max_iter: int = 1000,
     seed: int = 0,
+    test_classes: Sequence[int] | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Logistic regression with a C sweep (L-BFGS), chosen on val, refit on train + val, scored on test.
 
@@ -203,6 +206,7 @@ def evaluate_logreg(
         train, val, test: (N, D) features (the CLS outputs; L2-normalised here as DINOv2's ModelWithNormalize).
         num_c: How many C values in 10^[-6, 5].
         max_iter: L-BFGS iterations per fit.
+        test_classes: Classes the test split is scored over (None: all).
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -231,6 +235,10 @@ def evaluate_logreg(
         final.fit(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]))
     proba = np.zeros((len(x_test), int(max(y_train.max(), y_val.max())) + 1))
     proba[:, final.classes_] = final.predict_proba(x_test)
+    if test_classes is not None:
+        outside = np.ones(proba.shape[1], bool)
+        outside[np.asarray(test_classes)[np.asarray(test_classes) < proba.shape[1]]] = False
+        proba[:, outside] = -1.0
     metrics = {
         "top1": topk_accuracy(proba, test_labels, 1),
         "top5": topk_accuracy(proba, test_labels, 5),
@@ -247,6 +255,7 @@ def linear_task(ctx: TaskContext) -> TaskOutputs:
         feats["train"], labels["train"], feats.get("val", ctx.empty_features()), labels["val"], feats["test"],
         labels["test"], num_classes=ctx.num_classes, lrs=cfg.linear_lrs, n_blocks=cfg.linear_n_blocks,
         avgpool=cfg.linear_avgpool, epochs=cfg.linear_epochs, batch_size=cfg.linear_batch_size, seed=ctx.seed,
+        test_classes=ctx.classification.test_classes,
     )  # fmt: skip
     return {"linear": (metrics, details)}
 
@@ -258,5 +267,6 @@ def logreg_task(ctx: TaskContext) -> TaskOutputs:
     metrics, details = evaluate_logreg(
         feats["train"].output, labels["train"], val, labels["val"], feats["test"].output, labels["test"],
         num_c=cfg.logreg_num_c, max_iter=cfg.logreg_max_iter, seed=ctx.seed,
+        test_classes=ctx.classification.test_classes,
     )  # fmt: skip
     return {"logreg": (metrics, details)}

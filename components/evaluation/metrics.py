@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,6 +51,7 @@ _SPECS: tuple[tuple[str, MetricSpec], ...] = (
     (r"^(val_)?top\d+(_k\d+)?$", MetricSpec(*_UNIT, True)),
     (r"^fewshot_\d+_top\d+$", MetricSpec(*_UNIT, True)),
     (r"^(map|recall@\d+)$", MetricSpec(*_UNIT, True)),
+    (r"^(map|mp@\d+)_(easy|medium|hard)$", MetricSpec(*_UNIT, True)),
     (r"^(miou|pixel_acc|macc)$", MetricSpec(*_UNIT, True)),
     (r"^delta[123]$", MetricSpec(*_UNIT, True)),
     (r"^(rmse|abs_rel|sq_rel|log10|rmse_log|silog)$", MetricSpec(*_POSITIVE, False)),
@@ -65,6 +66,8 @@ HEADLINE_METRICS: dict[str, str] = {
     "linear": "top1",
     "logreg": "top1",
     "retrieval": "map",
+    "retrieval_revisited": "map_medium",
+    "place_recognition": "recall@1",
     "segmentation_linear": "miou",
     "segmentation_ms": "miou",
     "segmentation_m2f": "miou",
@@ -74,6 +77,23 @@ HEADLINE_METRICS: dict[str, str] = {
     "robustness": "mce",
 }
 """The one metric per task that the comparison table leads with and the quality gate compares."""
+
+BENCHMARK_SEP = "-"
+"""A benchmark's results sit beside the demo's tasks as `<benchmark>-<task>` (`ade20k-segmentation_linear`)."""
+
+
+def headline_metric(task: str) -> str | None:
+    """The headline metric of a task or of a benchmark's task (`<benchmark>-<task>`); None when it has none."""
+    return HEADLINE_METRICS.get(task.rpartition(BENCHMARK_SEP)[2])
+
+
+def headline_pairs(tasks: Iterable[str]) -> list[tuple[str, str]]:
+    """(task, headline metric) of the given tasks: the demo's in `HEADLINE_METRICS` order, then the benchmarks' in
+    the order given."""
+    present = list(dict.fromkeys(str(t) for t in tasks))
+    demo = [(t, m) for t, m in HEADLINE_METRICS.items() if t in present]
+    benchmarks = [(t, m) for t in present if t not in HEADLINE_METRICS and (m := headline_metric(t)) is not None]
+    return demo + benchmarks
 
 
 def mlflow_key(name: str) -> str:
@@ -123,6 +143,18 @@ def knn_vote(similarity: Tensor, bank_labels: Tensor, *, k: int, temperature: fl
     weights = torch.softmax(top_sims / temperature, dim=1)  # (Q, k)
     votes = torch.zeros(similarity.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
     return votes.scatter_add_(1, bank_labels[top_idx], weights)  # (Q, C)
+
+
+def restrict_to_classes(scores: Tensor, classes: Sequence[int] | None) -> Tensor:
+    """(N, C) scores with every class outside `classes` set to -inf (ImageNet-A / -R are scored over their 200
+    classes of ImageNet's 1000); unchanged for None."""
+    if classes is None:
+        return scores
+    import torch
+
+    keep = torch.zeros(scores.shape[1], dtype=torch.bool)
+    keep[torch.as_tensor(list(classes), dtype=torch.long)] = True
+    return scores.masked_fill(~keep.to(scores.device), -math.inf)
 
 
 def topk_accuracy(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor, k: int = 1) -> float:
@@ -203,6 +235,73 @@ def retrieval_metrics(
     ranked_hits = np.take_along_axis(positives, order, axis=1)  # (Q, M)
     for k in ks:
         out[f"recall@{k}"] = float(ranked_hits[:, : min(k, positives.shape[1])].any(axis=1).mean())
+    return out
+
+
+REVISITED_PROTOCOLS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "easy": (("easy",), ("junk", "hard")),
+    "medium": (("easy", "hard"), ("junk",)),
+    "hard": (("hard",), ("junk", "easy")),
+}
+"""Revisited Oxford / Paris (Radenovic et al. 2018): protocol -> (ground-truth lists that are positives, lists that
+are ignored). Easy: easy positives, hard ones ignored; Medium: easy and hard positives; Hard: hard positives, easy
+ones ignored. Junk images are ignored in every protocol."""
+
+
+def revisited_ap(positions: np.ndarray, num_positives: int) -> float:
+    """The revisited benchmark's AP of one query: the precision-recall curve integrated with the trapezoid rule.
+
+    Args:
+        positions: Sorted 0-based ranks of the positives in the ranking with the ignored images removed.
+        num_positives: How many positives the query has.
+
+    With r_j the rank of the j-th positive (0-based), each positive adds recall 1 / num_positives between the
+    precisions j / r_j (1 when r_j = 0) and (j + 1) / (r_j + 1), averaged.
+    """
+    ap = 0.0
+    for j, rank in enumerate(np.asarray(positions, np.int64)):
+        before = 1.0 if rank == 0 else j / rank
+        after = (j + 1) / (rank + 1)
+        ap += (before + after) / 2.0 / num_positives
+    return float(ap)
+
+
+def revisited_map(
+    similarity: np.ndarray, ground_truth: Sequence[Mapping[str, Sequence[int]]], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """mAP and mean precision@k under the Easy, Medium and Hard protocols of Revisited Oxford / Paris.
+
+    Args:
+        similarity: (Q, M) query-to-database similarities.
+        ground_truth: Per query, database indices `easy`, `hard` and `junk` (the `gnd` of gnd_roxford5k.pkl).
+        ks: k of the precision@k (`mp@k`): the share of positives among the first min(k, rank of the last positive)
+            results, as the revisited evaluation computes it.
+
+    Returns:
+        `map_<protocol>` and `mp@k_<protocol>` for easy, medium, hard (averaged over the queries with at least one
+        positive under that protocol), and `num_queries_<protocol>`.
+    """
+    similarity = np.asarray(similarity, np.float64)
+    if similarity.shape[0] != len(ground_truth):
+        raise ValueError(f"{similarity.shape[0]} queries but {len(ground_truth)} ground-truth entries")
+    order = np.argsort(-similarity, axis=1, kind="stable")  # (Q, M) database indices, best first
+    out: dict[str, float] = {}
+    for protocol, (positive_keys, ignored_keys) in REVISITED_PROTOCOLS.items():
+        aps, precisions = [], []
+        for ranking, gnd in zip(order, ground_truth, strict=True):
+            positives = np.unique(np.concatenate([np.asarray(gnd.get(k, ()), np.int64) for k in positive_keys]))
+            if positives.size == 0:
+                continue  # no positive under this protocol: the query does not count
+            ignored = np.concatenate([np.asarray(gnd.get(k, ()), np.int64) for k in ignored_keys])
+            kept = ranking[~np.isin(ranking, ignored)]
+            positions = np.flatnonzero(np.isin(kept, positives))  # sorted 0-based ranks
+            aps.append(revisited_ap(positions, positives.size))
+            last = positions.max() + 1 if positions.size else 1  # 1-based rank of the last positive
+            precisions.append([np.sum(positions + 1 <= min(last, k)) / min(last, k) for k in ks])
+        out[f"num_queries_{protocol}"] = float(len(aps))
+        out[f"map_{protocol}"] = float(np.mean(aps)) if aps else math.nan
+        for i, k in enumerate(ks):
+            out[f"mp@{k}_{protocol}"] = float(np.mean([p[i] for p in precisions])) if precisions else math.nan
     return out
 
 
@@ -387,6 +486,23 @@ def mean_corruption_error(errors: Mapping[str, Sequence[float]], baseline: Mappi
     """mCE in percent: 100 x the mean over corruptions of CE_c (Hendrycks & Dietterich 2019). NaN if none counts."""
     ce = corruption_errors(errors, baseline)
     return 100.0 * float(np.mean(list(ce.values()))) if ce else math.nan
+
+
+def mean_corruption_error_against_means(
+    errors: Mapping[str, Sequence[float]], baseline_means: Mapping[str, float]
+) -> tuple[float, dict[str, float]]:
+    """mCE against a baseline known by its error averaged over the severities (AlexNet's published table).
+
+    CE_c = mean_s E_{s,c} / mean-error^base_c; with all five severities this is the published sum_s E_{s,c} /
+    sum_s E^base_{s,c} exactly. Returns (mCE in percent, CE_c per corruption); NaN if no corruption counts.
+    """
+    ce = {}
+    for name, errs in errors.items():
+        if name not in baseline_means:
+            raise KeyError(f"the baseline has no error for corruption {name!r}")
+        if baseline_means[name] > 0 and len(errs):
+            ce[name] = float(np.mean(errs)) / float(baseline_means[name])
+    return (100.0 * float(np.mean(list(ce.values()))) if ce else math.nan), ce
 
 
 def relative_mean_corruption_error(

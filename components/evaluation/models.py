@@ -107,6 +107,36 @@ def extra_model(entry: str) -> ModelSpec:
     return ModelSpec(name=_safe_name(stem), arch=arch.strip(), role="official", weights=weights.strip())
 
 
+def model_from_reference(ref: str) -> ModelSpec:
+    """The backbone a user names on the command line: an export folder, a `model.json`, `<arch or hub
+    name>=<weights>`, or a Torch Hub name (`dinov2_vits14`, `dinov2_vitg14_reg`) whose released weights are read from
+    torch's hub cache (`$TORCH_HOME/hub/checkpoints/`; nothing is downloaded).
+
+    Raises:
+        FileNotFoundError: A hub name whose weights are not in the cache (the message gives the file and its URL), or
+            a folder without `model.json`.
+    """
+    from components.model import OFFICIAL_MODELS, official_checkpoint_url
+
+    name, sep, weights = ref.partition("=")
+    if sep and name.strip() in OFFICIAL_MODELS:
+        arch, release = OFFICIAL_MODELS[name.strip()]
+        return ModelSpec(name=_safe_name(name), arch=arch, role="official", weights=weights.strip(),
+                         overrides=dict(release))  # fmt: skip
+    if sep or ref.endswith(".json"):
+        return extra_model(ref)
+    if ref in OFFICIAL_MODELS:
+        arch, release = OFFICIAL_MODELS[ref]
+        url = official_checkpoint_url(ref)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the released weights of {ref} are not in torch's hub cache; download "
+                                    f"{url} there, or pass --model {ref}=<weights file>")  # fmt: skip
+        return ModelSpec(name=ref, arch=arch, role="official", weights=str(path), overrides=dict(release))
+    spec = read_descriptor(ref)
+    return spec if spec.role != "model" else replace(spec, role="official")
+
+
 def random_baseline(reference: ModelSpec | None, arch: str, overrides: Mapping[str, Any]) -> ModelSpec:
     """The seeded random-init baseline: the teacher's preset and overrides when there is a teacher.
 

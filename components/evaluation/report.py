@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.evaluation.metrics import HEADLINE_METRICS, metric_spec
+from components.evaluation.metrics import headline_pairs, metric_spec
 from components.log import get_logger
 
 log = get_logger(__name__)
@@ -89,7 +89,8 @@ def headline_table(frame: pd.DataFrame, models: Sequence[Mapping[str, Any]], ord
     """One row per model (in `order`, then the rest), columns arch, role and `<task>.<headline metric>`."""
     names = [*order, *(m["name"] for m in models if m["name"] not in order)]
     info = {m["name"]: m for m in models}
-    columns = [f"{t}.{m}" for t, m in HEADLINE_METRICS.items() if ((frame["task"] == t) & (frame["metric"] == m)).any()]
+    pairs = headline_pairs(frame["task"])
+    columns = [f"{t}.{m}" for t, m in pairs if ((frame["task"] == t) & (frame["metric"] == m)).any()]
     rows = []
     for name in names:
         row: dict[str, Any] = {"model": name, "arch": info[name]["arch"], "role": info[name]["role"]}
@@ -477,7 +478,7 @@ def quality_gate_frame(
     else:
         rows.append((task, metric, value, -math.inf, gate_min))
     if baseline is not None:
-        for t, m in HEADLINE_METRICS.items():
+        for t, m in headline_pairs(frame["task"]):
             mine, theirs = metric_value(frame, candidate, f"{t}.{m}"), metric_value(frame, baseline, f"{t}.{m}")
             if not (math.isfinite(mine) and math.isfinite(theirs)):
                 continue

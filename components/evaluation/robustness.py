@@ -5,6 +5,10 @@ images (rendered once for all models by `ImageCache.corrupted`) with the selecte
 and keeps each model's raw top-1 errors. Once every model is evaluated, `finalize_robustness` turns them into the
 `robustness` results: mCE and relative mCE normalised by a baseline's errors (an evaluated model, or a JSON table),
 and the error per corruption.
+
+With the released ImageNet-C (`ClassificationData.corrupted`, the `imagenet_c` benchmark) the corrupted images are
+read from its `<corruption>/<severity>/<wnid>/` folders instead of rendered, and the baseline is AlexNet's published
+table (`robustness_baseline: alexnet`, components/evaluation/alexnet_c.py).
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from torch import Tensor
 
 from components import storage
 from components.config import EvaluateConfig
+from components.evaluation import alexnet_c
 from components.evaluation.context import ModelResult, TaskContext, TaskOutputs, TaskResult
-from components.evaluation.features import ImageFeatures, extract_features
+from components.evaluation.datasets import ImageSet
+from components.evaluation.features import ImageFeatures, extract_features, load_images
 from components.evaluation.knn import headline_k, knn_scores
 from components.evaluation.metrics import (
     corruption_errors,
     mean_corruption_error,
+    mean_corruption_error_against_means,
     relative_mean_corruption_error,
     topk_accuracy,
 )
@@ -61,6 +68,10 @@ def robustness_task(ctx: TaskContext) -> TaskOutputs:
                           num_classes=ctx.num_classes)  # fmt: skip
 
     result.clean_error = 1.0 - topk_accuracy(classify(feats["test"].subset(index)), y, 1)
+    released = ctx.classification.corrupted
+    if released is not None:
+        result.corruption_errors = _released_errors(ctx, released, classify, n_blocks)
+        return {}
     errors: dict[str, list[float]] = {name: [] for name in cfg.corruptions}
     corrupted = cache.corrupted(ctx.side)
     # One extraction over every corrupted set (full batches), then the classifier per set.
@@ -74,6 +85,28 @@ def robustness_task(ctx: TaskContext) -> TaskOutputs:
     result.corruption_errors = errors
     ctx.num_extracted += len(corrupted) * len(index)
     return {}
+
+
+CHUNK_IMAGES = 2048
+
+
+def _released_errors(
+    ctx: TaskContext, released: dict[tuple[str, int], ImageSet], classify: Any, n_blocks: int
+) -> dict[str, list[float]]:
+    """Top-1 errors on the released corrupted sets, severity by severity (images decoded chunk by chunk: ImageNet-C
+    is 75 sets of 50,000), on the first `robustness_images_per_class` images of each class of each set."""
+    errors: dict[str, list[float]] = {}
+    for (name, _severity), images in sorted(released.items()):
+        part = images.subset(robustness_subset(images.labels, ctx.cfg.robustness_images_per_class))
+        wrong = 0
+        for start in range(0, len(part), CHUNK_IMAGES):
+            chunk = part.uris[start : start + CHUNK_IMAGES]
+            f = extract_features(ctx.model, load_images(chunk, ctx.side), n_blocks=n_blocks, **ctx.extract_kwargs)
+            labels = part.labels[start : start + CHUNK_IMAGES]
+            wrong += round((1.0 - topk_accuracy(classify(f), labels, 1)) * len(chunk))
+        errors.setdefault(name, []).append(wrong / max(1, len(part)))
+        ctx.num_extracted += len(part)
+    return errors
 
 
 def load_baseline_errors(reference: str, results: Sequence[ModelResult]) -> tuple[dict[str, list[float]], float | None]:
@@ -92,6 +125,10 @@ def finalize_robustness(results: Sequence[ModelResult], cfg: EvaluateConfig) -> 
     """Adds the `robustness` task to each model: mCE and relative mCE against the baseline, per-corruption errors."""
     with_errors = [r for r in results if r.corruption_errors is not None]
     if not with_errors:
+        return
+    if cfg.robustness_baseline == alexnet_c.NAME:
+        for r in with_errors:
+            r.tasks["robustness"] = _against_alexnet(r, cfg)
         return
     try:
         baseline, baseline_clean = load_baseline_errors(cfg.robustness_baseline, results)
@@ -119,3 +156,23 @@ def finalize_robustness(results: Sequence[ModelResult], cfg: EvaluateConfig) -> 
         # A metric that cannot be normalised (the baseline never errs) is NaN: keep it out of the gated metrics.
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         r.tasks["robustness"] = TaskResult("robustness", metrics, details, r.timing.get("robustness", 0.0))
+
+
+def _against_alexnet(r: ModelResult, cfg: EvaluateConfig) -> TaskResult:
+    """The `robustness` result of one model normalised by AlexNet's published errors (ImageNet-C's own mCE)."""
+    errors = r.corruption_errors or {}
+    mce, ce = mean_corruption_error_against_means(errors, alexnet_c.MEAN_ERRORS)
+    num_severities = {name: len(errs) for name, errs in errors.items()}
+    metrics = {"clean_error": float(r.clean_error if r.clean_error is not None else math.nan), "mce": mce}
+    metrics.update({f"error_{name}": float(np.mean(errs)) for name, errs in errors.items()})
+    details = {
+        "baseline": alexnet_c.NAME,
+        "citation": alexnet_c.CITATION,
+        "ce": ce,
+        "errors": errors,
+        "num_severities": num_severities,
+        "all_severities": all(n == 5 for n in num_severities.values()),
+        "classifier": cfg.robustness_classifier,
+    }
+    metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    return TaskResult("robustness", metrics, details, r.timing.get("robustness", 0.0))

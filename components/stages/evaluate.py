@@ -5,6 +5,10 @@ Run: `python -m components evaluate --prepared data/prepared --pretrained models
 dvc.yaml runs, `--final` being `pipeline.pretrained_model`; the tasks and protocols are params.yaml's `evaluate`
 section).
 
+Benchmarks: each entry of `evaluate.benchmarks` (name -> its publisher's folder, components/evaluation/benchmarks/) is
+read once and run for every model with its own protocol; its results sit beside the demo's tasks as
+`<benchmark>-<result>` (`ade20k-segmentation_ms`, `roxford5k-retrieval_revisited`).
+
 Models: every export under --final (the `teacher`), --pretrained (beside it as `teacher_pretrain` when --final is
 another folder: the high-resolution phase's effect) and --distilled (components/evaluation/models.py), a seeded random
 initialisation of the teacher's preset (`random_init`), and `evaluate.extra_models`. Outputs under --out:
@@ -33,9 +37,10 @@ import pandas as pd
 
 from components import storage
 from components.config import PipelineConfig
+from components.evaluation.benchmarks.run import LoadedBenchmark, evaluate_benchmark, image_uris, load_benchmark
 from components.evaluation.context import ModelResult
 from components.evaluation.datasets import load_eval_datasets
-from components.evaluation.metrics import metric_spec, mlflow_key
+from components.evaluation.metrics import BENCHMARK_SEP, metric_spec, mlflow_key
 from components.evaluation.models import (
     ModelSpec,
     build_model,
@@ -149,6 +154,38 @@ def _log_eval_sets(run: StageRun, manifest: pd.DataFrame, raw: str) -> None:
         run.log_dataset(DatasetRecord(str(source), where, digest, len(part), "evaluation", dataset_columns(part)))
 
 
+def _log_benchmark_set(run: StageRun, loaded: LoadedBenchmark) -> None:
+    """A benchmark's images as an MLflow dataset of the run (its identity: the images read, in order)."""
+    from components.tracking import DatasetRecord, dataset_digest
+
+    uris = image_uris(loaded.data)
+    run.log_dataset(DatasetRecord(loaded.name, loaded.root, dataset_digest(uris, [""] * len(uris)), len(uris),
+                                  "evaluation"))  # fmt: skip
+
+
+def load_benchmarks(cfg: PipelineConfig) -> list[LoadedBenchmark]:
+    """Every benchmark of `evaluate.benchmarks`, read and checked before any model is built."""
+    out = []
+    for name, source in cfg.evaluate.benchmarks.items():
+        root, train_root = (source, None) if isinstance(source, str) else (source.root, source.train_root)
+        out.append(load_benchmark(name, root, train_root))
+    return out
+
+
+def add_benchmarks(
+    result: ModelResult, model: Any, benchmarks: list[LoadedBenchmark], cfg: PipelineConfig, *, device: str
+) -> None:
+    """Runs each benchmark on the model and adds its results to the model's as `<benchmark>-<result>`."""
+    for loaded in benchmarks:
+        start = time.perf_counter()
+        bench = evaluate_benchmark(model, result.spec, loaded, cfg.evaluate, seed=cfg.seed, device=device)
+        for name, task in bench.tasks.items():
+            key = f"{loaded.name}{BENCHMARK_SEP}{name}"
+            result.tasks[key] = replace(task, task=key, details={**task.details, "num_images": loaded.data.num_images,
+                                                                 "num_classes": loaded.data.num_classes})  # fmt: skip
+        result.timing[loaded.name] = time.perf_counter() - start
+
+
 def run_evaluate(
     cfg: PipelineConfig,
     *,
@@ -174,6 +211,9 @@ def run_evaluate(
         data = load_eval_datasets(cfg.data.raw, manifest)
         if manifest is not None:
             _log_eval_sets(run, manifest, cfg.data.raw)
+        benchmarks = load_benchmarks(cfg)
+        for loaded in benchmarks:
+            _log_benchmark_set(run, loaded)
         specs = model_specs(cfg, pretrained, distilled, final)
         if not specs:
             raise ValueError(f"no model to evaluate: no model.json under {pretrained} or {distilled}, "
@@ -186,6 +226,7 @@ def run_evaluate(
             start = time.perf_counter()
             model = build_model(spec, seed=cfg.seed).to(device)
             result = evaluate_model(model, spec, data, cfg.evaluate, cache, seed=cfg.seed, device=device)
+            add_benchmarks(result, model, benchmarks, cfg, device=device)
             result.timing["total"] = time.perf_counter() - start
             log.info("%s (%s, %s) evaluated in %.1f s", spec.name, spec.arch, spec.role, result.timing["total"])
             results.append(result)

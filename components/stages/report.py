@@ -34,7 +34,7 @@ from typing import Any
 import pandas as pd
 
 from components.config import PipelineConfig, ReportConfig
-from components.evaluation.metrics import HEADLINE_METRICS, mlflow_key
+from components.evaluation.metrics import headline_pairs, mlflow_key
 from components.evaluation.outputs import clear_output, write_json
 from components.evaluation.report import (
     headline_table,
@@ -74,7 +74,7 @@ class Evaluation:
         """{"<task>.<headline metric>": value} of a model, over the tasks it was evaluated on."""
         if name is None:
             return {}
-        values = {f"{t}.{m}": metric_value(self.frame, name, f"{t}.{m}") for t, m in HEADLINE_METRICS.items()}
+        values = {f"{t}.{m}": metric_value(self.frame, name, f"{t}.{m}") for t, m in headline_pairs(self.frame["task"])}
         return {k: v for k, v in values.items() if math.isfinite(v)}
 
 

@@ -138,6 +138,24 @@ STAGES: dict[str, StageSpec] = {
 }
 
 
+COMMANDS: dict[str, StageSpec] = {
+    "benchmark": StageSpec(
+        "evaluate one model on one of the paper's benchmarks, read from its publisher's layout",
+        "components.stages.benchmark:run_benchmark",
+        ("seed", "evaluate"),
+        (
+            PathArg("name", None, "the benchmark (components/evaluation/benchmarks: ade20k, imagenet1k, ...)"),
+            PathArg("root", None, "the benchmark's folder as its publisher ships it (local or s3://)"),
+            PathArg("train_root", None, "ImageNet-1k's root, whose classifier the robustness benchmarks score"),
+            PathArg("model", None, "an export folder, a model.json, a Torch Hub name or <arch>=<weights>"),
+            PathArg("out", None, "output folder: <name>.json"),
+        ),
+    ),
+}
+"""Commands that are not DVC stages (their inputs are datasets outside the repository): same shell, same dispatch,
+not in dvc.yaml. They take `--recipe` (infra/recipes/*.yaml) besides `--params`."""
+
+
 def sections_of(stage: str) -> tuple[str, ...]:
-    """The params sections `stage` reads."""
-    return STAGES[stage].sections
+    """The params sections `stage` (or a command) reads."""
+    return (STAGES | COMMANDS)[stage].sections

@@ -98,7 +98,36 @@ class PrepareConfig(Section):
 # DINOv2 sections (as in dinov2/configs/ssl_default_config.yaml; `model` plays the role of `student`)
 # --------------------------------------------------------------------------------------------------------------------
 
-Arch = Literal["vit_test", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"]
+Arch = Literal[
+    # DINOv2 (patch 14, learned position table, registers optional)
+    "vit_test", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2",
+    # DINOv3 ViTs by their Torch Hub names (patch 16, axial RoPE, 4 storage tokens)
+    "dinov3_vit_test", "dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16", "dinov3_vitl16", "dinov3_vitl16plus",
+    "dinov3_vith16plus", "dinov3_vit7b16",
+]  # fmt: skip
+"""The ViT presets of `components.model` (a test keeps this list equal to the registry's)."""
+ConvNeXtArch = Literal[
+    "convnext_test", "dinov3_convnext_tiny", "dinov3_convnext_small", "dinov3_convnext_base", "dinov3_convnext_large"
+]
+"""The DINOv3 ConvNeXt presets: students, embedding and evaluation backbones (the release distils them; no masked
+pretraining)."""
+AnyArch = Arch | ConvNeXtArch
+PRESET_GEOMETRY: dict[str, dict[str, int]] = {
+    **{name: {"patch_size": 16, "num_register_tokens": 4} for name in Arch.__args__ if name.startswith("dinov3_")},
+    **{name: {"patch_size": 16, "num_register_tokens": 0} for name in ConvNeXtArch.__args__},
+}
+"""Presets whose patch size and register (storage) tokens differ from DINOv2's defaults (14, 0): the defaults of
+those keys when a section names such a preset and leaves them out (a test keeps it equal to the presets)."""
+DINOV2_ONLY = ("ffn_layer", "img_size", "interpolate_antialias", "interpolate_offset")
+"""`model` keys of DINOv2's architecture (its feed-forward switch and learned position table) that DINOv3's presets
+fix otherwise (each ViT its feed-forward; RoPE, no position table)."""
+
+
+def _preset_geometry_defaults(data: Any) -> Any:
+    """A section's raw values with `patch_size` and `num_register_tokens` defaulting to its preset's."""
+    if isinstance(data, dict) and data.get("arch") in PRESET_GEOMETRY:
+        return {**PRESET_GEOMETRY[data["arch"]], **data}
+    return data
 
 
 class ModelConfig(Section):
@@ -128,6 +157,19 @@ class ModelConfig(Section):
     freeze_blocks: int = Field(0, ge=0)
     """Blocks at the bottom kept frozen (with the patch embedding, position embedding and tokens) when continuing
     from `pretrained_weights`; 0 trains them all."""
+
+    _preset_geometry = model_validator(mode="before")(_preset_geometry_defaults)
+
+    @model_validator(mode="after")
+    def _family_keys(self) -> ModelConfig:
+        if self.arch.startswith("dinov3_"):
+            set_here = sorted(k for k in DINOV2_ONLY if k in self.model_fields_set)
+            if set_here:
+                raise ValueError(
+                    f"{', '.join(set_here)}: DINOv2 settings; {self.arch} fixes its feed-forward and has RoPE, no "
+                    "position table (pick a DINOv3 preset by its Torch Hub name instead)"
+                )
+        return self
 
 
 class DinoConfig(Section):
@@ -360,14 +402,15 @@ class HighresConfig(Section):
 
 
 class EmbedConfig(Section):
-    arch: Arch = "vit_tiny"
-    """Backbone preset that embeds images for curation."""
+    arch: AnyArch = "vit_tiny"
+    """Backbone preset that embeds images for curation (DINOv2, DINOv3 ViT or ConvNeXt)."""
     weights: str | None = None
     """Official-layout backbone file (local or s3://); null: the preset at a seeded random init (smoke runs only)."""
     patch_size: int = Field(14, ge=2, le=32)
-    """Patch size of the embedding backbone."""
+    """Patch size of the embedding backbone (default: the preset's, 14 for DINOv2, 16 for DINOv3)."""
     num_register_tokens: int = Field(0, ge=0, le=16)
-    """Register tokens of the embedding backbone (4 for the released *_reg models)."""
+    """Register tokens of the embedding backbone (4 for the released *_reg models; DINOv3's storage tokens: 4 by
+    default)."""
     image_size: int = Field(224, ge=16)
     """Side of the square the backbone sees, px (224: the released models' resolution)."""
     full_frame: bool = True
@@ -387,6 +430,8 @@ class EmbedConfig(Section):
     """Where the backbone runs: auto is the rank's GPU when CUDA is available, else the CPU."""
     amp: bool = True
     """On a GPU, run the forward pass under bf16 autocast (features are stored as float16 anyway)."""
+
+    _preset_geometry = model_validator(mode="before")(_preset_geometry_defaults)
 
     @model_validator(mode="after")
     def _image_fits_patches(self) -> EmbedConfig:
@@ -533,9 +578,9 @@ class DistillConfig(Section):
     loop of pretraining with a frozen teacher, a spare EMA of each student as the final model, no masking, no
     stochastic depth, the iBOT loss on both global crops). Defaults are the paper's students; docs/distillation.md."""
 
-    students: tuple[Arch, ...] = ("vit_small", "vit_base", "vit_large")
-    """Student presets trained together, sharing each batch's teacher forward; geometry (patch size, registers) from
-    the `model` section."""
+    students: tuple[AnyArch, ...] = ("vit_small", "vit_base", "vit_large")
+    """Student presets trained together, sharing each batch's teacher forward: DINOv2 or DINOv3 ViTs and DINOv3
+    ConvNeXts in one run; geometry (patch size, registers) from the `model` section (the teacher's patch grid)."""
     teacher_weights: str | None = None
     """Teacher: an official-layout backbone file (.pth / .safetensors, local or s3://; no heads) or a local export
     folder with a model.json; null: the stage's --teacher folder (the pretrain export)."""

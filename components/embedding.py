@@ -199,11 +199,12 @@ class Embedder:
 
 def build_embedder(cfg: EmbedConfig, seed: int) -> Embedder:
     """The configured backbone, with official or own weights, or a seeded random initialisation."""
-    from components.model import build_backbone, get_preset, load_official_weights
+    from components.model import get_preset, load_official_weights
+    from components.model.families import build_from_fields
 
     preset = get_preset(cfg.arch)
     torch.manual_seed(seed)  # the random init (weights null) is the same on every rank and every run
-    model = build_backbone(cfg.arch, patch_size=cfg.patch_size, num_register_tokens=cfg.num_register_tokens)
+    model = build_from_fields(cfg.arch, patch_size=cfg.patch_size, num_register_tokens=cfg.num_register_tokens)
     if cfg.weights:
         state, digest = exports.read_weights(cfg.weights)
         load_official_weights(model, state)
@@ -212,7 +213,7 @@ def build_embedder(cfg: EmbedConfig, seed: int) -> Embedder:
         log.warning("embed.weights is null: %s at a seeded random init (smoke runs only)", cfg.arch)
     device = local_device(cfg.device, key="embed.device")
     model = model.eval().to(device)
-    width = model.cls_token.shape[-1] if hasattr(model, "cls_token") else preset.config.embed_dim
+    width = model.embed_dim
     return Embedder(
         model=model,
         transform=image_transform(cfg, preset.mean, preset.std),

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from components import storage
-from components.config import ModelConfig
+from components.config import PRESET_GEOMETRY, ModelConfig
 from components.jsonio import write_json
 from components.model.adapter import (
     HeadsState,
@@ -48,7 +48,14 @@ from components.model.adapter import (
     read_state_dict,
     save_official_weights,
 )
-from components.model.vit import DinoVisionTransformer, backbone_from_config, build_backbone
+from components.model.families import (
+    backbone_from_config,
+    build_backbone,
+    config_fields,
+    differing_fields,
+    family_of,
+    model_geometry,
+)
 
 DESCRIPTOR = "model.json"
 FORMAT = 2
@@ -58,9 +65,11 @@ HEADS_FILE = "heads.pth"
 GEOMETRY_KEYS = (
     "patch_size", "num_register_tokens", "ffn_layer", "img_size", "interpolate_offset", "interpolate_antialias",
 )  # fmt: skip
-"""Descriptor keys that fix a backbone's geometry beside its preset (`arch`); every export records them."""
+"""Descriptor keys that fix a DINOv2 backbone's geometry beside its preset (`arch`); every DINOv2 export records
+them. Exports of the other families (DINOv3 ViT, ConvNeXt) record the fields of their config that differ from the
+preset's under `overrides`."""
 OVERRIDE_KEYS = (*GEOMETRY_KEYS, "embed_dim", "depth", "num_heads", "mlp_ratio", "layerscale_init")
-"""Descriptor keys passed to `build_backbone` (a hand-written descriptor may set any of them)."""
+"""Top-level descriptor keys passed to a DINOv2 `build_backbone` (a hand-written descriptor may set any of them)."""
 
 
 class ExportError(ValueError):
@@ -96,11 +105,12 @@ class Export:
         return storage.join(self.folder, DESCRIPTOR)
 
     def model_config(self, base: ModelConfig) -> ModelConfig:
-        """`base` (the `model` section) with this export's preset and geometry."""
-        geometry = {k: v for k, v in self.overrides.items() if k in ModelConfig.model_fields}
+        """`base` (the `model` section) with this export's preset and geometry (its preset's patch size and
+        storage tokens unless the export overrides them)."""
+        geometry = {**PRESET_GEOMETRY.get(self.arch, {}), **model_geometry(self.arch, self.overrides)}
         return base.model_copy(update={"arch": self.arch, **geometry})
 
-    def build_backbone(self, *, seed: int | None = None) -> DinoVisionTransformer:
+    def build_backbone(self, *, seed: int | None = None) -> nn.Module:
         """The backbone with this export's weights (strictly), or a random init seeded by `seed`."""
         if seed is not None:
             torch.manual_seed(seed)
@@ -179,11 +189,18 @@ def _resolve(folder: str, name: str | None) -> str | None:
 
 
 def _overrides(path: str, desc: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: desc[k] for k in OVERRIDE_KEYS if desc.get(k) is not None}
-    nested = desc.get("overrides") or {}
-    unknown = set(nested) - set(OVERRIDE_KEYS)
+    """The descriptor's backbone overrides: DINOv2's top-level geometry keys, and a nested `overrides` of any of the
+    preset family's config fields (JSON lists read back as tuples)."""
+    try:
+        dinov2 = family_of(str(desc["arch"])).name == "dinov2"
+        allowed = OVERRIDE_KEYS if dinov2 else config_fields(str(desc["arch"]))
+    except KeyError as err:
+        raise ExportError(f"{path}: {err.args[0]}") from None
+    out = {k: desc[k] for k in OVERRIDE_KEYS if desc.get(k) is not None} if dinov2 else {}
+    nested = {k: tuple(v) if isinstance(v, list) else v for k, v in (desc.get("overrides") or {}).items()}
+    unknown = set(nested) - set(allowed)
     if unknown:
-        raise ExportError(f"{path}: unknown backbone overrides {sorted(unknown)}; allowed: {list(OVERRIDE_KEYS)}")
+        raise ExportError(f"{path}: unknown backbone overrides {sorted(unknown)}; allowed: {list(allowed)}")
     return {**out, **nested}
 
 
@@ -230,11 +247,14 @@ def write_export(
         with storage.atomic_path(out_dir / HEADS_FILE) as tmp:
             torch.save(official_heads_state(heads, centers or {}), tmp)
         written.append(out_dir / HEADS_FILE)
-    c = backbone.cfg
+    if family_of(model.arch).name == "dinov2":
+        geometry = {k: getattr(backbone.cfg, k) for k in GEOMETRY_KEYS}
+    else:
+        geometry = {"overrides": differing_fields(backbone, model.arch)}
     descriptor = {
         "format": FORMAT,
         "arch": model.arch,
-        **{k: getattr(c, k) for k in GEOMETRY_KEYS},
+        **geometry,
         "weights": BACKBONE_FILES[0],
         "heads": HEADS_FILE if heads is not None else None,
         "role": role,
@@ -307,8 +327,8 @@ def resolve_source(uri: str, base: ModelConfig, *, download_dir: Path | None = N
         raise FileNotFoundError(f"{uri}: no backbone weights found ({weights})")
     heads = _local(heads, download_dir)
     state = read_weights(weights)[0]
-    if not exported:  # a released file: its registers, interpolation, patch and grid are the file's own
-        model = model.model_copy(update=checkpoint_geometry(state))
+    if not exported:  # a released file: its registers (storage tokens), interpolation, patch and grid are its own
+        model = model.model_copy(update=model_geometry(model.arch, checkpoint_geometry(state)))
     with torch.device("meta"):  # the shapes only: a file that does not fit stops here, naming key and shapes
         check_official_weights(backbone_from_config(model), state)
     if heads is None and normalize_heads_state(state).heads:

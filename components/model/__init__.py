@@ -29,6 +29,7 @@ from components.model.families import (
     OFFICIAL_MODELS,
     PRESETS,
     backbone_config,
+    backbone_from_config,
     build_backbone,
     build_official_backbone,
     family_of,
@@ -52,11 +53,13 @@ from components.model.vit import (
     DinoVisionTransformer,
     Preset,
     ViTConfig,
-    backbone_from_config,
 )
+from components.model.convnext import ConvNeXt, ConvNeXtConfig
 from components.model.vit_dinov3 import DinoV3VisionTransformer, DinoV3ViTConfig, official_file_name
 
 __all__ = [
+    "ConvNeXt",
+    "ConvNeXtConfig",
     "FAMILIES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

@@ -12,7 +12,7 @@ model = load_official_weights(build_official_backbone("dinov3_vits16"), "dinov3_
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
@@ -37,6 +37,11 @@ class Family:
     """(Torch Hub name, **overrides) -> the released architecture, freshly initialised."""
     checkpoint_url: Callable[[str], str]
     """Torch Hub name -> the released file's address."""
+    model_keys: Mapping[str, str]
+    """The family config's fields that params.yaml's `model` section sets: family field -> `ModelConfig` field."""
+    pipeline_overrides: Mapping[str, Any] = field(default_factory=dict)
+    """What the pipeline always sets on this family's backbones (a ConvNeXt's patch tokens on its pseudo-patch grid,
+    where iBOT targets and dense features are read)."""
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -48,6 +53,16 @@ FAMILIES: tuple[Family, ...] = (
         vit.build_backbone,
         vit.build_official_backbone,
         vit.official_checkpoint_url,
+        {
+            "patch_size": "patch_size",
+            "num_register_tokens": "num_register_tokens",
+            "ffn_layer": "ffn_layer",
+            "img_size": "img_size",
+            "drop_path_rate": "drop_path_rate",
+            "layerscale_init": "layerscale_init",
+            "interpolate_antialias": "interpolate_antialias",
+            "interpolate_offset": "interpolate_offset",
+        },
     ),
     Family(
         vit_dinov3.FAMILY,
@@ -57,6 +72,12 @@ FAMILIES: tuple[Family, ...] = (
         vit_dinov3.build_backbone,
         vit_dinov3.build_official_backbone,
         vit_dinov3.official_checkpoint_url,
+        {
+            "patch_size": "patch_size",
+            "n_storage_tokens": "num_register_tokens",
+            "drop_path_rate": "drop_path_rate",
+            "layerscale_init": "layerscale_init",
+        },
     ),
     Family(
         convnext.FAMILY,
@@ -66,6 +87,8 @@ FAMILIES: tuple[Family, ...] = (
         convnext.build_convnext,
         convnext.build_convnext,
         convnext.official_checkpoint_url,
+        {"patch_size": "patch_size", "drop_path_rate": "drop_path_rate"},
+        {"resize_patch_tokens": True},
     ),
 )
 
@@ -130,3 +153,42 @@ def official_checkpoint_url(official_name: str) -> str:
     if official_name not in OFFICIAL_MODELS:
         raise KeyError(f"unknown official model {official_name!r}; known: {', '.join(OFFICIAL_MODELS)}")
     return family_of(official_name).checkpoint_url(official_name)
+
+
+def build_from_fields(arch: str, **fields: Any) -> nn.Module:
+    """Builds preset `arch` of any family from `model`-section fields (`patch_size`, `num_register_tokens`,
+    `drop_path_rate`, ...): those the family has (`Family.model_keys`; `ffn_layer: preset` keeps the preset's), and
+    what the pipeline always sets on the family."""
+    family = family_of(arch)
+    ours = {key: name for name, key in family.model_keys.items()}
+    overrides = {ours[k]: v for k, v in fields.items() if k in ours and not (k == "ffn_layer" and v == "preset")}
+    return family.build_backbone(arch, **overrides, **family.pipeline_overrides)
+
+
+def backbone_from_config(model_cfg: Any) -> nn.Module:
+    """Builds the backbone described by the project's `ModelConfig` (params.yaml `model` section), of any family."""
+    fields = {k: getattr(model_cfg, k) for k in type(model_cfg).model_fields if k != "arch"}
+    return build_from_fields(model_cfg.arch, **fields)
+
+
+def model_geometry(arch: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The `ModelConfig` fields that a backbone's family overrides fix (`Family.model_keys`), e.g. a DINOv3 file's
+    storage tokens as `num_register_tokens`; fields the `model` section does not have are left out."""
+    keys = family_of(arch).model_keys
+    return {keys[k]: v for k, v in overrides.items() if k in keys}
+
+
+def differing_fields(backbone: nn.Module, arch: str) -> dict[str, Any]:
+    """The fields of a backbone's config that differ from its preset's (JSON-ready: tuples as lists), without the
+    stochastic depth rate (a training setting): what a descriptor records to rebuild the same architecture."""
+    preset = asdict(get_preset(arch).config)
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in asdict(backbone.cfg).items()
+        if k != "drop_path_rate" and v != preset.get(k)
+    }
+
+
+def config_fields(arch: str) -> tuple[str, ...]:
+    """The names a `build_backbone(arch, ...)` override may take (its family config's fields)."""
+    return tuple(asdict(get_preset(arch).config))

@@ -701,22 +701,6 @@ def build_official_backbone(official_name: str, **overrides: Any) -> DinoVisionT
     return build_backbone(arch, **{**release, **overrides})
 
 
-def backbone_from_config(model_cfg: Any) -> DinoVisionTransformer:
-    """Builds the backbone described by the project's `ModelConfig` (params.yaml `model` section)."""
-    ffn = None if model_cfg.ffn_layer == "preset" else model_cfg.ffn_layer
-    return build_backbone(
-        model_cfg.arch,
-        patch_size=model_cfg.patch_size,
-        num_register_tokens=model_cfg.num_register_tokens,
-        ffn_layer=ffn,
-        img_size=model_cfg.img_size,
-        drop_path_rate=model_cfg.drop_path_rate,
-        layerscale_init=model_cfg.layerscale_init,
-        interpolate_antialias=model_cfg.interpolate_antialias,
-        interpolate_offset=model_cfg.interpolate_offset,
-    )
-
-
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (for logs)."""
     return sum(p.numel() for p in model.parameters())

@@ -22,7 +22,16 @@ from components.model.augment import (
 )
 from components.model.export import export_onnx
 from components.model.heads import DINOHead
-from components.model.losses import DINOLoss, KoLeoLoss, cross_entropy, iBOTPatchLoss, koleo_loss, sinkhorn_knopp
+from components.model.losses import (
+    DINOLoss,
+    GramLoss,
+    KoLeoLoss,
+    cross_entropy,
+    gram_loss,
+    iBOTPatchLoss,
+    koleo_loss,
+    sinkhorn_knopp,
+)
 from components.model.masking import MaskingGenerator
 from components.model.schedules import (
     CosineSchedule,
@@ -57,6 +66,7 @@ __all__ = [
     "DINOHead",
     "DINOLoss",
     "DinoVisionTransformer",
+    "GramLoss",
     "KoLeoLoss",
     "MaskingGenerator",
     "MultiCropAugmentation",
@@ -76,6 +86,7 @@ __all__ = [
     "eval_transform",
     "export_onnx",
     "get_preset",
+    "gram_loss",
     "iBOTPatchLoss",
     "koleo_loss",
     "load_official_weights",

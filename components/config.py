@@ -365,11 +365,12 @@ class GramConfig(Section):
     """Steps of the Gram refinement phase run after the pretrain stage's main phase (which then runs without Gram),
     from its final state with its final EMA teacher as the Gram teacher; the phase's export is the stage's. 0: none."""
     base_lr: float = Field(4.0e-4, gt=0.0)
-    """Refinement phase: learning rate for a global batch of 1024 (scaled like optim.base_lr)."""
+    """Refinement phase: learning rate for a global batch of 1024 (scaled like optim.base_lr), held constant after
+    its warm-up as in the release (its 7B: 1.2e-4, i.e. its `schedules.lr.peak` 3e-5 times its factor 4)."""
     warmup_iterations: int = Field(0, ge=0)
     """Refinement phase: linear lr warm-up, in iterations."""
     momentum_teacher: float = Field(0.999, ge=0.0, le=1.0)
-    """Refinement phase: teacher EMA momentum at its start (cosine to teacher.final_momentum_teacher)."""
+    """Refinement phase: teacher EMA momentum, held constant (the release's 7B: 0.999)."""
     loss_weight: float = Field(1.0, ge=0.0)
     """Weight of the Gram loss (after its ramp)."""
     loss_weight_start: float = Field(0.0, ge=0.0)
@@ -915,11 +916,6 @@ class PipelineConfig(Section):
             raise ValueError(f"gram.refresh_first = {g.refresh_first} needs gram.refresh_period > 0")
         if g.warmup_iterations > g.iterations:
             raise ValueError(f"gram.warmup_iterations = {g.warmup_iterations} exceeds gram.iterations = {g.iterations}")
-        if g.iterations and g.momentum_teacher > self.teacher.final_momentum_teacher:
-            raise ValueError(
-                f"gram.momentum_teacher = {g.momentum_teacher} exceeds "
-                f"teacher.final_momentum_teacher = {self.teacher.final_momentum_teacher}"
-            )
         patch = self.model.patch_size
         for key, size in (("crops", self.crops.global_crops_size), ("highres", self.highres.global_crops_size)):
             side = gram_crops_size(g.teacher_resolution, size)

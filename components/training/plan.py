@@ -261,17 +261,18 @@ def gram_phase_plan(
     model: ModelConfig | None = None,
     gram_teacher: WeightsPlan | None = None,
 ) -> PhasePlan:
-    """The Gram refinement phase (DINOv3, section 4.2) after the main phase, from its export: `gram.iterations`
-    steps at the `crops` sizes, lr warm-up over `gram.warmup_iterations` to `gram.base_lr` (batch-scaled), weight
-    decay held at `optim.weight_decay_end`, EMA momentum from `gram.momentum_teacher`, the final teacher temperature
-    throughout, no prototype freeze, the main phase's frozen blocks; Gram on from the first step, its teacher the
-    main phase's final EMA teacher (or `gram_teacher`)."""
+    """The Gram refinement phase (DINOv3, section 4.2) after the main phase, from its export, with the release's
+    constant schedules: `gram.iterations` steps at the `crops` sizes, lr warm-up over `gram.warmup_iterations` to
+    `gram.base_lr` (batch-scaled) and held there, weight decay held at `optim.weight_decay_end`, EMA momentum held at
+    `gram.momentum_teacher`, the final teacher temperature, no prototype freeze, the main phase's frozen blocks;
+    Gram on from the first step, its teacher the main phase's final EMA teacher (or `gram_teacher`)."""
     g, t = cfg.gram, cfg.teacher
     batch = _batch(cfg, world_size)
+    lr = scaled_lr(g.base_lr, batch.global_size, cfg.optim.scaling_rule)
     schedule = _schedule(
-        cfg, batch, total_steps=g.iterations, warmup_steps=g.warmup_iterations, base_lr=g.base_lr,
-        weight_decay=cfg.optim.weight_decay_end, momentum=g.momentum_teacher, warmup_teacher_temp=t.teacher_temp,
-        teacher_temp_warmup_steps=0, freeze_last_layer_steps=0,
+        cfg, batch, total_steps=g.iterations, warmup_steps=g.warmup_iterations, base_lr=g.base_lr, min_lr=lr,
+        weight_decay=cfg.optim.weight_decay_end, momentum=g.momentum_teacher, final_momentum=g.momentum_teacher,
+        warmup_teacher_temp=t.teacher_temp, teacher_temp_warmup_steps=0, freeze_last_layer_steps=0,
     )  # fmt: skip
     model = (model or cfg.model).model_copy(update={"pretrained_weights": None})
     return PhasePlan(

@@ -118,6 +118,8 @@ def test_plans_place_gram_where_it_belongs(tmp_path):
     assert (main.plan.phase, main.plan.gram, main.out) == ("pretrain", None, tmp_path / "ck" / "pretrain" / "export")
     assert (refine.plan.phase, refine.out, refine.source) == ("gram", tmp_path / "out", str(main.out))
     assert refine.plan.schedule.total_steps == 4 and refine.plan.weights.kind == "phase"
+    constant = [refine.plan.schedules().at(s) for s in (0, 3)]  # the release's Gram phase: constant schedules
+    assert constant[0]["lr"] == constant[1]["lr"] > 0 and constant[0]["momentum"] == constant[1]["momentum"] == 0.999
     gram = refine.plan.gram
     assert gram.teacher_crops_size == 2 * cfg.crops.global_crops_size and gram.teacher_weights is None
     values = [refine.plan.schedules().at(s) for s in range(4)]

@@ -394,6 +394,11 @@ class GramConfig(Section):
     (bicubic) to the student's grid. 1: the student's crops as they are."""
     teacher_no_distortions: bool = True
     """The Gram teacher's crops skip the colour, blur and solarisation distortions (the release's 7B setting)."""
+    highres_loss_weight: float | None = Field(None, ge=0.0)
+    """The high-resolution phase's weight, constant (the release: 1.5); null: `loss_weight` with its ramp. That phase
+    never refreshes its Gram teacher (as the release's)."""
+    highres_teacher_resolution: float | None = Field(None, ge=1.0)
+    """The high-resolution phase's `teacher_resolution` (the release: 1.5); null: `teacher_resolution`."""
     tokens: Literal["all", "masked", "unmasked"] = "all"
     """The student's global-crop patch tokens compared: all of them, or those masked (unmasked) for iBOT."""
     img_level: bool = True
@@ -916,13 +921,17 @@ class PipelineConfig(Section):
             raise ValueError(f"gram.refresh_first = {g.refresh_first} needs gram.refresh_period > 0")
         if g.warmup_iterations > g.iterations:
             raise ValueError(f"gram.warmup_iterations = {g.warmup_iterations} exceeds gram.iterations = {g.iterations}")
-        patch = self.model.patch_size
-        for key, size in (("crops", self.crops.global_crops_size), ("highres", self.highres.global_crops_size)):
-            side = gram_crops_size(g.teacher_resolution, size)
-            if side % patch:
+        highres = ("highres_teacher_resolution", g.highres_teacher_resolution) if g.highres_teacher_resolution else (
+            "teacher_resolution", g.teacher_resolution)  # fmt: skip
+        for (key, res), section, size in (
+            (("teacher_resolution", g.teacher_resolution), "crops", self.crops.global_crops_size),
+            (highres, "highres", self.highres.global_crops_size),
+        ):
+            side = gram_crops_size(res, size)
+            if side % self.model.patch_size:
                 raise ValueError(
-                    f"gram.teacher_resolution = {g.teacher_resolution} makes the Gram teacher's crops {side} px for "
-                    f"{key}.global_crops_size = {size}: not a multiple of model.patch_size = {patch}"
+                    f"gram.{key} = {res} makes the Gram teacher's crops {side} px for {section}.global_crops_size = "
+                    f"{size}: not a multiple of model.patch_size = {self.model.patch_size}"
                 )
         return self
 

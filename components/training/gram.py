@@ -96,18 +96,23 @@ class GramPlan:
         return self.refreshes_done(step + 1) > self.refreshes_done(step)
 
 
-def gram_plan(gram: GramConfig, *, global_crops_size: int, teacher_weights: Any = None) -> GramPlan:
-    """The `gram` section for a phase whose global crops are `global_crops_size` px."""
+def gram_plan(
+    gram: GramConfig, *, global_crops_size: int, teacher_weights: Any = None, highres: bool = False
+) -> GramPlan:
+    """The `gram` section for a phase whose global crops are `global_crops_size` px; `highres`: the high-resolution
+    phase's settings (`gram.highres_*`: a constant weight, its resolution, no refresh)."""
+    weight = gram.highres_loss_weight if highres else None
+    resolution = (gram.highres_teacher_resolution if highres else None) or gram.teacher_resolution
     return GramPlan(
-        loss_weight=gram.loss_weight,
+        loss_weight=gram.loss_weight if weight is None else weight,
         loss_weight_start=gram.loss_weight_start,
-        loss_weight_ramp_steps=gram.loss_weight_ramp_iterations,
-        teacher_crops_size=gram_crops_size(gram.teacher_resolution, global_crops_size),
+        loss_weight_ramp_steps=gram.loss_weight_ramp_iterations if weight is None else 0,
+        teacher_crops_size=gram_crops_size(resolution, global_crops_size),
         teacher_no_distortions=gram.teacher_no_distortions,
         tokens=gram.tokens,
         img_level=gram.img_level,
         remove_neg=gram.remove_neg,
-        refresh_period=gram.refresh_period,
+        refresh_period=0 if highres else gram.refresh_period,
         refresh_first=gram.refresh_first,
         max_refreshes=gram.max_refreshes,
         teacher_weights=teacher_weights,

@@ -222,9 +222,13 @@ def frozen_blocks(n: int) -> tuple[str, ...]:
     return tuple(f"student.backbone.{p}" for p in (*stem, *(f"blocks.{i}." for i in range(n))))
 
 
-def _gram(cfg: PipelineConfig, crops_size: int, teacher: WeightsPlan | None, on: bool) -> GramPlan | None:
+def _gram(
+    cfg: PipelineConfig, crops_size: int, teacher: WeightsPlan | None, on: bool, highres: bool = False
+) -> GramPlan | None:
     """The phase's Gram anchoring when `on` (and `gram.enabled`); `teacher`: the `gram.teacher_weights` file."""
-    return gram_plan(cfg.gram, global_crops_size=crops_size, teacher_weights=teacher) if on else None
+    if not on:
+        return None
+    return gram_plan(cfg.gram, global_crops_size=crops_size, teacher_weights=teacher, highres=highres)
 
 
 def pretrain_plan(
@@ -289,7 +293,7 @@ def highres_plan(
     `highres` crop sizes and batch, lr warm-up over `highres.warmup_iterations` to `highres.base_lr` (batch-scaled),
     weight decay held at `optim.weight_decay_end`, EMA momentum from `highres.momentum_teacher`, the final teacher
     temperature throughout, no prototype freeze; Gram-anchored with `gram.enabled` (as DINOv3's high-resolution
-    adaptation), to the starting export or `gram_teacher`."""
+    adaptation: `gram.highres_*`, no refresh), to the starting export or `gram_teacher`."""
     h, t = cfg.highres, cfg.teacher
     batch = _batch(cfg, world_size, per_rank=h.batch_size_per_gpu)
     crops = cfg.crops.model_copy(
@@ -304,7 +308,7 @@ def highres_plan(
         stage="pretrain_highres", phase="highres", seed=cfg.seed,
         model=cfg.model.model_copy(update={"pretrained_weights": None}), dino=cfg.dino, ibot=cfg.ibot,
         teacher=t, crops=crops, batch=batch, schedule=schedule, optim=_optim(cfg), weights=weights,
-        gram=_gram(cfg, h.global_crops_size, gram_teacher, cfg.gram.enabled),
+        gram=_gram(cfg, h.global_crops_size, gram_teacher, cfg.gram.enabled, highres=True),
     )  # fmt: skip
 
 

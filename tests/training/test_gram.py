@@ -91,6 +91,10 @@ def test_the_weight_follows_the_release_schedule(start, end, ramp):
         ({"enabled": True, "iterations": 5, "refresh_first": 3}, "gram.refresh_first = 3 needs gram.refresh_period"),
         ({"enabled": True, "iterations": 5, "warmup_iterations": 9}, "gram.warmup_iterations = 9 exceeds"),
         ({"enabled": True, "iterations": 5, "teacher_resolution": 1.1}, "gram.teacher_resolution = 1.1 makes"),
+        (
+            {"enabled": True, "iterations": 5, "highres_teacher_resolution": 1.1},
+            "gram.highres_teacher_resolution = 1.1",
+        ),
         ({"tokens": "some"}, "gram.tokens = 'some'"),
         ({"refresh_period": -1}, "gram.refresh_period = -1"),
         ({"teacher_resolution": 0.5}, "gram.teacher_resolution = 0.5"),
@@ -280,3 +284,42 @@ def test_gram_loss_falls_when_anchored_to_another_model(learning_world, tmp_path
 def test_without_its_weight_the_gram_loss_does_not_fall_as_much(learning_world, tmp_path, quiet):
     first, last = _anchored_run(learning_world, tmp_path, 0.0)
     assert not last < 0.6 * first, (first, last)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _recipe(name, **more):
+    from components.config import apply_overrides, read_params, read_recipe
+
+    recipe = read_recipe(ROOT / "infra" / "recipes" / name)
+    return validate_config(apply_overrides(read_params(ROOT / "params.yaml"), {**recipe, **more}))
+
+
+def test_the_7b_gram_settings_plan_the_releases_phases(tmp_path):
+    from components.stages.pretrain import pretrain_phases
+    from components.training.plan import highres_plan
+
+    cfg = _recipe("dinov3_vit7b16_gram.yaml")
+    _, refine = pretrain_phases(cfg, None, tmp_path / "ck", tmp_path / "out", 1)
+    gram = refine.plan.gram
+    assert refine.plan.schedule.total_steps == 200_000 and gram.teacher_crops_size == 512
+    steps = range(refine.plan.schedule.total_steps)
+    assert [s + 1 for s in steps if gram.refresh_after(s)] == [10_000, 20_000, 30_000]  # 1.01M, 1.02M, 1.03M
+    assert gram.weight(0) == 0.0 and gram.weight(999) == gram.weight(150_000) == 2.0
+    high = highres_plan(cfg, world_size=1, weights=WeightsPlan("export", "models/pretrain", "d")).gram
+    assert (high.teacher_crops_size, high.weight(0), high.refresh_period) == (768, 1.5, 0)
+
+
+def test_the_dinov3_adaptation_recipe_anchors_to_the_released_model():
+    from typing import get_args
+
+    from components.config import Arch
+
+    if "dinov3_vitl16" not in get_args(Arch):
+        pytest.skip("the DINOv3 presets are not in this tree")
+    cfg = _recipe("adapt_dinov3_vitl16_gram.yaml", **{"model.pretrained_weights": "w.pth"})
+    plan = pretrain_plan(cfg, world_size=1, weights=WeightsPlan("file", "w.pth", "d"))
+    assert plan.gram.teacher_weights is None and plan.gram.teacher_crops_size == 512 and not plan.gram.refresh_period

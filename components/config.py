@@ -396,6 +396,60 @@ class HighresConfig(Section):
         return self
 
 
+class GramConfig(Section):
+    """Gram anchoring (Simeoni et al. 2025, DINOv3, section 4.2): the patch features' Gram matrix of the student's
+    global crops pulled towards a frozen Gram teacher's (docs/gram.md). Off by default."""
+
+    enabled: bool = False
+    """Add the Gram loss to the step of the pretraining phases: the Gram refinement phase when `iterations` > 0, else
+    the main phase itself (continued pretraining: anchored to its starting model); the high-resolution phase too."""
+    iterations: int = Field(0, ge=0)
+    """Steps of the Gram refinement phase run after the pretrain stage's main phase (which then runs without Gram),
+    from its final state with its final EMA teacher as the Gram teacher; the phase's export is the stage's. 0: none."""
+    base_lr: float = Field(4.0e-4, gt=0.0)
+    """Refinement phase: learning rate for a global batch of 1024 (scaled like optim.base_lr), held constant after
+    its warm-up as in the release (its 7B: 1.2e-4, i.e. its `schedules.lr.peak` 3e-5 times its factor 4)."""
+    warmup_iterations: int = Field(0, ge=0)
+    """Refinement phase: linear lr warm-up, in iterations."""
+    momentum_teacher: float = Field(0.999, ge=0.0, le=1.0)
+    """Refinement phase: teacher EMA momentum, held constant (the release's 7B: 0.999)."""
+    loss_weight: float = Field(1.0, ge=0.0)
+    """Weight of the Gram loss (after its ramp)."""
+    loss_weight_start: float = Field(0.0, ge=0.0)
+    """Weight at a phase's first step when `loss_weight_ramp_iterations` > 0."""
+    loss_weight_ramp_iterations: int = Field(0, ge=0)
+    """Steps over which the weight goes from `loss_weight_start` to `loss_weight` along a half cosine (the release's
+    schedule: 1000 for the 7B's Gram phase); 0: `loss_weight` from the first step."""
+    teacher_weights: str | None = None
+    """The Gram teacher at a phase's start: an official-layout backbone file or export folder of the `model` geometry
+    (local or s3://); null: the phase's starting model (the released weights in continued pretraining, the main
+    phase's final EMA teacher in the refinement phase, the pretrain export in the high-resolution phase)."""
+    refresh_period: int = Field(0, ge=0)
+    """The Gram teacher is replaced by the EMA teacher every this many steps of a phase (10000 for the 7B); 0: never."""
+    refresh_first: int | None = Field(None, ge=1)
+    """Steps of a phase after which the first refresh happens; null: `refresh_period`."""
+    max_refreshes: int | None = Field(None, ge=1)
+    """Most refreshes in a phase (3 for the 7B); null: no limit."""
+    teacher_resolution: float = Field(2.0, ge=1.0)
+    """Side of the Gram teacher's crops as a multiple of the global crops' (the release: 512 px for 256 px crops;
+    1.5 in its high-resolution phase): the same region at a higher resolution; its patch features are resized
+    (bicubic) to the student's grid. 1: the student's crops as they are."""
+    teacher_no_distortions: bool = True
+    """The Gram teacher's crops skip the colour, blur and solarisation distortions (the release's 7B setting)."""
+    highres_loss_weight: float | None = Field(None, ge=0.0)
+    """The high-resolution phase's weight, constant (the release: 1.5); null: `loss_weight` with its ramp. That phase
+    never refreshes its Gram teacher (as the release's)."""
+    highres_teacher_resolution: float | None = Field(None, ge=1.0)
+    """The high-resolution phase's `teacher_resolution` (the release: 1.5); null: `teacher_resolution`."""
+    tokens: Literal["all", "masked", "unmasked"] = "all"
+    """The student's global-crop patch tokens compared: all of them, or those masked (unmasked) for iBOT."""
+    img_level: bool = True
+    """One Gram matrix per image (true, the release's 7B) or one over the local batch's patches (needed for
+    `tokens` masked / unmasked)."""
+    remove_neg: bool = False
+    """Clip negative similarities to 0 in both Gram matrices."""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Stage sections
 # --------------------------------------------------------------------------------------------------------------------
@@ -868,6 +922,7 @@ class PipelineConfig(Section):
     crops: CropsConfig = CropsConfig()
     train: TrainConfig = TrainConfig()
     highres: HighresConfig = HighresConfig()
+    gram: GramConfig = GramConfig()
     adapt: AdaptConfig = AdaptConfig()
     pipeline: PipelineSection = PipelineSection()
     distill: DistillConfig = DistillConfig()
@@ -907,6 +962,40 @@ class PipelineConfig(Section):
                 f"highres.momentum_teacher = {highres.momentum_teacher} exceeds "
                 f"teacher.final_momentum_teacher = {self.teacher.final_momentum_teacher}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _gram_fits(self) -> PipelineConfig:
+        """Gram anchoring needs a teacher from the first step, crops on the patch grid and selectable tokens."""
+        g = self.gram
+        if not g.enabled:
+            return self
+        if not g.iterations and not (self.model.pretrained_weights or g.teacher_weights):
+            raise ValueError(
+                "gram.enabled with gram.iterations = 0 anchors the main phase from its first step, which needs a Gram "
+                "teacher: set model.pretrained_weights (continued pretraining), gram.teacher_weights, or "
+                "gram.iterations > 0 (a refinement phase after the main phase)"
+            )
+        if g.tokens != "all" and g.img_level:
+            raise ValueError(f"gram.tokens = {g.tokens!r} needs gram.img_level = false (one matrix over the patches)")
+        if g.tokens == "masked" and not self.ibot.mask_sample_probability:
+            raise ValueError("gram.tokens = 'masked' needs ibot.mask_sample_probability > 0 (no patch is masked)")
+        if g.refresh_first is not None and not g.refresh_period:
+            raise ValueError(f"gram.refresh_first = {g.refresh_first} needs gram.refresh_period > 0")
+        if g.warmup_iterations > g.iterations:
+            raise ValueError(f"gram.warmup_iterations = {g.warmup_iterations} exceeds gram.iterations = {g.iterations}")
+        highres = ("highres_teacher_resolution", g.highres_teacher_resolution) if g.highres_teacher_resolution else (
+            "teacher_resolution", g.teacher_resolution)  # fmt: skip
+        for (key, res), section, size in (
+            (("teacher_resolution", g.teacher_resolution), "crops", self.crops.global_crops_size),
+            (highres, "highres", self.highres.global_crops_size),
+        ):
+            side = gram_crops_size(res, size)
+            if side % self.model.patch_size:
+                raise ValueError(
+                    f"gram.{key} = {res} makes the Gram teacher's crops {side} px for {section}.global_crops_size = "
+                    f"{size}: not a multiple of model.patch_size = {self.model.patch_size}"
+                )
         return self
 
     @model_validator(mode="after")
@@ -1057,6 +1146,11 @@ def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:
     if rule == "linear_wrt_1024":
         return base_lr * global_batch / 1024.0
     return base_lr
+
+
+def gram_crops_size(teacher_resolution: float, global_crops_size: int) -> int:
+    """Side of the Gram teacher's crops for global crops of `global_crops_size` px (`gram.teacher_resolution`)."""
+    return round(teacher_resolution * global_crops_size)
 
 
 class SectionView:

@@ -37,7 +37,16 @@ from components.model.families import (
     official_checkpoint_url,
 )
 from components.model.heads import DINOHead
-from components.model.losses import DINOLoss, KoLeoLoss, cross_entropy, iBOTPatchLoss, koleo_loss, sinkhorn_knopp
+from components.model.losses import (
+    DINOLoss,
+    GramLoss,
+    KoLeoLoss,
+    cross_entropy,
+    gram_loss,
+    iBOTPatchLoss,
+    koleo_loss,
+    sinkhorn_knopp,
+)
 from components.model.masking import MaskingGenerator
 from components.model.rope import RopePositionEmbedding
 from components.model.schedules import (
@@ -72,6 +81,7 @@ __all__ = [
     "DinoV3ViTConfig",
     "DinoV3VisionTransformer",
     "DinoVisionTransformer",
+    "GramLoss",
     "KoLeoLoss",
     "MaskingGenerator",
     "MultiCropAugmentation",
@@ -95,6 +105,7 @@ __all__ = [
     "export_onnx",
     "family_of",
     "get_preset",
+    "gram_loss",
     "iBOTPatchLoss",
     "koleo_loss",
     "load_official_weights",

@@ -38,9 +38,16 @@ class MultiCropAugmentation:
     what the features should ignore, and a domain where colour is the signal (or crops far smaller than 224 px, on
     which a 2 px blur removes most of the detail) needs milder ones.
 
+    With `gram_crops_size` (DINOv3's Gram anchoring), each global crop's region is cut at the larger of the two sizes
+    and resized (bicubic) to `global_crops_size` for the student, and to `gram_crops_size` for the Gram teacher: the
+    same region at a higher resolution. With `gram_no_distortions` the Gram teacher's crop skips the colour, blur and
+    solarisation distortions and the student's is resized before them (the release's order); otherwise both come from
+    the distorted crop.
+
     Input: a PIL image, or an image tensor (C, H, W) (uint8, or float in [0, 1]). Output: a dict with
     `global_crops` (list of 2 tensors (3, G, G)), `global_crops_teacher` (the same list) and `local_crops` (list of N
-    tensors (3, S, S)), all float32 and normalised.
+    tensors (3, S, S)), all float32 and normalised; with `gram_crops_size`, `gram_teacher_crops` (list of 2 tensors
+    (3, T, T)).
     """
 
     def __init__(
@@ -57,8 +64,11 @@ class MultiCropAugmentation:
         grayscale_prob: float = 0.2,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         solarize_prob: float = 0.2,
+        gram_crops_size: int | None = None,
+        gram_no_distortions: bool = True,
     ) -> None:
         self.local_crops_number = local_crops_number
+        self.gram_crops_size, self.gram_no_distortions = gram_crops_size, gram_no_distortions
         bicubic = InterpolationMode.BICUBIC
         # Solarisation's threshold 128 and the jitter are defined on 8-bit images: work in uint8 until normalising.
         to_uint8 = v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)])
@@ -83,17 +93,14 @@ class MultiCropAugmentation:
             )
 
         self.to_uint8 = to_uint8
-        self.global_transform_1 = v2.Compose(
-            [geometric(global_crops_size, global_crops_scale), colour, _blur(1.0, blur_sigma), normalize]
-        )
-        self.global_transform_2 = v2.Compose(
-            [
-                geometric(global_crops_size, global_crops_scale),
-                colour,
-                _blur(0.1, blur_sigma),
-                v2.RandomSolarize(threshold=128, p=solarize_prob),
-                normalize,
-            ]
+        self.normalize = normalize
+        # With Gram crops, the region is cut at the larger side and resized for each model (identity at equal sides).
+        self.global_geometric = geometric(max(global_crops_size, gram_crops_size or 0), global_crops_scale)
+        self.resize_global = v2.Resize(global_crops_size, interpolation=bicubic, antialias=True)
+        self.resize_gram = v2.Resize(gram_crops_size or global_crops_size, interpolation=bicubic, antialias=True)
+        self.global_distortions_1 = v2.Compose([colour, _blur(1.0, blur_sigma), normalize])
+        self.global_distortions_2 = v2.Compose(
+            [colour, _blur(0.1, blur_sigma), v2.RandomSolarize(threshold=128, p=solarize_prob), normalize]
         )
         self.local_transform = v2.Compose(
             [geometric(local_crops_size, local_crops_scale), colour, _blur(0.5, blur_sigma), normalize]
@@ -101,13 +108,30 @@ class MultiCropAugmentation:
 
     def __call__(self, image: Any) -> dict[str, list[Tensor]]:
         image = self.to_uint8(image)
-        global_crops = [self.global_transform_1(image), self.global_transform_2(image)]
+        pairs = [self._global_crop(image, d) for d in (self.global_distortions_1, self.global_distortions_2)]
+        global_crops = [crop for crop, _ in pairs]
         local_crops = [self.local_transform(image) for _ in range(self.local_crops_number)]
-        return {"global_crops": global_crops, "global_crops_teacher": global_crops, "local_crops": local_crops}
+        out = {"global_crops": global_crops, "global_crops_teacher": global_crops, "local_crops": local_crops}
+        if self.gram_crops_size is not None:
+            out["gram_teacher_crops"] = [gram for _, gram in pairs]
+        return out
+
+    def _global_crop(self, image: Tensor, distortions: v2.Transform) -> tuple[Tensor, Tensor | None]:
+        """A global crop (3, G, G) and, with `gram_crops_size`, the Gram teacher's crop of its region (3, T, T)."""
+        region = self.global_geometric(image)  # (3, max(G, T), max(G, T)) uint8
+        if self.gram_crops_size is None:
+            return distortions(region), None
+        if self.gram_no_distortions:
+            return distortions(self.resize_global(region)), self.normalize(self.resize_gram(region))
+        distorted = distortions(region)
+        return self.resize_global(distorted), self.resize_gram(distorted)
 
 
-def augmentation_from_config(crops_cfg: Any) -> MultiCropAugmentation:
-    """`MultiCropAugmentation` from the project's `CropsConfig` (params.yaml `crops` section)."""
+def augmentation_from_config(
+    crops_cfg: Any, *, gram_crops_size: int | None = None, gram_no_distortions: bool = True
+) -> MultiCropAugmentation:
+    """`MultiCropAugmentation` from the project's `CropsConfig` (params.yaml `crops` section), with the Gram
+    teacher's crops when `gram_crops_size` is given (a phase's `GramPlan`)."""
     return MultiCropAugmentation(
         global_crops_scale=tuple(crops_cfg.global_crops_scale),
         local_crops_scale=tuple(crops_cfg.local_crops_scale),
@@ -119,6 +143,8 @@ def augmentation_from_config(crops_cfg: Any) -> MultiCropAugmentation:
         grayscale_prob=crops_cfg.grayscale_prob,
         blur_sigma=tuple(crops_cfg.blur_sigma),
         solarize_prob=crops_cfg.solarize_prob,
+        gram_crops_size=gram_crops_size,
+        gram_no_distortions=gram_no_distortions,
     )
 
 
@@ -139,6 +165,7 @@ class MultiCropCollate:
 
     Call with a list of samples, each the augmentation's dict or a (dict, target) pair. Returns a dict:
         collated_global_crops (2 B, 3, G, G); collated_local_crops (L B, 3, S, S);
+        collated_gram_teacher_crops (2 B, 3, T, T) when the samples have Gram teacher crops;
         collated_masks (2 B, N) bool, True where masked; mask_indices_list (M,) flat indices of the masked patches
         in collated_masks.flatten(); masks_weight (M,) 1 / (masked patches of the patch's image);
         n_masked_patches (1,) long, M; upperbound, an int >= M (a static size for padding);
@@ -189,7 +216,11 @@ class MultiCropCollate:
         mask_indices = collated_masks.flatten().nonzero().flatten()  # (M,)
         per_image = 1.0 / collated_masks.sum(-1).clamp(min=1.0)  # (G B,)
         masks_weight = per_image.unsqueeze(-1).expand_as(collated_masks)[collated_masks]  # (M,)
-        return {
+        gram = {}
+        if "gram_teacher_crops" in crops[0]:  # crop-major, like the global crops they show
+            stacked = torch.stack([c["gram_teacher_crops"][i] for i in range(n_global) for c in crops])
+            gram["collated_gram_teacher_crops"] = stacked.to(self.dtype)  # (G B, 3, T, T)
+        return gram | {
             "collated_global_crops": global_crops.to(self.dtype),
             "collated_local_crops": local_crops.to(self.dtype),
             "collated_masks": collated_masks,

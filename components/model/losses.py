@@ -1,4 +1,5 @@
-"""DINOv2's self-supervised losses: DINO (image level), iBOT (patch level) and the KoLeo regulariser.
+"""The self-supervised losses: DINO (image level), iBOT (patch level), the KoLeo regulariser and DINOv3's Gram
+anchoring.
 
 Each loss works on one process or many: the cross-process reductions (the centre's batch mean, the Sinkhorn-Knopp
 sums) go through `torch.distributed` only when a process group is initialised. Nothing here moves tensors between
@@ -262,3 +263,55 @@ class KoLeoLoss(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return koleo_loss(features, self.eps)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gram anchoring (DINOv3)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def gram_loss(student: Tensor, teacher: Tensor, *, img_level: bool = True, remove_neg: bool = False) -> Tensor:
+    """Gram anchoring (Simeoni et al. 2025, DINOv3, section 4.2): the mean squared difference between the Gram
+    matrices of the student's and the Gram teacher's L2-normalised patch features, as the release's `GramLoss`.
+
+    With `img_level`, each image's N x N matrix of patch-to-patch cosine similarities is compared (B matrices);
+    otherwise the patches of the whole batch are flattened and one (B N) x (B N) matrix is compared. With
+    `remove_neg`, negative similarities are set to 0 in both matrices first (no gradient flows through them).
+    Computed in float32 whatever the autocast state.
+
+    Args:
+        student: (B, N, D) patch features, or (P, D) selected patches when not `img_level`.
+        teacher: the Gram teacher's features of the same patches, same shape (no gradient is needed).
+        img_level: one Gram matrix per image (True) or one over the batch (False).
+        remove_neg: clip negative similarities to 0 in both matrices.
+
+    Returns:
+        A scalar: the mean over every entry of the Gram matrices of the squared difference.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"gram_loss: student {tuple(student.shape)} != teacher {tuple(teacher.shape)}")
+    if img_level and student.dim() != 3:
+        raise ValueError(f"gram_loss: img_level needs (B, N, D) features, got {tuple(student.shape)}")
+    if student.dim() not in (2, 3):
+        raise ValueError(f"gram_loss: expected (B, N, D) or (P, D) features, got {tuple(student.shape)}")
+    with torch.autocast(student.device.type, enabled=False):
+        grams = []
+        for x in (student, teacher):
+            x = F.normalize(x.float(), dim=-1)  # cosine similarities, as released (`apply_norm`)
+            if not img_level and x.dim() == 3:
+                x = x.flatten(0, 1)  # (B N, D): one matrix over the batch
+            g = x @ x.transpose(-1, -2)  # (B, N, N) or (B N, B N)
+            grams.append(g.masked_fill(g < 0, 0.0) if remove_neg else g)
+        return F.mse_loss(grams[0], grams[1])
+
+
+class GramLoss(nn.Module):
+    """Module form of `gram_loss`, its options bound."""
+
+    def __init__(self, *, img_level: bool = True, remove_neg: bool = False) -> None:
+        super().__init__()
+        self.img_level = img_level
+        self.remove_neg = remove_neg
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return gram_loss(student, teacher, img_level=self.img_level, remove_neg=self.remove_neg)

@@ -75,7 +75,7 @@ STAGES: dict[str, StageSpec] = {
     "pretrain": StageSpec(
         "DINOv2 self-supervised pretraining under DeepSpeed ZeRO",
         "components.stages.pretrain:run_pretrain",
-        (*TRAIN_SECTIONS, "adapt"),
+        (*TRAIN_SECTIONS, "adapt", "gram"),
         (
             PathArg("curated", "data/curated", "the curate stage's output"),
             PathArg("checkpoints", "checkpoints/pretrain", "resumable training checkpoints (kept across runs)"),
@@ -87,7 +87,7 @@ STAGES: dict[str, StageSpec] = {
     "pretrain_highres": StageSpec(
         "high-resolution adaptation of the pretrained model (paper, appendix B.2)",
         "components.stages.pretrain:run_pretrain_highres",
-        (*TRAIN_SECTIONS, "highres"),
+        (*TRAIN_SECTIONS, "highres", "gram"),
         (
             PathArg("pretrained", "models/pretrain", "the pretrain stage's export (teacher backbone and heads)"),
             PathArg("curated", "data/curated", "the curate stage's output"),

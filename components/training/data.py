@@ -308,7 +308,7 @@ def build_loader(
 
     Args:
         uris: the curated manifest's URIs.
-        plan: the phase's `PhasePlan` (seed, model.patch_size, crops, ibot masking, batch.per_rank).
+        plan: the phase's `PhasePlan` (seed, model.patch_size, crops, ibot masking, batch.per_rank, gram).
         rank: this process's rank; world_size: the number of ranks.
         start_position: the stream position to start from (`samples_seen` of a checkpoint; 0 for a fresh run).
         num_workers: data-loading processes (`train.num_workers`).
@@ -316,7 +316,13 @@ def build_loader(
     """
     from components.model import augmentation_from_config
 
-    dataset = MultiCropDataset(uris, plan.seed, augmentation_from_config(plan.crops))
+    gram = plan.gram  # the Gram teacher's crops, for a phase with Gram anchoring
+    augmentation = augmentation_from_config(
+        plan.crops,
+        gram_crops_size=gram.teacher_crops_size if gram else None,
+        gram_no_distortions=gram.teacher_no_distortions if gram else True,
+    )
+    dataset = MultiCropDataset(uris, plan.seed, augmentation)
     collate = PlannedMaskCollate(
         seed=plan.seed,
         patch_grid=plan.crops.global_crops_size // plan.model.patch_size,

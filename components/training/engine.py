@@ -305,6 +305,7 @@ class TrainEngine:
         self.module: TrainModule = self.ds.module
         self.stage = settings.zero_stage
         self._ema = [(list(s.parameters()), list(t.parameters())) for s, t in self.module.ema_pairs()]
+        self._snapshots = [(list(s.parameters()), list(t.parameters())) for s, t in self.module.snapshot_pairs()]
         self._check_ema_shards()
         self._loss_nonfinite = torch.zeros((), device=self.device)
         if initial_state is not None and initial_state.get("optimizer"):
@@ -352,7 +353,8 @@ class TrainEngine:
 
         Args:
             micro_batches: collated batches (on the CPU), one per accumulation step.
-            values: this step's schedule values: lr, last_layer_lr, weight_decay, momentum, teacher_temp.
+            values: this step's schedule values: lr, last_layer_lr, weight_decay, momentum, teacher_temp (and
+                `snapshot`, 1 on the steps after which the module's snapshot pairs are copied).
         """
         if len(micro_batches) != self.settings.grad_accum_steps:
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected {self.settings.grad_accum_steps}")
@@ -366,6 +368,8 @@ class TrainEngine:
                 self.ds.step()  # DeepSpeed counts micro-steps; it updates only at the accumulation boundary
         grad_norm, skipped = self._guarded_step()
         self.ema_update(values["momentum"])  # a skipped step left the student as it was: the EMA stays finite
+        if values.get("snapshot"):
+            self.snapshot_update()
         terms = {k: v / len(micro_batches) for k, v in sums.items()}
         return StepOutput(terms=terms, grad_norm_t=grad_norm, skipped_t=skipped)
 
@@ -417,16 +421,29 @@ class TrainEngine:
         stay bit-equal); otherwise the teacher's forward would read them one step late.
         """
         for src, tgt in self._ema:
-            pairs = [(s.ds_tensor, t.ds_tensor) for s, t in zip(src, tgt, strict=True)] if self.stage == 3 else []
-            if self.stage == 3:
-                pairs += [(s.data, t.data) for s, t in zip(src, tgt, strict=True) if getattr(t, "ds_persist", False)]
-            else:
-                pairs = list(zip(src, tgt, strict=True))
-            sources, targets = [s for s, _ in pairs], [t for _, t in pairs]
+            sources, targets = self._local_pairs(src, tgt)
             torch._foreach_lerp_(targets, sources, 1.0 - momentum)
 
+    @torch.no_grad()
+    def snapshot_update(self) -> None:
+        """target <- source for every snapshot pair (`TrainModule.snapshot_pairs`), on local shards under ZeRO-3 as
+        the EMA."""
+        for src, tgt in self._snapshots:
+            sources, targets = self._local_pairs(src, tgt)
+            torch._foreach_copy_(targets, sources)
+
+    def _local_pairs(self, src: list[Tensor], tgt: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The tensors this rank updates for a pair of parameter lists: the parameters, or under ZeRO-3 their local
+        shards and the whole copies of persistent parameters (see `ema_update`)."""
+        if self.stage == 3:
+            pairs = [(s.ds_tensor, t.ds_tensor) for s, t in zip(src, tgt, strict=True)]
+            pairs += [(s.data, t.data) for s, t in zip(src, tgt, strict=True) if getattr(t, "ds_persist", False)]
+        else:
+            pairs = list(zip(src, tgt, strict=True))
+        return [s for s, _ in pairs], [t for _, t in pairs]
+
     def _check_ema_shards(self) -> None:
-        for src, tgt in self._ema:
+        for src, tgt in self._ema + self._snapshots:
             if len(src) != len(tgt):
                 raise ValueError(f"EMA pair with {len(src)} source and {len(tgt)} target parameters")
             for s, t in zip(src, tgt, strict=True):

@@ -12,6 +12,10 @@ One step, as in the release's `SSLMetaArch.forward_backward`:
    cross-entropy on the masked patches (each image's patches weighted by 1 / its masked count, averaged over the
    global crops); KoLeo on the student's global CLS features, summed over the 2 global crops. Each is weighted by
    params.yaml (`dino.loss_weight`, `ibot.loss_weight`, `dino.koleo_loss_weight`).
+4. Gram anchoring (DINOv3), in a phase whose plan has it: the Gram teacher (a frozen copy of the backbone) sees the
+   Gram crops of the global crops; the Gram loss between its patch features and the student's joins the total with
+   this step's `gram_loss_weight` (`components.training.gram`). The engine refreshes it from the EMA teacher at the
+   plan's steps (`snapshot_pairs`).
 
 The same module fits heads on a frozen backbone (the `head_fit` phase of a teacher without heads): the plan freezes
 both backbones, and the EMA pairs are then the heads alone. The EMA itself, devices, precision and distribution
@@ -33,6 +37,7 @@ from components.config import DinoConfig, IbotConfig
 from components.model import DINOHead, DINOLoss, backbone_from_config, iBOTPatchLoss, koleo_loss, param_groups
 from components.model.adapter import HeadsState, load_official_heads, load_official_weights, normalize_heads_state
 from components.runtime import several_ranks
+from components.training.gram import gram_term
 from components.training.module import LossOutput, TrainModule
 from components.training.plan import PhasePlan
 
@@ -198,9 +203,14 @@ class SSLMetaArch(SelfDistillation):
         super().__init__(plan)
         dino, ibot = plan.dino, plan.ibot
         self.student = build_network(plan.model, dino, ibot)
-        self.teacher = build_network(plan.model.model_copy(update={"drop_path_rate": 0.0}), dino, ibot)
+        frozen_model = plan.model.model_copy(update={"drop_path_rate": 0.0})  # the copies that never train
+        self.teacher = build_network(frozen_model, dino, ibot)
         self.teacher.load_state_dict(self.student.state_dict())  # the teacher starts as a copy of the student
         self.teacher.requires_grad_(False)
+        if plan.gram is not None:  # a frozen copy of the backbone, named as the release names it
+            self.gram_teacher = nn.ModuleDict({"backbone": backbone_from_config(frozen_model)})
+            self.gram_teacher.backbone.load_state_dict(self.teacher.backbone.state_dict())
+            self.gram_teacher.requires_grad_(False)
         for name, p in self.named_parameters():
             if name.startswith(plan.frozen):
                 p.requires_grad_(False)  # `param_groups` leaves frozen parameters out
@@ -208,12 +218,15 @@ class SSLMetaArch(SelfDistillation):
     def train(self, mode: bool = True) -> SSLMetaArch:
         super().train(mode)
         self.teacher.eval()  # the teacher never trains: no stochastic depth, whatever the mode
+        if self.plan.gram is not None:
+            self.gram_teacher.eval()
         return self
 
     # -- the step --------------------------------------------------------------------------------------------------
 
     def forward(self, batch: Mapping[str, Any], values: Mapping[str, float]) -> LossOutput:
-        """The weighted DINO + iBOT + KoLeo loss of one collated multi-crop batch (see the module docstring)."""
+        """The weighted DINO + iBOT + KoLeo (+ Gram) loss of one collated multi-crop batch (see the module
+        docstring)."""
         global_crops = batch["collated_global_crops"]  # (G B, 3, H, W), crop-major
         local_crops = batch["collated_local_crops"]  # (L B, 3, h, w)
         masks = batch["collated_masks"]  # (G B, N) bool
@@ -242,7 +255,15 @@ class SSLMetaArch(SelfDistillation):
         local = l_logits.view(n_local, B, K) if n_local else None
         dino = self.dino_loss(g_logits.view(n_global, B, K), local, dino_t.view(n_global, B, K))
         ibot = self.ibot_loss.forward_masked(patch_logits, ibot_t, batch["masks_weight"], n_images=n_global * B)
-        return self.weighted(dino, ibot, g_cls, n_global)
+        out = self.weighted(dino, ibot, g_cls, n_global)
+        if self.plan.gram is not None:
+            p = self.student.backbone.patch_size
+            grid = (global_crops.shape[-2] // p, global_crops.shape[-1] // p)
+            gram_crops = batch["collated_gram_teacher_crops"]  # (G B, 3, H_T, W_T)
+            g_patches = g_out["x_norm_patchtokens"]  # (G B, N, D), the masked crops' as the release compares
+            gram = gram_term(self.plan.gram, self.gram_teacher.backbone, gram_crops, g_patches, masks, grid)
+            out |= {"loss": out["loss"] + values["gram_loss_weight"] * gram, "gram_loss": gram.detach()}
+        return out
 
     # -- hooks for the engine --------------------------------------------------------------------------------------
 
@@ -254,6 +275,11 @@ class SSLMetaArch(SelfDistillation):
             return list(zip(heads_of(self.student).values(), heads_of(self.teacher).values(), strict=True))
         return ((self.student, self.teacher),)  # frozen blocks stay equal: lerp(x, x) is x exactly
 
+    def snapshot_pairs(self) -> Sequence[tuple[nn.Module, nn.Module]]:
+        if self.plan.gram is None or not self.plan.gram.refresh_period:
+            return ()
+        return ((self.teacher.backbone, self.gram_teacher.backbone),)  # the Gram teacher <- the EMA teacher
+
     def checkpointed_blocks(self) -> Sequence[nn.Module]:
         if any(p.requires_grad for p in self.student.backbone.parameters()):
             return list(self.student.backbone.blocks)
@@ -263,7 +289,8 @@ class SSLMetaArch(SelfDistillation):
         return [self.student.backbone]
 
     def compiled_blocks(self) -> Sequence[nn.Module]:
-        return [*self.student.backbone.blocks, *self.teacher.backbone.blocks]
+        gram = [*self.gram_teacher.backbone.blocks] if self.plan.gram is not None else []
+        return [*self.student.backbone.blocks, *self.teacher.backbone.blocks, *gram]
 
     def monitored_backbone(self) -> nn.Module:
         return self.teacher.backbone
@@ -273,12 +300,20 @@ class SSLMetaArch(SelfDistillation):
     def initial_state(self, source: str | None) -> dict[str, Tensor]:
         """The student and teacher at the start of the phase: the seeded initialisation, or `source` (an export
         folder, or a weight file: a released backbone, whose heads stay fresh, or a training checkpoint, whose
-        teacher heads are used); the teacher starts as the student."""
+        teacher heads are used); the teacher starts as the student. The Gram teacher starts as the teacher, or from
+        the plan's Gram teacher weights."""
         if source is not None:
             found = load_network_weights(self.student, source, heads=True)
             if found is not None:
                 load_centers(found, self.dino_loss, self.ibot_loss)
             self.teacher.load_state_dict(self.student.state_dict())
+        gram = self.plan.gram
+        if gram is not None and gram.teacher_weights is not None:
+            load_network_weights(self.gram_teacher, gram.teacher_weights.source, heads=False)
+        elif gram is not None:
+            if source is None:  # the config's checks make this unreachable from params.yaml
+                raise ValueError(f"phase {self.plan.phase}: a Gram teacher needs starting weights or its own file")
+            self.gram_teacher.backbone.load_state_dict(self.teacher.backbone.state_dict())
         return self.state_dict()
 
     def export(self, state: Mapping[str, Tensor], out_dir: Path, *, iterations: int) -> list[Path]:

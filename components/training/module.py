@@ -41,6 +41,12 @@ class TrainModule(nn.Module):
         target <- m target + (1 - m) source with this step's `momentum`. Default: none."""
         return ()
 
+    def snapshot_pairs(self) -> Sequence[tuple[nn.Module, nn.Module]]:
+        """(source, target) modules of identical structure: after the EMA of a step whose schedule values hold
+        `snapshot` = 1, the engine copies target <- source (the Gram teacher refreshed from the EMA teacher). Default:
+        none."""
+        return ()
+
     def checkpointed_blocks(self) -> Sequence[nn.Module]:
         """Modules whose activations are recomputed in the backward pass when activation checkpointing is on."""
         return ()

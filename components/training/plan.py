@@ -2,7 +2,7 @@
 
 A training stage runs one or more phases, one after the other, each resumable on its own:
 
-    pretrain          pretrain
+    pretrain          pretrain (then gram, the Gram refinement phase, from its export when `gram.iterations` > 0)
     pretrain_highres  highres (from the pretrain export)
     distill           head_fit (a teacher without heads: its heads fitted on its frozen backbone), then distill
 
@@ -39,8 +39,9 @@ from components.config import (
     scaled_lr,
 )
 from components.model.schedules import TrainingSchedules, build_schedules
+from components.training.gram import GramPlan, GramSchedules, gram_plan
 
-PhaseName = Literal["pretrain", "highres", "head_fit", "distill"]
+PhaseName = Literal["pretrain", "gram", "highres", "head_fit", "distill"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ class PhasePlan:
     """`distill`: the student presets (geometry of `model`)."""
     teacher_model: ModelConfig | None = None
     """`distill`: the frozen teacher's backbone."""
+    gram: GramPlan | None = None
+    """Gram anchoring in this phase (`components.training.gram`), or None."""
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain data (what plan.yaml and MLflow hold), with the global batch spelled out."""
@@ -135,21 +138,25 @@ class PhasePlan:
             value = getattr(self, key)
             out[key] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
         out["batch"]["global_size"] = self.batch.global_size
+        if self.gram is None:
+            del out["gram"]  # plans without Gram keep their fingerprints
         # The teacher's centring only: its momentum and temperatures are the schedule's (one value, one place).
         out["teacher"] = {k: out["teacher"][k] for k in ("centering", "center_momentum")}
         return out
 
-    def schedules(self) -> TrainingSchedules:
-        """The per-step schedules of this phase."""
+    def schedules(self) -> TrainingSchedules | GramSchedules:
+        """The per-step schedules of this phase (with the Gram loss weight and refreshes when it has Gram)."""
         values = asdict(self.schedule)
         del values["base_lr"]  # `lr` is the scaled one
-        return build_schedules(**values)
+        schedules = build_schedules(**values)
+        return schedules if self.gram is None else GramSchedules(schedules, self.gram)
 
     def fingerprint_items(self) -> dict[str, Any]:
         """What a checkpoint of this phase depends on: the plan without the split of its global batch."""
         items = flatten(self.to_dict())
         for key in ("batch.per_rank", "batch.grad_accum_steps", "batch.world_size", "weights.source"):
             del items[key]
+        items.pop("gram.teacher_weights.source", None)  # a location; its digest is the identity
         return items
 
 
@@ -215,29 +222,78 @@ def frozen_blocks(n: int) -> tuple[str, ...]:
     return tuple(f"student.backbone.{p}" for p in (*stem, *(f"blocks.{i}." for i in range(n))))
 
 
+def _gram(
+    cfg: PipelineConfig, crops_size: int, teacher: WeightsPlan | None, on: bool, highres: bool = False
+) -> GramPlan | None:
+    """The phase's Gram anchoring when `on` (and `gram.enabled`); `teacher`: the `gram.teacher_weights` file."""
+    if not on:
+        return None
+    return gram_plan(cfg.gram, global_crops_size=crops_size, teacher_weights=teacher, highres=highres)
+
+
 def pretrain_plan(
-    cfg: PipelineConfig, *, world_size: int, weights: WeightsPlan | None = None, model: ModelConfig | None = None
+    cfg: PipelineConfig,
+    *,
+    world_size: int,
+    weights: WeightsPlan | None = None,
+    model: ModelConfig | None = None,
+    gram_teacher: WeightsPlan | None = None,
 ) -> PhasePlan:
     """The DINOv2 recipe as params.yaml states it: `optim` / `teacher` epochs of `optim.epoch_length` steps.
 
     Continuing from pretrained weights, `model` is the `model` section with the weights' geometry (registers,
-    interpolation, patch size) and `model.freeze_blocks` bottom blocks stay frozen.
+    interpolation, patch size) and `model.freeze_blocks` bottom blocks stay frozen. With `gram.enabled` and no Gram
+    refinement phase (`gram.iterations` 0), Gram anchors this phase (`gram_teacher`: `gram.teacher_weights`
+    resolved, else the starting model).
     """
     batch = _batch(cfg, world_size)
     model = (model or cfg.model).model_copy(update={"pretrained_weights": None})
+    gram = _gram(cfg, cfg.crops.global_crops_size, gram_teacher, cfg.gram.enabled and not cfg.gram.iterations)
     return PhasePlan(
         stage="pretrain", phase="pretrain", seed=cfg.seed, model=model,
         dino=cfg.dino, ibot=cfg.ibot, teacher=cfg.teacher, crops=cfg.crops, batch=batch,
         schedule=_schedule(cfg, batch), optim=_optim(cfg), weights=weights or WeightsPlan("random"),
-        frozen=frozen_blocks(model.freeze_blocks),
+        frozen=frozen_blocks(model.freeze_blocks), gram=gram,
     )  # fmt: skip
 
 
-def highres_plan(cfg: PipelineConfig, *, world_size: int, weights: WeightsPlan) -> PhasePlan:
+def gram_phase_plan(
+    cfg: PipelineConfig,
+    *,
+    world_size: int,
+    weights: WeightsPlan,
+    model: ModelConfig | None = None,
+    gram_teacher: WeightsPlan | None = None,
+) -> PhasePlan:
+    """The Gram refinement phase (DINOv3, section 4.2) after the main phase, from its export, with the release's
+    constant schedules: `gram.iterations` steps at the `crops` sizes, lr warm-up over `gram.warmup_iterations` to
+    `gram.base_lr` (batch-scaled) and held there, weight decay held at `optim.weight_decay_end`, EMA momentum held at
+    `gram.momentum_teacher`, the final teacher temperature, no prototype freeze, the main phase's frozen blocks;
+    Gram on from the first step, its teacher the main phase's final EMA teacher (or `gram_teacher`)."""
+    g, t = cfg.gram, cfg.teacher
+    batch = _batch(cfg, world_size)
+    lr = scaled_lr(g.base_lr, batch.global_size, cfg.optim.scaling_rule)
+    schedule = _schedule(
+        cfg, batch, total_steps=g.iterations, warmup_steps=g.warmup_iterations, base_lr=g.base_lr, min_lr=lr,
+        weight_decay=cfg.optim.weight_decay_end, momentum=g.momentum_teacher, final_momentum=g.momentum_teacher,
+        warmup_teacher_temp=t.teacher_temp, teacher_temp_warmup_steps=0, freeze_last_layer_steps=0,
+    )  # fmt: skip
+    model = (model or cfg.model).model_copy(update={"pretrained_weights": None})
+    return PhasePlan(
+        stage="pretrain", phase="gram", seed=cfg.seed, model=model, dino=cfg.dino, ibot=cfg.ibot, teacher=t,
+        crops=cfg.crops, batch=batch, schedule=schedule, optim=_optim(cfg), weights=weights,
+        frozen=frozen_blocks(model.freeze_blocks), gram=_gram(cfg, cfg.crops.global_crops_size, gram_teacher, True),
+    )  # fmt: skip
+
+
+def highres_plan(
+    cfg: PipelineConfig, *, world_size: int, weights: WeightsPlan, gram_teacher: WeightsPlan | None = None
+) -> PhasePlan:
     """The high-resolution phase (paper, appendix B.2) from the pretrain export: `highres.iterations` steps at the
     `highres` crop sizes and batch, lr warm-up over `highres.warmup_iterations` to `highres.base_lr` (batch-scaled),
     weight decay held at `optim.weight_decay_end`, EMA momentum from `highres.momentum_teacher`, the final teacher
-    temperature throughout, no prototype freeze."""
+    temperature throughout, no prototype freeze; Gram-anchored with `gram.enabled` (as DINOv3's high-resolution
+    adaptation: `gram.highres_*`, no refresh), to the starting export or `gram_teacher`."""
     h, t = cfg.highres, cfg.teacher
     batch = _batch(cfg, world_size, per_rank=h.batch_size_per_gpu)
     crops = cfg.crops.model_copy(
@@ -252,6 +308,7 @@ def highres_plan(cfg: PipelineConfig, *, world_size: int, weights: WeightsPlan) 
         stage="pretrain_highres", phase="highres", seed=cfg.seed,
         model=cfg.model.model_copy(update={"pretrained_weights": None}), dino=cfg.dino, ibot=cfg.ibot,
         teacher=t, crops=crops, batch=batch, schedule=schedule, optim=_optim(cfg), weights=weights,
+        gram=_gram(cfg, h.global_crops_size, gram_teacher, cfg.gram.enabled, highres=True),
     )  # fmt: skip
 
 

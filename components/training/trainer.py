@@ -235,7 +235,7 @@ class Trainer:
         monitors = []
         if self.train_cfg.knn_eval_period:
             monitors.append((self.train_cfg.knn_eval_period, self._knn_monitor()))
-        continues = self.plan.phase in ("pretrain", "highres")  # the same network goes on from its weights
+        continues = self.plan.phase in ("pretrain", "gram", "highres")  # the same network goes on from its weights
         if continues and self.plan.weights.kind != "random" and self.phase.source is not None:
             period = self.train_cfg.knn_eval_period or self.train_cfg.checkpoint_period
             monitors.append((period, self._drift_monitor()))

@@ -23,6 +23,7 @@ from components.model.augment import (
     collate_from_config,
     eval_transform,
 )
+from components.model.convnext import ConvNeXt, ConvNeXtConfig
 from components.model.export import export_onnx
 from components.model.families import (
     FAMILIES,
@@ -63,7 +64,6 @@ from components.model.vit import (
     Preset,
     ViTConfig,
 )
-from components.model.convnext import ConvNeXt, ConvNeXtConfig
 from components.model.vit_dinov3 import DinoV3VisionTransformer, DinoV3ViTConfig, official_file_name
 
 __all__ = [

@@ -124,19 +124,22 @@ fix otherwise (each ViT its feed-forward; RoPE, no position table)."""
 
 
 def _preset_geometry_defaults(data: Any) -> Any:
-    """A section's raw values with `patch_size` and `num_register_tokens` defaulting to its preset's."""
-    if isinstance(data, dict) and data.get("arch") in PRESET_GEOMETRY:
-        return {**PRESET_GEOMETRY[data["arch"]], **data}
-    return data
+    """A section's raw values with `patch_size` and `num_register_tokens` defaulting (left out, or null) to its
+    preset's: 16 and 4 storage tokens for DINOv3, DINOv2's 14 and 0 otherwise."""
+    if not isinstance(data, dict):
+        return data
+    defaults = PRESET_GEOMETRY.get(data.get("arch"), {"patch_size": 14, "num_register_tokens": 0})
+    return {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
 
 
 class ModelConfig(Section):
     arch: Arch = "vit_tiny"
     """Backbone preset pretrained by the pipeline (student and teacher)."""
     patch_size: int = Field(14, ge=2, le=32)
-    """Side of a patch in pixels (14 as released; 16 allowed)."""
+    """Side of a patch in pixels; null or left out: the preset's (14 for DINOv2, 16 for DINOv3)."""
     num_register_tokens: int = Field(0, ge=0, le=16)
-    """Register tokens between the CLS token and the patch tokens (Darcet et al. 2024)."""
+    """Register tokens between the CLS token and the patch tokens (Darcet et al. 2024; DINOv3's storage tokens);
+    null or left out: the preset's (0 for DINOv2, 4 for DINOv3)."""
     ffn_layer: Literal["preset", "mlp", "swiglu"] = "preset"
     """Feed-forward type; `preset` keeps the preset's (SwiGLU for vit_giant2, MLP otherwise)."""
     img_size: int = Field(518, ge=32)
@@ -163,7 +166,8 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _family_keys(self) -> ModelConfig:
         if self.arch.startswith("dinov3_"):
-            set_here = sorted(k for k in DINOV2_ONLY if k in self.model_fields_set)
+            fields = type(self).model_fields
+            set_here = sorted(k for k in DINOV2_ONLY if getattr(self, k) != fields[k].default)
             if set_here:
                 raise ValueError(
                     f"{', '.join(set_here)}: DINOv2 settings; {self.arch} fixes its feed-forward and has RoPE, no "

@@ -320,6 +320,8 @@ def test_the_dinov3_adaptation_recipe_anchors_to_the_released_model():
 
     if "dinov3_vitl16" not in get_args(Arch):
         pytest.skip("the DINOv3 presets are not in this tree")
-    cfg = _recipe("adapt_dinov3_vitl16_gram.yaml", **{"model.pretrained_weights": "w.pth"})
+    cfg = _recipe(
+        "adapt_dinov3_vitl16_gram.yaml", **{"model.pretrained_weights": "w.pth", "train.knn_eval_root": "labelled"}
+    )
     plan = pretrain_plan(cfg, world_size=1, weights=WeightsPlan("file", "w.pth", "d"))
     assert plan.gram.teacher_weights is None and plan.gram.teacher_crops_size == 512 and not plan.gram.refresh_period

@@ -95,9 +95,9 @@ def servable_model(export: Export) -> Iterator[PyfuncModel]:
     """An export as a pyfunc model for `Tracker.log_model`: its backbone files (copied into a temporary folder that
     lives as long as the block), this package as code, the signature, input example, preprocessing and pinned
     requirements."""
-    from components.model import get_preset
+    from components.model import backbone_config
 
-    embed_dim = int(export.overrides.get("embed_dim") or get_preset(export.arch).config.embed_dim)
+    embed_dim = int(backbone_config(export.arch, **export.overrides).embed_dim)
     with tempfile.TemporaryDirectory(prefix="servable-") as tmp:
         backbone = copy_backbone(export, Path(tmp) / BACKBONE_ARTIFACT)
         yield PyfuncModel(

@@ -30,7 +30,13 @@ from components.evaluation.datasets import (
     load_masks,
     num_segmentation_classes,
 )
-from components.evaluation.features import ImageFeatures, extract_patch_maps, load_images, num_blocks, patch_multiple
+from components.evaluation.features import (
+    ImageFeatures,
+    extract_patch_maps,
+    feature_blocks,
+    load_images,
+    patch_multiple,
+)
 from components.evaluation.metrics import confusion_matrix, segmentation_scores
 from components.evaluation.models import ModelSpec, preprocessing
 
@@ -197,8 +203,7 @@ class SegmentationSet:
 
     @property
     def last4(self) -> list[int]:
-        depth = num_blocks(self.model)
-        return list(range(max(0, depth - 4), depth))
+        return feature_blocks(self.model)[-4:]
 
     def val_images(self, side: int) -> np.ndarray:
         """The val images squashed to `side` px, decoded once per side."""

@@ -35,10 +35,11 @@ from components.evaluation.datasets import DepthData, depth_range, load_depths
 from components.evaluation.features import (
     cache_on_device,
     dense_block_indices,
+    dense_blocks,
     extract_patch_maps,
+    feature_blocks,
     head_threads,
     load_images,
-    num_blocks,
     patch_multiple,
     predict_batches,
     take_batch,
@@ -266,15 +267,21 @@ def mean_map_metrics(
 
 
 def _head_and_inputs(
-    name: str, maps: dict[int, list[tuple[Tensor, Tensor]]], depth: int, cfg: EvaluateConfig, lo: float, hi: float
+    name: str,
+    maps: dict[int, list[tuple[Tensor, Tensor]]],
+    usable: list[int],
+    cfg: EvaluateConfig,
+    lo: float,
+    hi: float,
 ) -> tuple[nn.Module, Any, Any, list[int]]:
-    """A fresh head of kind `name` and its (train, val) inputs built from the cached block maps."""
+    """A fresh head of kind `name` and its (train, val) inputs built from the cached maps of the `usable` blocks
+    (`feature_blocks`)."""
     if name == "dpt":
-        blocks = dense_block_indices(depth, 4)
+        blocks = [usable[i] for i in dense_block_indices(len(usable), 4)]
         train_in: Any = [maps["train"][b] for b in blocks]
         val_in: Any = [maps["val"][b] for b in blocks]
         return DPTHead(train_in[0][0].shape[1], features=cfg.dpt_features, min_depth=lo), train_in, val_in, blocks
-    blocks = [depth - 1] if name == "linear" else list(range(max(0, depth - 4), depth))
+    blocks = usable[-1:] if name == "linear" else usable[-4:]
     train_in = linear_depth_input([maps["train"][b] for b in blocks])
     val_in = linear_depth_input([maps["val"][b] for b in blocks])
     head = LinearDepthHead(train_in.shape[1], n_bins=cfg.depth_bins, min_depth=lo, max_depth=hi)
@@ -302,9 +309,8 @@ def run_depth(
     side = patch_multiple(side, int(model.patch_size))
     depths_train, depths_val = load_depths(data, "train"), load_depths(data, "val")
     lo, hi = depth_range(data, depths_train, cfg.depth_min, cfg.depth_max)
-    depth = num_blocks(model)
-    needed = sorted({*range(max(0, depth - 4), depth), *(dense_block_indices(depth, 4) if "dpt" in cfg.depth_heads
-                                                        else ())})  # fmt: skip
+    usable = feature_blocks(model)
+    needed = sorted({*usable[-4:], *(dense_blocks(model, 4) if "dpt" in cfg.depth_heads else ())})
     kwargs = dict(batch_size=cfg.batch_size, device=device, mean=mean, std=std)
     val_images = load_images(data.splits["val"].image_uris, side, crop=False)
     maps = {
@@ -319,7 +325,7 @@ def run_depth(
     for name in cfg.depth_heads:
         if name not in HEADS:
             raise ValueError(f"unknown depth head {name!r}; known: {HEADS}")
-        head, train_in, val_in, blocks = _head_and_inputs(name, maps, depth, cfg, lo, hi)
+        head, train_in, val_in, blocks = _head_and_inputs(name, maps, usable, cfg, lo, hi)
         with torch.no_grad():  # the loss is taken at the head's output resolution (targets nearest-resized to it)
             out_side = head(take_batch(train_in, torch.arange(1))).shape[-1]
         head = _train_head(

@@ -96,6 +96,20 @@ def num_blocks(model: nn.Module) -> int:
     return int(getattr(model, "n_blocks", None) or len(model.blocks))  # type: ignore[arg-type]
 
 
+def feature_blocks(model: nn.Module) -> list[int]:
+    """Indices of the blocks whose outputs the frozen protocols stack or concatenate: every block of a ViT; the last
+    stage of a ConvNeXt, whose stages differ in width (its features are the last stage's, as the release reads them).
+    """
+    depth, widths = num_blocks(model), getattr(model, "embed_dims", None)
+    return [depth - 1] if widths is not None and len(set(widths)) > 1 else list(range(depth))
+
+
+def dense_blocks(model: nn.Module, count: int) -> list[int]:
+    """`count` evenly spaced blocks among `feature_blocks` (`dense_block_indices`: DPT's choice of layers)."""
+    blocks = feature_blocks(model)
+    return [blocks[i] for i in dense_block_indices(len(blocks), count)]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Image-level features
 # --------------------------------------------------------------------------------------------------------------------
@@ -161,7 +175,7 @@ def extract_features(
     Returns:
         Features on the CPU in float32.
     """
-    n = min(n_blocks, num_blocks(model))
+    n = min(n_blocks, len(feature_blocks(model)))
     patch = int(model.patch_size)
     cls_out, mean_out = [], []
     for start in range(0, len(images), batch_size):

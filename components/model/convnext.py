@@ -60,6 +60,11 @@ class ConvNeXtConfig:
     in_chans: int = 3
     """Input channels."""
 
+    @property
+    def embed_dim(self) -> int:
+        """Width of the output features: the last stage's channels (the ViT configs' `embed_dim`)."""
+        return self.dims[-1]
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))

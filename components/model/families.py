@@ -155,14 +155,19 @@ def official_checkpoint_url(official_name: str) -> str:
     return family_of(official_name).checkpoint_url(official_name)
 
 
-def build_from_fields(arch: str, **fields: Any) -> nn.Module:
-    """Builds preset `arch` of any family from `model`-section fields (`patch_size`, `num_register_tokens`,
-    `drop_path_rate`, ...): those the family has (`Family.model_keys`; `ffn_layer: preset` keeps the preset's), and
-    what the pipeline always sets on the family."""
+def overrides_from_fields(arch: str, **fields: Any) -> dict[str, Any]:
+    """The `build_backbone(arch, ...)` overrides that `model`-section fields (`patch_size`, `num_register_tokens`,
+    `drop_path_rate`, ...) make for `arch`'s family: those the family has (`Family.model_keys`; `ffn_layer: preset`
+    keeps the preset's), and what the pipeline always sets on the family."""
     family = family_of(arch)
     ours = {key: name for name, key in family.model_keys.items()}
     overrides = {ours[k]: v for k, v in fields.items() if k in ours and not (k == "ffn_layer" and v == "preset")}
-    return family.build_backbone(arch, **overrides, **family.pipeline_overrides)
+    return {**overrides, **family.pipeline_overrides}
+
+
+def build_from_fields(arch: str, **fields: Any) -> nn.Module:
+    """Builds preset `arch` of any family from `model`-section fields (see `overrides_from_fields`)."""
+    return build_backbone(arch, **overrides_from_fields(arch, **fields))
 
 
 def backbone_from_config(model_cfg: Any) -> nn.Module:

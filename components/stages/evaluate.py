@@ -54,6 +54,7 @@ from components.evaluation.report import headline_table
 from components.evaluation.robustness import finalize_robustness
 from components.evaluation.runner import ImageCache, evaluate_model, long_frame_rows
 from components.log import get_logger
+from components.model.families import overrides_from_fields
 from components.runtime import resolve_device
 from components.stage import StageRun, stage_run
 
@@ -85,16 +86,11 @@ def model_specs(cfg: PipelineConfig, pretrained: str, distilled: str, final: str
     if cfg.evaluate.random_baseline:
         teacher = next((s for s in specs if s.role == "teacher"), None)
         m = cfg.model
-        overrides: dict[str, Any] = {
-            "patch_size": m.patch_size,
-            "num_register_tokens": m.num_register_tokens,
-            "img_size": m.img_size,
-            "interpolate_offset": m.interpolate_offset,
-            "interpolate_antialias": m.interpolate_antialias,
-            "layerscale_init": m.layerscale_init,
-        }
-        if m.ffn_layer != "preset":
-            overrides["ffn_layer"] = m.ffn_layer
+        # The `model` section describes the teacher it trained; a teacher of another preset brings its own geometry.
+        fields = (
+            {} if teacher is not None and teacher.arch != m.arch else m.model_dump(exclude={"arch", "drop_path_rate"})
+        )
+        overrides = overrides_from_fields(teacher.arch if teacher is not None else m.arch, **fields)
         specs.append(random_baseline(teacher, m.arch, overrides))
     specs += [extra_model(entry) for entry in cfg.evaluate.extra_models]
     return unique_names(specs)

@@ -161,6 +161,11 @@ class ViTAdapter(nn.Module):
         self.backbone = backbone.eval()
         for p in self.backbone.parameters():
             p.requires_grad_(False)
+        if not hasattr(backbone, "num_heads"):
+            raise ValueError(
+                f"the ViT-Adapter (mask2former protocol) runs a ViT's blocks; {type(backbone).__name__} has none: "
+                "evaluate it with the linear segmentation protocols"
+            )
         dim, heads = int(backbone.embed_dim), int(backbone.num_heads)
         self.groups = block_groups(num_blocks(backbone), cfg.num_interactions)
         self.level_embed = nn.Parameter(torch.randn(3, dim) * 0.02)
@@ -186,6 +191,10 @@ class ViTAdapter(nn.Module):
         ref_vit = reference_points([vit_shape], images.device)[None, :, None]  # (1, N, 1, 2)
         ref_c = reference_points(shapes, images.device)[None, :, None]  # (1, S, 1, 2)
         tokens = self.backbone.prepare_tokens_with_masks(images)  # (B, 1 + R + N, D)
+        rope = None
+        if isinstance(tokens, tuple):  # DINOv3: the tokens and their grid, whose RoPE table every block takes
+            tokens, (rows, cols) = tokens
+            rope = self.backbone.rope_embed(H=rows, W=cols)
         num_prefix = 1 + int(self.backbone.num_register_tokens)
         prefix, x = tokens[:, :num_prefix], tokens[:, num_prefix:]  # CLS and registers; patch tokens (B, N, D)
         vit_maps = []
@@ -194,7 +203,7 @@ class ViTAdapter(nn.Module):
             h = torch.cat([prefix, x], dim=1)
             for block in self.backbone.blocks[first : last + 1]:
                 recompute = self.cfg.checkpoint_blocks and self.training and torch.is_grad_enabled()
-                h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
+                h = checkpoint(block, h, rope, use_reentrant=False) if recompute else block(h, rope)
             prefix, x = h[:, :num_prefix], h[:, num_prefix:]
             c = self.extractors[i](c, ref_c, x, vit_shape, shapes)
             vit_maps.append(x.transpose(1, 2).reshape(B, self.embed_dim, *vit_shape))  # (B, D, H/p, W/p)

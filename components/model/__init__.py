@@ -22,14 +22,24 @@ from components.model.augment import (
 )
 from components.model.export import export_onnx
 from components.model.heads import DINOHead
-from components.model.losses import DINOLoss, KoLeoLoss, cross_entropy, iBOTPatchLoss, koleo_loss, sinkhorn_knopp
+from components.model.losses import (
+    DINOLoss,
+    KoLeoLoss,
+    cross_entropy,
+    iBOTPatchLoss,
+    koleo_loss,
+    koleo_loss_distributed,
+    sinkhorn_knopp,
+)
 from components.model.masking import MaskingGenerator
 from components.model.schedules import (
     CosineSchedule,
     TrainingSchedules,
+    WarmupCosineSchedule,
     build_schedules,
     cosine_schedule,
     param_groups,
+    warmup_cosine_decay,
 )
 from components.model.vit import (
     IMAGENET_MEAN,
@@ -64,6 +74,7 @@ __all__ = [
     "Preset",
     "TrainingSchedules",
     "ViTConfig",
+    "WarmupCosineSchedule",
     "augmentation_from_config",
     "backbone_config",
     "backbone_from_config",
@@ -78,6 +89,7 @@ __all__ = [
     "get_preset",
     "iBOTPatchLoss",
     "koleo_loss",
+    "koleo_loss_distributed",
     "load_official_weights",
     "normalize_state_dict",
     "official_checkpoint_url",
@@ -86,4 +98,5 @@ __all__ = [
     "read_state_dict",
     "save_official_weights",
     "sinkhorn_knopp",
+    "warmup_cosine_decay",
 ]

@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 2 tests/training/clip_scenario.py --out DIR
 
 For ZeRO stages 1, 2 and 3 in turn, one optimizer step of `TwoModules` (a module with a big gradient and one with a
-small gradient, parameters of sizes that split across the ranks' partitions) over 2 accumulated micro-batches per
-rank, each rank with its own data. The gradients the optimizer receives (gathered with DeepSpeed's
+small gradient; the big module's weight is split between the ranks' flat partitions under ZeRO 1/2 and, above
+ZeRO-3's persistence threshold, partitioned like the large weights of a real model) over 2 accumulated micro-batches
+per rank, each rank with its own data. The gradients the optimizer receives (gathered with DeepSpeed's
 `safe_get_full_grad` just before its step) are compared on rank 0 with the hand computation: the gradient averaged
 over every rank's and micro-batch's loss, written out here on one process, each module scaled by
 min(1, clip / (||g_module|| + 1e-6)). Writes `<out>/result.json`.
@@ -28,6 +29,7 @@ from components.training.module import LossOutput, TrainModule
 
 CLIP = 1.0
 MICRO, ACCUM = 3, 2
+IN = 300
 
 
 class TwoModules(TrainModule):
@@ -35,11 +37,11 @@ class TwoModules(TrainModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.big = nn.Linear(5, 3)  # 18 values
-        self.small = nn.Linear(4, 2)  # 10 values: the flat partition of 2 ranks splits `big.weight`
+        self.big = nn.Linear(IN, 400)  # 120 000 weights: above ZeRO-3's persistence threshold of 100 000
+        self.small = nn.Linear(4, 2)
 
     def forward(self, batch: Mapping[str, Any], values: Mapping[str, float]) -> LossOutput:
-        x = batch["x"]  # (B, 5)
+        x = batch["x"]  # (B, IN)
         big = 100.0 * self.big(x).square().mean()
         small = 0.01 * self.small(x[:, :4]).square().mean()
         return {"loss": big + small, "big": big.detach(), "small": small.detach()}
@@ -56,7 +58,7 @@ class TwoModules(TrainModule):
 def batches(rank: int) -> list[dict[str, Tensor]]:
     """Rank `rank`'s micro-batches, from a seed of its own (every rank can rebuild every rank's)."""
     gen = torch.Generator().manual_seed(100 + rank)
-    return [{"x": torch.randn(MICRO, 5, generator=gen)} for _ in range(ACCUM)]
+    return [{"x": torch.randn(MICRO, IN, generator=gen)} for _ in range(ACCUM)]
 
 
 def settings(stage: int, clip: float = CLIP) -> EngineSettings:

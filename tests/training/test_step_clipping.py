@@ -31,7 +31,7 @@ def test_each_module_is_clipped_on_its_own_on_zero0(in_process_training):
     module, reference = TwoModules(), TwoModules()
     reference.load_state_dict(module.state_dict())
     expected, norms = clipped(reference_gradients(reference, world=1), CLIP)
-    assert norms["big"] > 100 * CLIP and norms["small"] < CLIP / 10
+    assert norms["big"] > 10 * CLIP and norms["small"] < CLIP / 10
     engine = TrainEngine(module, settings(stage=0))
     seen: dict[str, torch.Tensor] = {}
     step = engine._adamw.step

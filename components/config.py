@@ -176,6 +176,22 @@ class ModelConfig(Section):
         return self
 
 
+class WarmupCosineConfig(Section):
+    """A value over training, as the DINOv3 release's `linear_warmup_cosine_decay`: linear from `start` towards
+    `peak` over `warmup_epochs`, a half-cosine from `peak` to `end` over `cosine_epochs`, then `end`."""
+
+    start: float = Field(1.0, ge=0.0)
+    """Value at the first step."""
+    peak: float = Field(1.0, ge=0.0)
+    """Value at the end of the warm-up, where the cosine starts."""
+    end: float = Field(1.0, ge=0.0)
+    """Value at the end of the cosine, held after it."""
+    warmup_epochs: int = Field(0, ge=0)
+    """Epochs of the linear warm-up."""
+    cosine_epochs: int | None = Field(None, ge=0)
+    """Epochs of the cosine; null: the rest of the training."""
+
+
 class DinoConfig(Section):
     loss_weight: float = Field(1.0, ge=0.0)
     """Weight of the image-level DINO loss."""
@@ -190,7 +206,26 @@ class DinoConfig(Section):
     koleo_loss_weight: float = Field(0.1, ge=0.0)
     """Weight of the KoLeo regulariser on the student's CLS features."""
     koleo_distributed: bool = False
-    """Nearest neighbours over the global batch (all ranks); False: within each rank's batch, as released."""
+    """KoLeo's nearest neighbours among a group of images across ranks (`koleo_group_size`), as DINOv3's distributed
+    KoLeo; False: within each rank's batch (both releases' default)."""
+    koleo_group_size: int | None = Field(None, ge=2)
+    """Images per neighbour set of the distributed KoLeo, whole per-rank batches of consecutive ranks (DINOv3's
+    `koleo_distributed_loss_group_size`: 16 in the 7B's high-resolution phase); null: the global batch."""
+    koleo_topk: int = Field(1, ge=1)
+    """Nearest neighbours of each image in the distributed KoLeo (DINOv3's `koleo_topk`); 1 without it."""
+    local_loss_weight: WarmupCosineConfig = WarmupCosineConfig()
+    """Weight of the local crops' DINO terms against the global crops' (DINOv3's `reweight_dino_local_loss` and
+    `local_loss_weight_schedule`; 1 throughout: DINOv2's plain mean over all crop pairs), over the pretraining
+    epochs; the other phases (high resolution, head fit, distillation) hold its `end`."""
+
+    @model_validator(mode="after")
+    def _koleo_options(self) -> DinoConfig:
+        if not self.koleo_distributed and (self.koleo_group_size is not None or self.koleo_topk != 1):
+            raise ValueError(
+                f"dino.koleo_group_size = {self.koleo_group_size} and dino.koleo_topk = {self.koleo_topk} need "
+                "dino.koleo_distributed = true (the per-rank KoLeo takes one neighbour within the rank's batch)"
+            )
+        return self
 
 
 class IbotConfig(Section):
@@ -230,6 +265,9 @@ class TeacherConfig(Section):
     """Teacher temperature after the warm-up."""
     warmup_teacher_temp_epochs: int = Field(30, ge=0)
     """Epochs of the linear temperature warm-up."""
+    momentum_warmup_epochs: int = Field(0, ge=0)
+    """`optim.schedule: constant`: epochs of the linear rise of the EMA momentum from momentum_teacher to
+    final_momentum_teacher (0: final_momentum_teacher throughout)."""
     centering: Literal["softmax", "sinkhorn_knopp"] = "sinkhorn_knopp"
     """Centring of the teacher's outputs: EMA centre then softmax, or Sinkhorn-Knopp (3 iterations)."""
     center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -263,7 +301,8 @@ class OptimConfig(Section):
     weight_decay_end: float = Field(0.4, ge=0.0)
     """Weight decay at the end."""
     clip_grad: float = Field(3.0, ge=0.0)
-    """Gradient-norm clipping threshold (0 disables)."""
+    """Gradient-norm clipping threshold of each student module on its own (backbone, DINO head, iBOT head), as both
+    releases clip (0 disables)."""
     freeze_last_layer_epochs: int = Field(1, ge=0)
     """Epochs during which the heads' last (prototype) layer is not updated."""
     layerwise_decay: float = Field(0.9, gt=0.0, le=1.0)
@@ -274,11 +313,31 @@ class OptimConfig(Section):
     """AdamW beta1."""
     adamw_beta2: float = Field(0.999, ge=0.0, lt=1.0)
     """AdamW beta2."""
+    dino_head_wd_multiplier: float = Field(1.0, ge=0.0)
+    """Weight-decay multiplier of the DINO head's decayed weights (DINOv3's; 1.0 in every released config)."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """cosine: DINOv2's schedules (lr warm-up then cosine to min_lr; weight decay and teacher momentum cosine from
+    their start to their end value); constant: the DINOv3 recipe's (each value rises linearly over its warm-up, then
+    holds: lr from 0 over warmup_epochs; weight decay from weight_decay to weight_decay_end over
+    weight_decay_warmup_epochs; momentum from teacher.momentum_teacher to final_momentum_teacher over
+    teacher.momentum_warmup_epochs; the temperature's warm-up as in cosine). Every training phase follows it."""
+    weight_decay_warmup_epochs: int = Field(0, ge=0)
+    """`schedule: constant`: epochs of the linear rise of the weight decay from weight_decay to weight_decay_end
+    (0: weight_decay_end throughout)."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> OptimConfig:
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if self.weight_decay_warmup_epochs and self.schedule != "constant":
+            raise ValueError(
+                f"weight_decay_warmup_epochs = {self.weight_decay_warmup_epochs} needs schedule = constant "
+                "(the cosine schedule has no weight-decay warm-up)"
+            )
+        if self.weight_decay_warmup_epochs > self.epochs:
+            raise ValueError(
+                f"weight_decay_warmup_epochs ({self.weight_decay_warmup_epochs}) exceeds epochs ({self.epochs})"
+            )
         return self
 
 
@@ -950,7 +1009,30 @@ class PipelineConfig(Section):
                 f"optim.freeze_last_layer_epochs = {self.optim.freeze_last_layer_epochs} exceeds "
                 f"optim.epochs = {self.optim.epochs}"
             )
+        w = self.dino.local_loss_weight
+        if w.warmup_epochs + (w.cosine_epochs or 0) > self.optim.epochs:
+            raise ValueError(
+                f"dino.local_loss_weight.warmup_epochs + cosine_epochs = {w.warmup_epochs + (w.cosine_epochs or 0)} "
+                f"exceeds optim.epochs = {self.optim.epochs}"
+            )
+        self._warmups_fit(self.optim.epochs, "optim.epochs")
         return self
+
+    def _warmups_fit(self, epochs: int, key: str) -> None:
+        """The constant schedule's weight-decay and momentum warm-ups fit in `epochs` (named `key`)."""
+        momentum_warmup = self.teacher.momentum_warmup_epochs
+        if momentum_warmup and self.optim.schedule != "constant":
+            raise ValueError(
+                f"teacher.momentum_warmup_epochs = {momentum_warmup} needs optim.schedule = constant "
+                "(the cosine schedule has no momentum warm-up)"
+            )
+        spans = {
+            "teacher.momentum_warmup_epochs": momentum_warmup,
+            "optim.weight_decay_warmup_epochs": self.optim.weight_decay_warmup_epochs,
+        }
+        for name, span in spans.items():
+            if span > epochs:
+                raise ValueError(f"{name} = {span} exceeds {key} = {epochs}")
 
     @model_validator(mode="after")
     def _highres_fits(self) -> PipelineConfig:
@@ -1021,6 +1103,7 @@ class PipelineConfig(Section):
         for key in ("warmup_epochs", "freeze_last_layer_epochs"):
             if getattr(self.optim, key) > d.epochs:
                 raise ValueError(f"optim.{key} = {getattr(self.optim, key)} exceeds distill.epochs = {d.epochs}")
+        self._warmups_fit(d.epochs, "distill.epochs")
         if d.momentum_ema > self.teacher.final_momentum_teacher:
             raise ValueError(
                 f"distill.momentum_ema = {d.momentum_ema} exceeds "

@@ -46,6 +46,7 @@ from components.model.losses import (
     gram_loss,
     iBOTPatchLoss,
     koleo_loss,
+    koleo_loss_distributed,
     sinkhorn_knopp,
 )
 from components.model.masking import MaskingGenerator
@@ -53,9 +54,11 @@ from components.model.rope import RopePositionEmbedding
 from components.model.schedules import (
     CosineSchedule,
     TrainingSchedules,
+    WarmupCosineSchedule,
     build_schedules,
     cosine_schedule,
     param_groups,
+    warmup_cosine_decay,
 )
 from components.model.vit import (
     IMAGENET_MEAN,
@@ -90,6 +93,7 @@ __all__ = [
     "RopePositionEmbedding",
     "TrainingSchedules",
     "ViTConfig",
+    "WarmupCosineSchedule",
     "augmentation_from_config",
     "backbone_config",
     "backbone_from_config",
@@ -108,6 +112,7 @@ __all__ = [
     "gram_loss",
     "iBOTPatchLoss",
     "koleo_loss",
+    "koleo_loss_distributed",
     "load_official_weights",
     "normalize_state_dict",
     "official_checkpoint_url",
@@ -117,4 +122,5 @@ __all__ = [
     "read_state_dict",
     "save_official_weights",
     "sinkhorn_knopp",
+    "warmup_cosine_decay",
 ]

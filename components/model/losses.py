@@ -1,5 +1,5 @@
-"""The self-supervised losses: DINO (image level), iBOT (patch level), the KoLeo regulariser and DINOv3's Gram
-anchoring.
+"""The self-supervised losses: DINO (image level), iBOT (patch level), the KoLeo regulariser (per rank, or over
+groups of images across ranks as DINOv3 runs it) and DINOv3's Gram anchoring.
 
 Each loss works on one process or many: the cross-process reductions (the centre's batch mean, the Sinkhorn-Knopp
 sums) go through `torch.distributed` only when a process group is initialised. Nothing here moves tensors between
@@ -144,24 +144,32 @@ class DINOLoss(_CenteredTeacher):
         value = loss(s_global.view(G, B, K), s_local.view(L, B, K), probs.view(G, B, K))
     """
 
-    def forward(self, student_global: Tensor, student_local: Tensor | None, teacher_global: Tensor) -> Tensor:
+    def forward(
+        self, student_global: Tensor, student_local: Tensor | None, teacher_global: Tensor, *, local_weight: float = 1.0
+    ) -> Tensor:
         """The DINO loss.
 
         Args:
             student_global: student logits of the global crops, (G, B, K).
             student_local: student logits of the local crops, (L, B, K), or None (no local crops).
             teacher_global: teacher targets of the global crops (already centred and sharpened), (G, B, K).
+            local_weight: w, the weight of the local crops' pairs (DINOv3's `reweight_dino_local_loss`; 1 in DINOv2).
+                The release weighs its global and local means by their shares of the pairs, G (G - 1) / n and L G / n,
+                the local one times w: the sum below with the local pairs times w, over all n pairs.
 
         Returns:
-            A scalar: mean cross-entropy per pair, averaged over the G (G - 1) + L G pairs.
+            A scalar: (sum over the G (G - 1) global pairs + w x sum over the L G local pairs of the batch-mean
+            cross-entropy) / (G (G - 1) + L G); with w = 1 the mean over all pairs.
         """
         if student_global.shape != teacher_global.shape:
             raise ValueError(f"student global {tuple(student_global.shape)} != teacher {tuple(teacher_global.shape)}")
         # In float32, as released: under bfloat16 autocast the einsums below would run in bfloat16.
         with torch.autocast(teacher_global.device.type, enabled=False):
-            return self._cross_entropy(student_global, student_local, teacher_global)
+            return self._cross_entropy(student_global, student_local, teacher_global, local_weight)
 
-    def _cross_entropy(self, student_global: Tensor, student_local: Tensor | None, teacher_global: Tensor) -> Tensor:
+    def _cross_entropy(
+        self, student_global: Tensor, student_local: Tensor | None, teacher_global: Tensor, local_weight: float
+    ) -> Tensor:
         G = teacher_global.shape[0]
         t = teacher_global.float()
         lsm = F.log_softmax(student_global.float() / self.student_temp, dim=-1)  # (G, B, K)
@@ -169,7 +177,8 @@ class DINOLoss(_CenteredTeacher):
         total, n_terms = pair_ce.sum() - pair_ce.diagonal().sum(), G * (G - 1)  # a crop is not matched to itself
         if student_local is not None and student_local.shape[0] > 0:
             lsm_local = F.log_softmax(student_local.float() / self.student_temp, dim=-1)  # (L, B, K)
-            total = total - torch.einsum("tbk,lbk->", t, lsm_local) / t.shape[1]
+            local = -torch.einsum("tbk,lbk->", t, lsm_local) / t.shape[1]
+            total = total + (local if local_weight == 1.0 else local_weight * local)
             n_terms += student_local.shape[0] * G
         return total / max(n_terms, 1)
 
@@ -252,6 +261,58 @@ def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
             nn_index = dots.argmax(dim=1)  # (B,) nearest neighbour of each sample
         distances = F.pairwise_distance(x, x[nn_index], p=2, eps=eps)  # (B,)
         return -torch.log(distances + eps).mean()
+
+
+def koleo_loss_distributed(
+    features: Tensor, *, topk: int = 1, group_size: int | None = None, eps: float = 1e-8
+) -> Tensor:
+    """KoLeo over groups of images across ranks, as the DINOv3 release's `KoLeoLossDistributed` computes it.
+
+    Every rank's L2-normalised features are gathered (differentiably: a neighbour's gradient flows back to its rank);
+    the global batch is cut into groups of `group_size` images of consecutive ranks, and each of this rank's B
+    features finds its `topk` nearest neighbours in its own group (itself excluded). The loss is minus the mean log
+    distance over this rank's B x topk pairs. Its mean over ranks (what averaging the gradients over ranks
+    optimises) is, with `topk` 1 and one group, `koleo_loss` of the gathered batch. On one process the group is the
+    rank's batch. Computed in float32 whatever the autocast state.
+
+    Args:
+        features: (B, D) this rank's features; every rank holds the same B.
+        topk: neighbours per feature (the release's `koleo_topk`).
+        group_size: images per neighbour set (the release's `koleo_distributed_loss_group_size`): a multiple of B
+            that divides the global batch; None: the global batch.
+        eps: added to the difference and to the distance, as in `koleo_loss`.
+
+    Returns:
+        A scalar.
+
+    Raises:
+        ValueError: `group_size` is not a multiple of B or does not divide the global batch (`dino.koleo_group_size`).
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        x = F.normalize(features.float(), p=2, dim=-1, eps=eps)  # (B, D)
+        B = x.shape[0]
+        if several_ranks():
+            from torch.distributed.nn.functional import all_gather
+
+            everyone, rank = torch.cat(all_gather(x.contiguous())), dist.get_rank()  # (W B, D), rank-major
+        else:
+            everyone, rank = x, 0
+        size = len(everyone) if group_size is None else group_size
+        if size % B or len(everyone) % size:
+            raise ValueError(
+                f"dino.koleo_group_size = {group_size}: a KoLeo group must hold whole ranks' batches of {B} images and "
+                f"divide the global batch of {len(everyone)}"
+            )
+        ranks_per_group = size // B
+        first = rank // ranks_per_group * size
+        group = everyone[first : first + size]  # (S, D): this rank's group, its own rows included
+        with torch.no_grad():
+            dots = x @ group.t()  # (B, S) cosine similarities
+            own = torch.arange(B, device=x.device)
+            dots[own, own + rank % ranks_per_group * B] = -2.0  # never pick oneself (cosines are >= -1)
+            nn_index = dots.topk(topk, dim=1).indices  # (B, k)
+        distances = F.pairwise_distance(x.repeat_interleave(topk, 0), group[nn_index.flatten()], p=2, eps=eps)
+        return -torch.log(distances + eps).mean()  # over the B k pairs
 
 
 class KoLeoLoss(nn.Module):

@@ -124,9 +124,16 @@ class DistillMetaArch(SelfDistillation):
         return _Targets(dino=dino_t.view(n_global, -1, dino_t.shape[-1]), ibot=ibot_t.view(GB, -1, ibot_t.shape[-1]))
 
     def student_loss(
-        self, student: nn.ModuleDict, global_crops: Tensor, local_crops: Tensor, n_local: int, targets: _Targets
+        self,
+        student: nn.ModuleDict,
+        global_crops: Tensor,
+        local_crops: Tensor,
+        n_local: int,
+        targets: _Targets,
+        local_weight: float = 1.0,
     ) -> LossOutput:
-        """One student's weighted DINO + iBOT + KoLeo loss against the shared teacher targets."""
+        """One student's weighted DINO + iBOT + KoLeo loss against the shared teacher targets (`local_weight`: the
+        local crops' DINO weight, DINOv3's)."""
         n_global = targets.dino.shape[0]
         if n_local:
             g_out, l_out = student.backbone([global_crops, local_crops], is_training=True)  # no masks
@@ -146,7 +153,7 @@ class DistillMetaArch(SelfDistillation):
             g_logits, l_logits, patch_logits = student.dino_head(torch.cat((g_cls, l_cls, flat))).split(sizes)
         B, K = GB // n_global, g_logits.shape[-1]
         local = l_logits.view(n_local, B, K) if n_local else None
-        dino = self.dino_loss(g_logits.view(n_global, B, K), local, targets.dino)
+        dino = self.dino_loss(g_logits.view(n_global, B, K), local, targets.dino, local_weight=local_weight)
         every_patch = torch.ones(GB, N, dtype=torch.bool, device=patches.device)  # iBOT on both global crops
         ibot = self.ibot_loss(patch_logits.view(GB, N, -1), targets.ibot, every_patch)
         return self.weighted(dino, ibot, g_cls, n_global)
@@ -159,8 +166,9 @@ class DistillMetaArch(SelfDistillation):
         targets = self.teacher_pass(global_crops, n_global, float(values["teacher_temp"]))
         out: LossOutput = {}
         total = global_crops.new_zeros(())
+        local_weight = values.get("dino_local_loss_weight", 1.0)
         for name, student in self.students.items():
-            terms = self.student_loss(student, global_crops, local_crops, n_local, targets)
+            terms = self.student_loss(student, global_crops, local_crops, n_local, targets, local_weight)
             total = total + terms["loss"]
             out.update({f"{name}.{k}": v.detach() for k, v in terms.items()})
         out["loss"] = total
@@ -168,15 +176,24 @@ class DistillMetaArch(SelfDistillation):
 
     # -- hooks for the engine --------------------------------------------------------------------------------------
 
-    def optim_param_groups(self, *, layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict[str, Any]]:
+    def optim_param_groups(
+        self, *, layerwise_decay: float, patch_embed_lr_mult: float, dino_head_wd_multiplier: float = 1.0
+    ) -> list[dict[str, Any]]:
         """The model core's groups of each student (layer-wise decay counted within each student's backbone)."""
         return [
             group
             for student in self.students.values()
             for group in model_param_groups(
-                student, layerwise_decay=layerwise_decay, patch_embed_lr_mult=patch_embed_lr_mult
+                student,
+                layerwise_decay=layerwise_decay,
+                patch_embed_lr_mult=patch_embed_lr_mult,
+                dino_head_wd_multiplier=dino_head_wd_multiplier,
             )
         ]
+
+    def clip_modules(self) -> Mapping[str, nn.Module]:
+        """Each student's modules, clipped each on its own (`<student>.backbone`, `<student>.dino_head`, ...)."""
+        return {f"{name}.{part}": module for name, student in self.students.items() for part, module in student.items()}
 
     def ema_pairs(self) -> Sequence[tuple[nn.Module, nn.Module]]:
         return [(self.students[name], self.students_ema[name]) for name in self.students]

@@ -14,13 +14,19 @@ What it owns, so that models, losses and the loop do not:
   (`ds_tensor`), with no communication. Under stages 0-2 every rank holds full, identical copies and updates them
   in place.
 - **The step.** Per-step lr / weight decay / last-layer lr on the param groups (layer-wise decay, patch-embedding
-  multiplier and last-layer freeze are group multipliers), gradient accumulation, clipping (`optim.clip_grad`),
-  optional activation checkpointing and `torch.compile`.
+  multiplier, DINO-head weight-decay multiplier and last-layer freeze are group multipliers), gradient
+  accumulation, optional activation checkpointing and `torch.compile`.
+- **Clipping per module, as both releases clip.** Each module the `TrainModule` names (`clip_modules`: a student's
+  backbone, DINO head and iBOT head) is clipped to `optim.clip_grad` on its own, with torch's `clip_grad_norm_`
+  formula; each module's norm is logged (`grad_norm.<module>`) beside the total (`grad_norm`). Stage 0 clips the
+  full gradients on the device; ZeRO 1-3 clip each rank's gradient partition (DeepSpeed's local fragments), each
+  module's squared norm summed over ranks first, and DeepSpeed's own global clipping stays off.
 - **The numerical guard.** A non-finite loss on any rank is all-reduced before the backward pass and poisons every
   rank's gradients; a non-finite gradient norm (over all ranks) then skips the optimizer step everywhere: stage 0
   hands the flag to the fused AdamW (`found_inf`: weights, moments and step count untouched, decided on the
-  device, without a host synchronisation), ZeRO 1-3 skip in DeepSpeed's own overflow check (verified after each
-  step). The student is unchanged by a skipped step, so the EMA that follows keeps the teacher finite too.
+  device, without a host synchronisation), ZeRO 1-3 skip in DeepSpeed's own overflow check (a module with a
+  non-finite norm gets NaN gradients, so the check sees it; verified after each step). The student is unchanged by
+  a skipped step, so the EMA that follows keeps the teacher finite too.
 - **Rank-independent state.** `full_model_state` / `full_optimizer_state` gather the training state into plain,
   per-parameter tensors on rank 0 (the same layout whatever the stage and world size); `TrainEngine(...,
   initial_state=...)` loads such a state on any number of ranks and any stage.
@@ -31,11 +37,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +94,7 @@ class EngineSettings:
     betas: tuple[float, float]
     layerwise_decay: float
     patch_embed_lr_mult: float
+    dino_head_wd_multiplier: float = 1.0
     activation_checkpointing: bool = False
     compile: bool = False
     pack_crops: bool = False
@@ -109,6 +115,7 @@ class EngineSettings:
             "betas": tuple(plan.optim.betas),
             "layerwise_decay": plan.optim.layerwise_decay,
             "patch_embed_lr_mult": plan.optim.patch_embed_lr_mult,
+            "dino_head_wd_multiplier": plan.optim.dino_head_wd_multiplier,
             "activation_checkpointing": train.activation_checkpointing,
             "compile": train.compile,
             "pack_crops": train.pack_crops,
@@ -137,7 +144,8 @@ def deepspeed_config(settings: EngineSettings, world_size: int) -> dict[str, Any
     """The DeepSpeed config: `infra/deepspeed/zero<stage>.json` with its `"auto"` values filled in.
 
     Raises:
-        ValueError: the template's ZeRO stage is not the requested one, or a value is left `"auto"`.
+        ValueError: the template's ZeRO stage is not the requested one, it sets its own `gradient_clipping`, or a
+            value is left `"auto"`.
     """
     folder = settings.config_dir or deepspeed_config_dir()
     path = (folder or Path("<built-in>")) / f"zero{settings.zero_stage}.json"
@@ -150,11 +158,16 @@ def deepspeed_config(settings: EngineSettings, world_size: int) -> dict[str, Any
         "train_micro_batch_size_per_gpu": settings.micro_batch_size,
         "gradient_accumulation_steps": settings.grad_accum_steps,
         "train_batch_size": settings.micro_batch_size * settings.grad_accum_steps * world_size,
-        # Stage 0 clips in `TrainEngine` (after its guard; DeepSpeed's stage-0 clip cannot skip a step).
-        "gradient_clipping": settings.clip_grad if settings.zero_stage else 0.0,
+        # `TrainEngine` clips each module on its own under every stage; DeepSpeed's global clipping stays off.
+        "gradient_clipping": 0.0,
     }
     config = {k: filled.get(k, v) if v == "auto" else v for k, v in template.items()}
     config["torch_autocast"] = {"enabled": settings.precision == "bf16", "dtype": "bfloat16"}
+    if config.get("gradient_clipping", 0.0) not in (0, 0.0):
+        raise ValueError(
+            f'{path}: gradient_clipping = {config["gradient_clipping"]}: leave it "auto" (the engine clips each '
+            "module to optim.clip_grad; DeepSpeed's global clipping would clip again)"
+        )
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage != settings.zero_stage:
         raise ValueError(f"{path}: zero_optimization.stage = {stage}, expected {settings.zero_stage}")
@@ -232,12 +245,14 @@ def all_reduce_max(t: Tensor) -> Tensor:
 @dataclass
 class StepOutput:
     """One optimizer step, as device tensors (reading them as Python values synchronises with the device, which the
-    loop does on logging and checkpoint steps only): this rank's mean loss terms over the micro-batches, the global
-    gradient norm before clipping (inf when non-finite) and whether the guard skipped the step."""
+    loop does on logging and checkpoint steps only): this rank's mean loss terms over the micro-batches, the total
+    gradient norm before clipping (inf on a skipped step), whether the guard skipped the step, and each clipping
+    module's gradient norm before clipping (over all ranks)."""
 
     terms: dict[str, Tensor]
     grad_norm_t: Tensor
     skipped_t: Tensor
+    module_norms_t: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def grad_norm(self) -> float:
@@ -246,6 +261,44 @@ class StepOutput:
     @property
     def skipped(self) -> bool:
         return bool(self.skipped_t)
+
+    @property
+    def module_norms(self) -> dict[str, float]:
+        """Each module's gradient norm before clipping (one host synchronisation)."""
+        if not self.module_norms_t:
+            return {}
+        values = torch.stack(list(self.module_norms_t.values())).float().cpu().tolist()
+        return dict(zip(self.module_norms_t, values, strict=True))
+
+
+def clip_sets(
+    modules: Mapping[str, nn.Module], trained: Sequence[nn.Parameter], names: Sequence[str]
+) -> dict[str, list[nn.Parameter]]:
+    """The trained parameters of each clipping module, in `trained` order; modules without any are left out.
+
+    Raises:
+        ValueError: a trained parameter belongs to no clipping module, or to two.
+    """
+    owner: dict[int, str] = {}
+    for module_name, module in modules.items():
+        for p in module.parameters():
+            if id(p) in owner:
+                raise ValueError(f"a parameter belongs to clipping modules {owner[id(p)]!r} and {module_name!r}")
+            owner[id(p)] = module_name
+    sets: dict[str, list[nn.Parameter]] = {name: [] for name in modules}
+    orphans = [name for name, p in zip(names, trained, strict=True) if id(p) not in owner]
+    if orphans:
+        raise ValueError(f"trained parameters in no clipping module (clip_modules): {orphans[:5]}")
+    for p in trained:
+        sets[owner[id(p)]].append(p)
+    return {name: params for name, params in sets.items() if params}
+
+
+def clip_factor(norm: Tensor, max_norm: float) -> Tensor:
+    """torch's `clip_grad_norm_` factor, min(1, c / (norm + 1e-6)), on the device; NaN for a non-finite norm, so that
+    the clipped gradients stay non-finite and every optimizer's overflow check sees them."""
+    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norm), factor, torch.nan)
 
 
 def _checkpoint_activations(block: nn.Module) -> None:
@@ -288,7 +341,9 @@ class TrainEngine:
         for backbone in module.multicrop_backbones():
             backbone.pack_crops = settings.pack_crops
         groups = module.optim_param_groups(
-            layerwise_decay=settings.layerwise_decay, patch_embed_lr_mult=settings.patch_embed_lr_mult
+            layerwise_decay=settings.layerwise_decay,
+            patch_embed_lr_mult=settings.patch_embed_lr_mult,
+            dino_head_wd_multiplier=settings.dino_head_wd_multiplier,
         )
         self.group_meta = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) for g in groups]
         torch_groups = [{"params": g["params"], "lr": 0.0, "weight_decay": 0.0} for g in groups]
@@ -299,6 +354,7 @@ class TrainEngine:
         self.trained = [p for g in groups for p in g["params"]]
         names = {id(p): n for n, p in module.named_parameters()}
         self.trained_names = [names[id(p)] for p in self.trained]
+        self.clip_sets = clip_sets(module.clip_modules(), self.trained, self.trained_names)
         module.to(settings.device)
         ds_config = deepspeed_config(settings, self.world_size)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
@@ -366,42 +422,99 @@ class TrainEngine:
                 sums[k] = sums.get(k, 0.0) + v.float()
             if i < len(micro_batches) - 1:
                 self.ds.step()  # DeepSpeed counts micro-steps; it updates only at the accumulation boundary
-        grad_norm, skipped = self._guarded_step()
+        grad_norm, skipped, module_norms = self._guarded_step()
         self.ema_update(values["momentum"])  # a skipped step left the student as it was: the EMA stays finite
         if values.get("snapshot"):
             self.snapshot_update()
         terms = {k: v / len(micro_batches) for k, v in sums.items()}
-        return StepOutput(terms=terms, grad_norm_t=grad_norm, skipped_t=skipped)
+        return StepOutput(terms=terms, grad_norm_t=grad_norm, skipped_t=skipped, module_norms_t=module_norms)
 
-    def _guarded_step(self) -> tuple[Tensor, Tensor]:
-        """The optimizer step, skipped on every rank when any rank's loss or the gradient norm is non-finite.
+    def _guarded_step(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Clipping and the optimizer step, skipped on every rank when any rank's loss or a gradient norm is
+        non-finite.
 
         Returns:
-            The gradient norm before clipping (inf on a skipped step) and the skip flag, as device tensors.
+            The total gradient norm before clipping (inf on a skipped step), the skip flag and each module's norm
+            before clipping, as device tensors.
         """
         loss_bad = self._loss_nonfinite.clone()
         self._loss_nonfinite.zero_()
+        module_norms = self.clip_gradients()
+        norms = list(module_norms.values())
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else loss_bad * 0  # the total, over all modules
         if self.stage == 0:
             # Gradients are full and already averaged over ranks; the flag is reduced anyway, for certainty.
-            grads = [p.grad for p in self.trained if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss_bad * 0
             bad = torch.maximum(all_reduce_max((~torch.isfinite(norm)).float()), loss_bad)
-            if self.settings.clip_grad and grads:  # torch's and DeepSpeed's formula, as a device factor
-                torch._foreach_mul_(grads, (self.settings.clip_grad / (norm + 1e-6)).clamp(max=1.0))
             self._adamw.found_inf = bad  # the fused step leaves weights, moments and step count as they are
             try:
                 self.ds.step()
             finally:
                 self._adamw.found_inf = None
             skipped = bad > 0
-            return torch.where(skipped, torch.inf, norm), skipped
+            return torch.where(skipped, torch.inf, norm), skipped, module_norms
         self.ds.step()
         skipped = bool(getattr(self.ds.optimizer, "overflow", False))  # DeepSpeed's own check (it synchronises)
-        if bool(loss_bad) and not skipped:  # an invariant of the guard, not a hypothetical: fail loudly
-            raise RuntimeError("a non-finite loss reached a ZeRO step that DeepSpeed did not skip")
-        norm = self.ds.get_global_grad_norm()
-        value = math.inf if skipped or norm is None else float(norm)
-        return torch.tensor(value), torch.tensor(skipped)
+        if (bool(loss_bad) or not bool(torch.isfinite(norm))) and not skipped:  # an invariant of the guard
+            raise RuntimeError("a non-finite loss or gradient norm reached a ZeRO step that DeepSpeed did not skip")
+        return (torch.full_like(norm, torch.inf) if skipped else norm), torch.tensor(skipped), module_norms
+
+    def clip_gradients(self) -> dict[str, Tensor]:
+        """Clips each module's gradient to `clip_grad` on its own (after a step's last backward, before the
+        optimizer step): g <- g min(1, c / (||g|| + 1e-6)), ||g|| over the module's parameters on all ranks.
+
+        Stage 0 scales the full gradients on the device (no host synchronisation). ZeRO 1-3 scale each rank's
+        partition of the averaged gradients: each module's squared norm is summed over the rank's fragments, then
+        over ranks, so the factor is the one of the full gradient.
+
+        Returns:
+            Each module's gradient norm before clipping (0-d float32 device tensors), by module name.
+        """
+        clip = self.settings.clip_grad
+        if self.stage == 0:
+            norms: dict[str, Tensor] = {}
+            for name, params in self.clip_sets.items():
+                grads = [p.grad for p in params if p.grad is not None]
+                norms[name] = (
+                    torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+                    if grads
+                    else torch.zeros((), device=self.device)
+                )
+                if clip and grads:
+                    torch._foreach_mul_(grads, clip_factor(norms[name], clip))
+            return norms
+        fragments = {name: [self._local_grad(p) for p in params] for name, params in self.clip_sets.items()}
+        squares = torch.zeros(len(fragments), device=self.device)
+        for i, frags in enumerate(fragments.values()):
+            present = [g for g in frags if g is not None and g.numel()]
+            if present:
+                squares[i] = torch.stack(torch._foreach_norm(present)).float().square().sum()
+        if several_ranks():
+            dist.all_reduce(squares)  # each module's squared norm over every rank's partition
+        module_norms = squares.sqrt()  # (M,)
+        if clip:
+            factors = clip_factor(module_norms, clip)
+            for i, (name, frags) in enumerate(fragments.items()):
+                for p, g in zip(self.clip_sets[name], frags, strict=True):
+                    if g is not None:
+                        self._set_local_grad(p, g * factors[i].to(g.dtype))
+        return dict(zip(fragments, module_norms.unbind(0), strict=True))
+
+    def _local_grad(self, p: nn.Parameter) -> Tensor | None:
+        """This rank's part of `p`'s reduced gradient under ZeRO 1-3 (None: no part of `p` on this rank)."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            return safe_get_local_grad(p)
+        mapping = getattr(p, "_hp_mapping", None)  # ZeRO 1/2: the fragment of the flat partition this rank owns
+        return None if mapping is None else mapping.get_lp_grad_fragment(p._index_in_param_group)
+
+    def _set_local_grad(self, p: nn.Parameter, value: Tensor) -> None:
+        if self.stage == 3:
+            from deepspeed.utils import safe_set_local_grad
+
+            safe_set_local_grad(p, value)
+        else:
+            self._local_grad(p).copy_(value)
 
     def apply_schedules(self, values: Mapping[str, float]) -> None:
         """Sets each group's lr and weight decay: base value x the group's multiplier (the last layer follows

@@ -3,7 +3,8 @@
 It knows nothing of what is trained (the `TrainModule` inside the engine) nor of DeepSpeed (the engine): each
 iteration takes `grad_accum_steps` micro-batches from the stream, reads the schedules at the step, lets the engine
 run one guarded optimizer step, and every `log_period` steps reports the mean over ranks of every loss term with
-lr, weight decay, momentum, teacher temperature, gradient norm, images/s and memory. Between logging and checkpoint
+lr, weight decay, momentum, teacher temperature, the gradient norm (total and per clipped module:
+`grad_norm.<module>`), images/s and memory. Between logging and checkpoint
 steps the host never waits for the device. A skipped (non-finite) step is counted on the device and settled at the
 next logging or checkpoint step; `max_nonfinite_steps` of them in a row stop the run with `NonFiniteError` there,
 before any checkpoint is written, so the newest checkpoint on disk is the last good one.
@@ -190,6 +191,8 @@ def _metrics(
     row = {k: float(v) for k, v in zip(names, packed[:-1], strict=True)}
     state.decode_failures += round(float(packed[-1]) * engine.world_size)
     row.update({k: float(v) for k, v in values.items()})
+    norms = {f"grad_norm.{k}": v for k, v in out.module_norms.items()}  # before clipping; synchronises (logging step)
+    row.update({k: v if math.isfinite(v) else float("nan") for k, v in norms.items()})
     row.update(
         grad_norm=out.grad_norm if math.isfinite(out.grad_norm) else float("nan"),  # synchronises: a logging step
         images_per_s=images_per_s,

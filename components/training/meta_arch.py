@@ -8,10 +8,12 @@ One step, as in the release's `SSLMetaArch.forward_backward`:
    temperature and centred: Sinkhorn-Knopp (3 iterations, sums over all ranks) or softmax after subtracting the EMA
    centre of the teacher's logits (`teacher_targets`, shared with distillation).
 2. The student sees the 2 global crops, with the iBOT mask token at the masked patches, and the N local crops.
-3. Losses: DINO cross-entropy of every student crop against every teacher global crop but itself; iBOT
-   cross-entropy on the masked patches (each image's patches weighted by 1 / its masked count, averaged over the
-   global crops); KoLeo on the student's global CLS features, summed over the 2 global crops. Each is weighted by
-   params.yaml (`dino.loss_weight`, `ibot.loss_weight`, `dino.koleo_loss_weight`).
+3. Losses: DINO cross-entropy of every student crop against every teacher global crop but itself (the local crops'
+   pairs weighted by the scheduled `dino_local_loss_weight`, DINOv3's, 1 in DINOv2); iBOT cross-entropy on the
+   masked patches (each image's patches weighted by 1 / its masked count, averaged over the global crops); KoLeo on
+   the student's global CLS features, per rank or over groups of images across ranks (`dino.koleo_distributed`),
+   summed over the 2 global crops. Each is weighted by params.yaml (`dino.loss_weight`, `ibot.loss_weight`,
+   `dino.koleo_loss_weight`).
 4. Gram anchoring (DINOv3), in a phase whose plan has it: the Gram teacher (a frozen copy of the backbone) sees the
    Gram crops of the global crops; the Gram loss between its patch features and the student's joins the total with
    this step's `gram_loss_weight` (`components.training.gram`). The engine refreshes it from the EMA teacher at the
@@ -34,9 +36,16 @@ from torch import Tensor, nn
 
 from components import exports
 from components.config import DinoConfig, IbotConfig
-from components.model import DINOHead, DINOLoss, backbone_from_config, iBOTPatchLoss, koleo_loss, param_groups
+from components.model import (
+    DINOHead,
+    DINOLoss,
+    backbone_from_config,
+    iBOTPatchLoss,
+    koleo_loss,
+    koleo_loss_distributed,
+    param_groups,
+)
 from components.model.adapter import HeadsState, load_official_heads, load_official_weights, normalize_heads_state
-from components.runtime import several_ranks
 from components.training.gram import gram_term
 from components.training.module import LossOutput, TrainModule
 from components.training.plan import PhasePlan
@@ -63,15 +72,6 @@ def build_network(model: Any, dino: DinoConfig, ibot: IbotConfig) -> nn.ModuleDi
 def heads_of(network: nn.ModuleDict) -> dict[str, nn.Module]:
     """`dino_head` (and `ibot_head` when separate) of a network, by their release names."""
     return {name: network[name] for name in HEAD_NAMES if name in network}
-
-
-def gathered(features: Tensor) -> Tensor:
-    """All ranks' rows, differentiable (the backward sums each rank's gradient back to its own rows)."""
-    if not several_ranks():
-        return features
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(features.contiguous()))
 
 
 def build_losses(plan: PhasePlan) -> tuple[DINOLoss, iBOTPatchLoss]:
@@ -168,11 +168,18 @@ class SelfDistillation(TrainModule):
         losses, centering = (self.dino_loss, self.ibot_loss), self.plan.teacher.centering
         return teacher_targets(teacher, global_crops, patch_rows, losses, centering=centering, temp=temp)
 
+    def koleo(self, features: Tensor) -> Tensor:
+        """KoLeo of one crop's CLS features (B, D): within the rank's batch, or over groups across ranks as DINOv3's
+        distributed KoLeo (`dino.koleo_distributed`, `koleo_group_size`, `koleo_topk`)."""
+        d = self.plan.dino
+        if d.koleo_distributed:
+            return koleo_loss_distributed(features, topk=d.koleo_topk, group_size=d.koleo_group_size)
+        return koleo_loss(features)
+
     def weighted(self, dino: Tensor, ibot: Tensor, global_cls: Tensor, n_global: int) -> LossOutput:
-        """The weighted total and its terms; KoLeo on each global crop's CLS features (all ranks' when
-        `dino.koleo_distributed`), summed over the crops."""
-        d, distributed = self.plan.dino, self.plan.dino.koleo_distributed
-        koleo = sum(koleo_loss(gathered(c) if distributed else c) for c in global_cls.chunk(n_global))
+        """The weighted total and its terms; KoLeo on each global crop's CLS features, summed over the crops."""
+        d = self.plan.dino
+        koleo = sum(self.koleo(c) for c in global_cls.chunk(n_global))
         loss = d.loss_weight * dino + self.plan.ibot.loss_weight * ibot + d.koleo_loss_weight * koleo
         return {"loss": loss, "dino_loss": dino.detach(), "ibot_loss": ibot.detach(), "koleo_loss": koleo.detach()}
 
@@ -253,7 +260,8 @@ class SSLMetaArch(SelfDistillation):
 
         K = g_logits.shape[-1]
         local = l_logits.view(n_local, B, K) if n_local else None
-        dino = self.dino_loss(g_logits.view(n_global, B, K), local, dino_t.view(n_global, B, K))
+        w = values.get("dino_local_loss_weight", 1.0)
+        dino = self.dino_loss(g_logits.view(n_global, B, K), local, dino_t.view(n_global, B, K), local_weight=w)
         ibot = self.ibot_loss.forward_masked(patch_logits, ibot_t, batch["masks_weight"], n_images=n_global * B)
         out = self.weighted(dino, ibot, g_cls, n_global)
         if self.plan.gram is not None:
@@ -267,8 +275,18 @@ class SSLMetaArch(SelfDistillation):
 
     # -- hooks for the engine --------------------------------------------------------------------------------------
 
-    def optim_param_groups(self, *, layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict[str, Any]]:
-        return param_groups(self.student, layerwise_decay=layerwise_decay, patch_embed_lr_mult=patch_embed_lr_mult)
+    def optim_param_groups(
+        self, *, layerwise_decay: float, patch_embed_lr_mult: float, dino_head_wd_multiplier: float = 1.0
+    ) -> list[dict[str, Any]]:
+        return param_groups(
+            self.student,
+            layerwise_decay=layerwise_decay,
+            patch_embed_lr_mult=patch_embed_lr_mult,
+            dino_head_wd_multiplier=dino_head_wd_multiplier,
+        )
+
+    def clip_modules(self) -> Mapping[str, nn.Module]:
+        return dict(self.student.items())  # backbone, dino_head, ibot_head: clipped each on its own
 
     def ema_pairs(self) -> Sequence[tuple[nn.Module, nn.Module]]:
         if "student.backbone." in self.plan.frozen:  # a head fit: the EMA of two equal frozen backbones is a no-op

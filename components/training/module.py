@@ -31,9 +31,17 @@ class TrainModule(nn.Module):
     def forward(self, batch: Mapping[str, Any], values: Mapping[str, float]) -> LossOutput:  # pragma: no cover
         raise NotImplementedError
 
-    def optim_param_groups(self, *, layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict[str, Any]]:
+    def optim_param_groups(
+        self, *, layerwise_decay: float, patch_embed_lr_mult: float, dino_head_wd_multiplier: float = 1.0
+    ) -> list[dict[str, Any]]:
         """Trainable parameter groups with `lr_multiplier`, `wd_multiplier` and `is_last_layer` (see
         `components.model.param_groups`). Parameters outside every group are never updated by the optimizer."""
+        raise NotImplementedError
+
+    def clip_modules(self) -> Mapping[str, nn.Module]:
+        """The modules whose gradients are clipped each on its own to `optim.clip_grad`, by the name their norm is
+        logged under (`grad_norm.<name>`): both releases clip each student module (backbone, DINO head, iBOT head)
+        separately. Every trained parameter belongs to exactly one; modules without trained parameters are skipped."""
         raise NotImplementedError
 
     def ema_pairs(self) -> Sequence[tuple[nn.Module, nn.Module]]:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from components.config import (
+    ConfigError,
     CropsConfig,
     DinoConfig,
     IbotConfig,
@@ -80,6 +80,18 @@ class SchedulePlan:
     teacher_temp_warmup_steps: int
     freeze_last_layer_steps: int
     """Steps during which the heads' prototypes (directions and norms) stay put."""
+    kind: Literal["cosine", "constant"] = "cosine"
+    """`optim.schedule`: DINOv2's cosines, or the DINOv3 recipe's constant values after their warm-ups."""
+    weight_decay_warmup_steps: int = 0
+    """`constant`: the weight decay's rise from `weight_decay` to `weight_decay_end`."""
+    momentum_warmup_steps: int = 0
+    """`constant`: the EMA momentum's rise from `momentum` to `final_momentum`."""
+    local_weight_start: float = 1.0
+    """The local crops' DINO weight (`dino.local_loss_weight`): its start, peak and end, warm-up and cosine."""
+    local_weight_peak: float = 1.0
+    local_weight_end: float = 1.0
+    local_weight_warmup_steps: int = 0
+    local_weight_cosine_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,9 +99,11 @@ class OptimPlan:
     """The optimizer's fixed settings."""
 
     clip_grad: float
+    """The gradient-norm threshold of each student module, each clipped on its own."""
     betas: tuple[float, float]
     layerwise_decay: float
     patch_embed_lr_mult: float
+    dino_head_wd_multiplier: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -180,22 +194,38 @@ def fingerprint(items: dict[str, Any], inputs: dict[str, str] | None = None) -> 
 
 
 def _batch(cfg: PipelineConfig, world_size: int, per_rank: int | None = None) -> BatchPlan:
-    return BatchPlan(per_rank or cfg.train.batch_size_per_gpu, cfg.train.grad_accum_steps, world_size)
+    batch = BatchPlan(per_rank or cfg.train.batch_size_per_gpu, cfg.train.grad_accum_steps, world_size)
+    group, images = cfg.dino.koleo_group_size, world_size * batch.per_rank  # KoLeo sees each micro-batch
+    if cfg.dino.koleo_distributed and group is not None and (group % batch.per_rank or images % group):
+        raise ConfigError(
+            f"dino.koleo_group_size = {group}: a KoLeo group must hold whole ranks' batches of {batch.per_rank} "
+            f"images and divide the {world_size} ranks' {images} images"
+        )
+    return batch
 
 
-def _optim(cfg: PipelineConfig, clip_grad: float | None = None) -> OptimPlan:
+def _optim(cfg: PipelineConfig) -> OptimPlan:
     o = cfg.optim
     return OptimPlan(
-        clip_grad=o.clip_grad if clip_grad is None else clip_grad,
+        clip_grad=o.clip_grad,
         betas=(o.adamw_beta1, o.adamw_beta2),
         layerwise_decay=o.layerwise_decay,
         patch_embed_lr_mult=o.patch_embed_lr_mult,
+        dino_head_wd_multiplier=o.dino_head_wd_multiplier,
     )
 
 
+def _held_local_weight(cfg: PipelineConfig) -> dict[str, Any]:
+    """The local-crop DINO weight held at the end of its pretraining schedule (the phases after pretraining)."""
+    end = cfg.dino.local_loss_weight.end
+    return {"local_weight_start": end, "local_weight_peak": end, "local_weight_end": end,
+            "local_weight_warmup_steps": 0, "local_weight_cosine_steps": None}  # fmt: skip
+
+
 def _schedule(cfg: PipelineConfig, batch: BatchPlan, **values: Any) -> SchedulePlan:
-    """The pretraining recipe in steps (`optim` and `teacher` epochs times `optim.epoch_length`), then `values`."""
-    o, t, n = cfg.optim, cfg.teacher, cfg.optim.epoch_length
+    """The pretraining recipe in steps (`optim`, `teacher` and `dino.local_loss_weight` epochs times
+    `optim.epoch_length`), then `values`."""
+    o, t, n, w = cfg.optim, cfg.teacher, cfg.optim.epoch_length, cfg.dino.local_loss_weight
     base = {
         "total_steps": o.epochs * n,
         "warmup_steps": o.warmup_epochs * n,
@@ -209,6 +239,14 @@ def _schedule(cfg: PipelineConfig, batch: BatchPlan, **values: Any) -> ScheduleP
         "teacher_temp": t.teacher_temp,
         "teacher_temp_warmup_steps": t.warmup_teacher_temp_epochs * n,
         "freeze_last_layer_steps": o.freeze_last_layer_epochs * n,
+        "kind": o.schedule,
+        "weight_decay_warmup_steps": o.weight_decay_warmup_epochs * n,
+        "momentum_warmup_steps": t.momentum_warmup_epochs * n,
+        "local_weight_start": w.start,
+        "local_weight_peak": w.peak,
+        "local_weight_end": w.end,
+        "local_weight_warmup_steps": w.warmup_epochs * n,
+        "local_weight_cosine_steps": None if w.cosine_epochs is None else w.cosine_epochs * n,
     } | values
     base["lr"] = scaled_lr(base["base_lr"], batch.global_size, o.scaling_rule)
     return SchedulePlan(**base)
@@ -291,9 +329,10 @@ def highres_plan(
 ) -> PhasePlan:
     """The high-resolution phase (paper, appendix B.2) from the pretrain export: `highres.iterations` steps at the
     `highres` crop sizes and batch, lr warm-up over `highres.warmup_iterations` to `highres.base_lr` (batch-scaled),
-    weight decay held at `optim.weight_decay_end`, EMA momentum from `highres.momentum_teacher`, the final teacher
-    temperature throughout, no prototype freeze; Gram-anchored with `gram.enabled` (as DINOv3's high-resolution
-    adaptation: `gram.highres_*`, no refresh), to the starting export or `gram_teacher`."""
+    weight decay held at `optim.weight_decay_end`, EMA momentum from `highres.momentum_teacher` (cosine to the final
+    momentum; held at `teacher.final_momentum_teacher` with the constant schedule), the final teacher temperature
+    and local-crop weight throughout, no prototype freeze; Gram-anchored with `gram.enabled` (as DINOv3's
+    high-resolution adaptation: `gram.highres_*`, no refresh), to the starting export or `gram_teacher`."""
     h, t = cfg.highres, cfg.teacher
     batch = _batch(cfg, world_size, per_rank=h.batch_size_per_gpu)
     crops = cfg.crops.model_copy(
@@ -302,7 +341,8 @@ def highres_plan(
     schedule = _schedule(
         cfg, batch, total_steps=h.iterations, warmup_steps=h.warmup_iterations, base_lr=h.base_lr,
         weight_decay=cfg.optim.weight_decay_end, momentum=h.momentum_teacher, warmup_teacher_temp=t.teacher_temp,
-        teacher_temp_warmup_steps=0, freeze_last_layer_steps=0,
+        teacher_temp_warmup_steps=0, freeze_last_layer_steps=0, weight_decay_warmup_steps=0,
+        momentum_warmup_steps=0, **_held_local_weight(cfg),
     )  # fmt: skip
     return PhasePlan(
         stage="pretrain_highres", phase="highres", seed=cfg.seed,
@@ -318,13 +358,15 @@ def head_fit_plan(
     """Heads fitted on a frozen backbone with the pretraining losses: the stage's head-fit length
     (`distill.head_fit_iterations` for distillation, `adapt.head_fit_iterations` for continued pretraining), lr
     warm-up over the first tenth to its `head_fit_base_lr` (batch-scaled), the final teacher temperature from the
-    first step (the features are trained), no prototype freeze, masking as in pretraining."""
+    first step (the features are trained), no prototype freeze, no weight-decay or momentum warm-up, the local-crop
+    weight at its end, masking as in pretraining."""
     section = cfg.distill if stage == "distill" else cfg.adapt
     t, n = cfg.teacher, section.head_fit_iterations
     batch = _batch(cfg, world_size)
     schedule = _schedule(
         cfg, batch, total_steps=n, warmup_steps=n // 10, base_lr=section.head_fit_base_lr,
         warmup_teacher_temp=t.teacher_temp, teacher_temp_warmup_steps=0, freeze_last_layer_steps=0,
+        weight_decay_warmup_steps=0, momentum_warmup_steps=0, **_held_local_weight(cfg),
     )  # fmt: skip
     model = model.model_copy(update={"drop_path_rate": 0.0, "pretrained_weights": None, "freeze_blocks": 0})
     return PhasePlan(
@@ -336,20 +378,20 @@ def head_fit_plan(
 
 def distill_plan(cfg: PipelineConfig, *, world_size: int, teacher: ModelConfig, weights: WeightsPlan) -> PhasePlan:
     """Distillation (paper, section 5): `distill.epochs` epochs of `optim.epoch_length` steps at `distill.base_lr`,
-    the students' spare EMA from `distill.momentum_ema`, the final teacher temperature throughout (the teacher is
-    trained), no masking and no stochastic depth, gradients clipped at `optim.clip_grad` x sqrt(#students) (the
-    engine clips the joint norm of students whose norms are alike)."""
+    the students' spare EMA from `distill.momentum_ema`, the final teacher temperature and local-crop weight
+    throughout (the teacher is trained), no masking and no stochastic depth; each student's modules are clipped to
+    `optim.clip_grad` on their own, as the release clips each student's."""
     d, t, n = cfg.distill, cfg.teacher, cfg.optim.epoch_length
     batch = _batch(cfg, world_size)
     schedule = _schedule(
         cfg, batch, total_steps=d.epochs * n, base_lr=d.base_lr, momentum=d.momentum_ema,
-        warmup_teacher_temp=t.teacher_temp, teacher_temp_warmup_steps=0,
+        warmup_teacher_temp=t.teacher_temp, teacher_temp_warmup_steps=0, **_held_local_weight(cfg),
     )  # fmt: skip
     return PhasePlan(
         stage="distill", phase="distill", seed=cfg.seed,
         model=cfg.model.model_copy(update={"drop_path_rate": 0.0, "pretrained_weights": None}), dino=cfg.dino,
         ibot=cfg.ibot.model_copy(update={"mask_sample_probability": 0.0}), teacher=t, crops=cfg.crops, batch=batch,
-        schedule=schedule, optim=_optim(cfg, clip_grad=cfg.optim.clip_grad * math.sqrt(len(d.students))),
+        schedule=schedule, optim=_optim(cfg),
         weights=weights, students=tuple(d.students),
         teacher_model=teacher.model_copy(update={"drop_path_rate": 0.0, "pretrained_weights": None}),
     )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,13 @@ def teacher_export(tmp_path_factory) -> Path:
 def _trains_in_this_process(in_process_training):
     """Every test here may run training in this process (the root conftest's `in_process_training`)."""
     yield
+
+
+@pytest.fixture
+def caplog_dinov2(caplog, monkeypatch):
+    monkeypatch.setenv("DINOV2_TRACKING", "off")
+    logger = logging.getLogger("dinov2")
+    logger.addHandler(caplog.handler)  # the project's loggers do not propagate to the root
+    caplog.set_level(logging.INFO, logger="dinov2")
+    yield caplog
+    logger.removeHandler(caplog.handler)

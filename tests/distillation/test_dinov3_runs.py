@@ -15,7 +15,6 @@ from components import exports
 from components.config import save_resolved, validate_config
 from components.model import build_backbone, save_official_weights
 from tests.distillation.test_distill_stage import _run as run_distill_cli
-from tests.distillation.test_distill_stage import caplog_dinov2  # noqa: F401 - the fixture
 from tests.distillation.tiny import tiny_raw
 
 DINOV3 = {"arch": "dinov3_vit_test", "patch_size": 16, "num_register_tokens": 4, "layerscale_init": 0.1}
@@ -43,7 +42,8 @@ def test_continued_pretraining_from_a_dinov3_file_with_gram(curated, released_di
         gram={"enabled": True, "loss_weight": 1.0, "teacher_resolution": 2.0},
     )
     run_pretrain(validate_config(raw), curated=str(curated), checkpoints=str(tmp_path / "ck"),
-                 out=str(tmp_path / "out"), metrics=str(tmp_path / "m.json"), curve=str(tmp_path / "c.csv"))  # fmt: skip
+                 out=str(tmp_path / "out"), metrics=str(tmp_path / "m.json"),
+                 curve=str(tmp_path / "c.csv"))  # fmt: skip
     curve = pd.read_csv(tmp_path / "c.csv")
     gram = curve["gram_loss"].dropna()
     assert len(gram) and gram.ge(0).all() and gram.lt(10).all()  # logged at every logging step of the phase

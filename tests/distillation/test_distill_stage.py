@@ -4,7 +4,6 @@ curve and kNN monitoring, and an exact resume from the last checkpoint; the chec
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -32,16 +31,6 @@ def _run(params: Path, curated: Path, work: Path, teacher: Path, caplog: pytest.
 
 def _state(ck: Path) -> dict:
     return torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
-
-
-@pytest.fixture
-def caplog_dinov2(caplog, monkeypatch):
-    monkeypatch.setenv("DINOV2_TRACKING", "off")
-    logger = logging.getLogger("dinov2")
-    logger.addHandler(caplog.handler)  # the project's loggers do not propagate to the root
-    caplog.set_level(logging.INFO, logger="dinov2")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def test_headless_teacher_distils_then_resumes_exactly(curated, teacher_export, tiny_world, tmp_path, caplog_dinov2):

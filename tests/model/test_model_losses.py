@@ -6,11 +6,20 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from components.model import DINOHead, DINOLoss, KoLeoLoss, iBOTPatchLoss, koleo_loss, sinkhorn_knopp
+from components.model import (
+    DINOHead,
+    DINOLoss,
+    KoLeoLoss,
+    iBOTPatchLoss,
+    koleo_loss,
+    koleo_loss_distributed,
+    sinkhorn_knopp,
+)
 
 
 def naive_ce(student_row, teacher_row, temp):
@@ -56,6 +65,24 @@ def test_dino_loss_matches_naive_loop():
     loss = DINOLoss(K)
     torch.testing.assert_close(loss(sg, sl, tg).item(), naive_dino(sg, sl, tg), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss(sg, None, tg).item(), naive_dino(sg, [], tg), rtol=1e-5, atol=1e-6)
+
+
+def test_the_local_crop_weight_is_the_releases_reweighting():
+    """DINOv3's `compute_losses`: w_global x mean over global pairs + w_local x local_weight x mean over local pairs,
+    each share its count of pairs over all pairs."""
+    torch.manual_seed(1)
+    G, L, B, K = 2, 4, 3, 5
+    sg, sl = torch.randn(G, B, K), torch.randn(L, B, K)
+    tg = torch.softmax(torch.randn(G, B, K) / 0.05, dim=-1)
+    n_global, n_local = G * (G - 1), L * G
+    global_mean = naive_dino(sg, [], tg)
+    local_mean = sum(sum(naive_ce(sl[c, b], tg[t, b], 0.1) for b in range(B)) / B for c in range(L) for t in range(G))
+    local_mean /= n_local
+    for w in (1.0, 0.5, 0.0):
+        release = n_global / (n_global + n_local) * global_mean + n_local / (n_global + n_local) * w * local_mean
+        ours = DINOLoss(K)(sg, sl, tg, local_weight=w).item()
+        torch.testing.assert_close(ours, release, rtol=1e-5, atol=1e-6)
+    assert DINOLoss(K)(sg, sl, tg, local_weight=0.5).item() < DINOLoss(K)(sg, sl, tg).item()
 
 
 def test_dino_loss_is_float32_under_bf16_autocast():
@@ -200,6 +227,25 @@ def test_koleo_with_identical_features_is_finite():
     assert torch.isfinite(value) and torch.isfinite(same.grad).all()
 
 
+def test_distributed_koleo_on_one_process_is_koleo_of_the_batch():
+    torch.manual_seed(0)
+    x = torch.randn(9, 5)
+    torch.testing.assert_close(koleo_loss_distributed(x), koleo_loss(x), rtol=0, atol=0)
+    torch.testing.assert_close(koleo_loss_distributed(x, topk=3).item(), naive_koleo_topk(x, 3), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dino.koleo_group_size = 4"):
+        koleo_loss_distributed(x, group_size=4)
+
+
+def naive_koleo_topk(x, k, eps=1e-8):
+    """Minus the mean log distance from each normalised row to each of its k nearest other rows."""
+    x = torch.nn.functional.normalize(x.double(), dim=-1, eps=eps)
+    terms = []
+    for i in range(len(x)):
+        others = sorted((j for j in range(len(x)) if j != i), key=lambda j: -float(x[i] @ x[j]))[:k]
+        terms += [-math.log(float((x[i] - x[j] + eps).norm()) + eps) for j in others]
+    return sum(terms) / len(terms)
+
+
 def test_dino_head_shapes_and_initial_unit_prototypes():
     torch.manual_seed(0)
     head = DINOHead(in_dim=16, out_dim=11, hidden_dim=32, bottleneck_dim=8)
@@ -220,7 +266,7 @@ def test_dino_head_shapes_and_initial_unit_prototypes():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _two_rank_worker(rank, world, init_file, logits, teacher, out_dir):
+def _two_rank_worker(rank, world, init_file, logits, teacher, features, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         split = [slice(0, 5), slice(5, None)][rank]  # unequal shares: 5 and 7 rows
@@ -228,23 +274,38 @@ def _two_rank_worker(rank, world, init_file, logits, teacher, out_dir):
         loss = iBOTPatchLoss(logits.shape[1])
         loss.update_center(teacher[split])
         loss.apply_center_update()
-        torch.save({"q": q, "center": loss.center.clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        out = {"q": q, "center": loss.center.clone()}
+        B = len(features) // world  # the distributed KoLeo: equal shares
+        for name, kwargs in (("koleo", {}), ("per_rank", {"group_size": B}), ("top2", {"topk": 2})):
+            x = features[rank * B : (rank + 1) * B].clone().requires_grad_(True)
+            value = koleo_loss_distributed(x, **kwargs)
+            value.backward()
+            out[name], out[f"{name}_grad"] = value.detach(), x.grad
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_reductions_over_two_processes_match_one(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """What two gloo processes computed, with the inputs they shared: (rank 0, rank 1, inputs)."""
+    out = tmp_path_factory.mktemp("two_ranks")
     torch.manual_seed(0)
-    logits, teacher = cosine_logits(12, 6), torch.randn(12, 6)
+    inputs = {"logits": cosine_logits(12, 6), "teacher": torch.randn(12, 6), "features": torch.randn(12, 6)}
     # spawn, not fork: a forked worker would inherit any process group this pytest process already holds
     mp.start_processes(
         _two_rank_worker,
-        args=(2, str(tmp_path / "init"), logits, teacher, str(tmp_path)),
+        args=(2, str(out / "init"), inputs["logits"], inputs["teacher"], inputs["features"], str(out)),
         nprocs=2,
         join=True,
         start_method="spawn",
     )
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    return (*(torch.load(out / f"rank{r}.pt") for r in (0, 1)), inputs)
+
+
+def test_reductions_over_two_processes_match_one(two_ranks):
+    r0, r1, inputs = two_ranks
+    logits, teacher = inputs["logits"], inputs["teacher"]
     torch.testing.assert_close(torch.cat((r0["q"], r1["q"])), sinkhorn_knopp(logits, 0.07, 3), rtol=1e-5, atol=1e-7)
     single = iBOTPatchLoss(6)
     single.update_center(teacher)
@@ -252,6 +313,25 @@ def test_reductions_over_two_processes_match_one(tmp_path):
     torch.testing.assert_close(r0["center"], single.center)
     torch.testing.assert_close(r1["center"], single.center)
     assert r0["center"].abs().sum() > 0
+
+
+def test_distributed_koleo_over_two_processes_is_koleo_of_the_gathered_batch(two_ranks):
+    """The mean over ranks of the distributed KoLeo is the single-process KoLeo of the gathered batch, and so are its
+    gradients (each rank's gradient holds its own rows' share of every rank's loss, so averaging over ranks, as the
+    engines do with parameter gradients, gives the gathered batch's); groups of one rank's batch are per-rank KoLeo;
+    two neighbours per image, the naive loop's."""
+    r0, r1, inputs = two_ranks
+    features = inputs["features"]
+    x = features.clone().requires_grad_(True)
+    single = koleo_loss(x)
+    single.backward()
+    torch.testing.assert_close((r0["koleo"] + r1["koleo"]) / 2, single.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.cat((r0["koleo_grad"], r1["koleo_grad"])) / 2, x.grad, rtol=1e-5, atol=1e-7)
+    for rank, result in enumerate((r0, r1)):
+        own = features[rank * 6 : (rank + 1) * 6]
+        torch.testing.assert_close(result["per_rank"], koleo_loss(own), rtol=1e-6, atol=0)
+    assert not torch.allclose(r0["per_rank"] + r1["per_rank"], r0["koleo"] + r1["koleo"])  # the groups matter
+    torch.testing.assert_close(float(r0["top2"] + r1["top2"]) / 2, naive_koleo_topk(features, 2), rtol=1e-5, atol=1e-6)
 
 
 def test_a_group_of_one_process_reduces_nothing(tmp_path, monkeypatch):

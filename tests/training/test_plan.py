@@ -94,3 +94,54 @@ def test_a_plan_is_plain_data_for_plan_yaml(cfg):
 def test_cross_field_checks_run_when_the_config_loads(cfg):
     with pytest.raises(ConfigError, match="optim.freeze_last_layer_epochs = 9 exceeds distill.epochs = 4"):
         _with(cfg, optim={"freeze_last_layer_epochs": 9, "epochs": 20}, distill={"epochs": 4})
+
+
+def test_the_dinov3_constant_schedule_is_a_setting_of_every_phase(cfg):
+    c = _with(
+        cfg, optim={"schedule": "constant", "weight_decay": 0.04, "weight_decay_end": 0.04, "warmup_epochs": 1,
+                    "weight_decay_warmup_epochs": 0},
+        teacher={"momentum_teacher": 0.99, "final_momentum_teacher": 0.994, "momentum_warmup_epochs": 1},
+        dino={"local_loss_weight": {"start": 1.0, "peak": 1.0, "end": 0.5, "warmup_epochs": 1, "cosine_epochs": 1}},
+    )  # fmt: skip
+    n = c.optim.epoch_length
+    plan = pretrain_plan(c, world_size=1)
+    assert plan.schedule.kind == "constant" and plan.schedule.momentum_warmup_steps == n
+    assert plan.schedule.local_weight_warmup_steps == plan.schedule.local_weight_cosine_steps == n
+    s = plan.schedules()
+    last = plan.schedule.total_steps - 1
+    assert s.at(n)["lr"] == s.at(last)["lr"] == plan.schedule.lr  # held after the warm-up: no cosine to min_lr
+    assert s.at(0)["weight_decay"] == s.at(last)["weight_decay"] == 0.04
+    assert s.at(0)["momentum"] == 0.99 and s.at(n)["momentum"] == s.at(last)["momentum"] == 0.994
+    assert s.at(n - 1)["dino_local_loss_weight"] == 1.0 and s.at(2 * n)["dino_local_loss_weight"] == 0.5
+    highres = highres_plan(c, world_size=1, weights=WeightsPlan("export", "models/pretrain", "abc")).schedules()
+    assert highres.at(0)["dino_local_loss_weight"] == 0.5 and highres.at(0)["momentum"] == 0.994  # held
+    cosine = pretrain_plan(cfg, world_size=1).schedules()
+    assert cosine.at(cfg.optim.epochs * n - 1)["lr"] < cosine.at(cfg.optim.warmup_epochs * n)["lr"]  # DINOv2's decay
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"optim": {"weight_decay_warmup_epochs": 1}}, "weight_decay_warmup_epochs = 1 needs schedule = constant"),
+        ({"teacher": {"momentum_warmup_epochs": 1}}, "teacher.momentum_warmup_epochs = 1 needs optim.schedule"),
+        ({"dino": {"koleo_group_size": 8}}, "dino.koleo_group_size = 8 and dino.koleo_topk = 1 need dino.koleo_dist"),
+        ({"dino": {"local_loss_weight": {"warmup_epochs": 2, "cosine_epochs": 9}}},
+         "dino.local_loss_weight.warmup_epochs \\+ cosine_epochs = 11 exceeds optim.epochs"),
+        ({"optim": {"schedule": "constant", "weight_decay_warmup_epochs": 9}, "distill": {"epochs": 4}},
+         "weight_decay_warmup_epochs"),
+        ({"optim": {"schedule": "linear"}}, "optim.schedule = 'linear'"),
+    ],
+)  # fmt: skip
+def test_the_schedule_and_koleo_settings_are_checked_when_the_config_loads(cfg, sections, message):
+    with pytest.raises(ConfigError, match=message):
+        _with(cfg, **sections)
+
+
+def test_a_koleo_group_must_hold_whole_rank_batches(cfg):
+    c = _with(cfg, dino={"koleo_distributed": True, "koleo_group_size": 6}, train={"batch_size_per_gpu": 4})
+    with pytest.raises(ConfigError, match="dino.koleo_group_size = 6: a KoLeo group must hold whole ranks' batches"):
+        pretrain_plan(c, world_size=4)
+    c = _with(cfg, dino={"koleo_distributed": True, "koleo_group_size": 8}, train={"batch_size_per_gpu": 4})
+    assert pretrain_plan(c, world_size=4).batch.global_size == 16  # two groups of two ranks
+    with pytest.raises(ConfigError, match="divide the 3 ranks' 12 images"):
+        pretrain_plan(c, world_size=3)

@@ -6,8 +6,10 @@ unmasked; its CLS and masked-patch logits are centred (Sinkhorn-Knopp as a plain
 zero at the first step) at the teacher temperature; the student sees the global crops with the mask token and the
 local crops. DINO: each student global crop against the other teacher global crop (the teacher's chunks swapped), each
 local crop against both teacher global crops, the batch-mean cross-entropies summed and divided by the number of
-pairs. iBOT: the cross-entropy of each masked patch, averaged within its image, summed over the images and divided
-by the number of global-crop images. KoLeo: on each global crop's CLS features, summed over the two crops.
+pairs (with DINOv3's local-crop weight w: the global pairs' mean and w x the local pairs' mean, each weighted by its
+share of the pairs, as the DINOv3 release's `compute_losses` weighs them). iBOT: the cross-entropy of each masked
+patch, averaged within its image, summed over the images and divided by the number of global-crop images. KoLeo: on
+each global crop's CLS features, summed over the two crops.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return torch.cat(terms).mean()
 
 
-def paper_step(module: SSLMetaArch, batch: dict, temp: float) -> dict[str, torch.Tensor]:
+def paper_step(module: SSLMetaArch, batch: dict, temp: float, local_weight: float = 1.0) -> dict[str, torch.Tensor]:
     plan = module.plan
     glob, local, masks = batch["collated_global_crops"], batch["collated_local_crops"], batch["collated_masks"]
     ibot_head_s = module.student["ibot_head"] if plan.ibot.separate_head else module.student["dino_head"]
@@ -95,9 +97,11 @@ def paper_step(module: SSLMetaArch, batch: dict, temp: float) -> dict[str, torch
     s_cls = module.student.dino_head(s_glob["x_norm_clstoken"]).view(G, B, -1)
     l_cls = module.student.dino_head(s_local["x_norm_clstoken"]).view(L, B, -1)
     swapped = t_dino.flip(0)  # student crop 0 against teacher crop 1, and 1 against 0
-    pairs = [ce(s_cls[g], swapped[g]).mean() for g in range(G)]
-    pairs += [ce(l_cls[i], t_dino[g]).mean() for i in range(L) for g in range(G)]
-    dino = sum(pairs) / len(pairs)
+    global_pairs = [ce(s_cls[g], swapped[g]).mean() for g in range(G)]
+    local_pairs = [ce(l_cls[i], t_dino[g]).mean() for i in range(L) for g in range(G)]
+    n = len(global_pairs) + len(local_pairs)
+    global_mean, local_mean = sum(global_pairs) / len(global_pairs), sum(local_pairs) / len(local_pairs)
+    dino = len(global_pairs) / n * global_mean + len(local_pairs) / n * local_weight * local_mean
     patch_ce = ce(ibot_head_s(s_glob["x_norm_patchtokens"][masks]), t_ibot)  # (M,)
     owner = masks.nonzero()[:, 0]  # the global-crop image of each masked patch
     per_image = [patch_ce[owner == i].mean() for i in range(G * B) if (owner == i).any()]
@@ -108,10 +112,10 @@ def paper_step(module: SSLMetaArch, batch: dict, temp: float) -> dict[str, torch
 
 
 @pytest.mark.parametrize(
-    ("separate", "centering"),
-    [(False, "sinkhorn_knopp"), (True, "sinkhorn_knopp"), (False, "softmax"), (True, "softmax")],
+    ("separate", "centering", "local_weight"),
+    [(False, "sinkhorn_knopp", 1.0), (True, "sinkhorn_knopp", 0.5), (False, "softmax", 1.0), (True, "softmax", 1.0)],
 )
-def test_one_step_matches_the_papers_formulas(separate, centering):
+def test_one_step_matches_the_papers_formulas(separate, centering, local_weight):
     cfg = tiny_config(
         model={"drop_path_rate": 0.0}, ibot={"separate_head": separate}, teacher={"centering": centering},
         dino={"koleo_loss_weight": 0.3},
@@ -124,11 +128,11 @@ def test_one_step_matches_the_papers_formulas(separate, centering):
             p.add_(0.01 * torch.randn_like(p))
     batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in fixed_batch(cfg).items()}
     temp = 0.06
-    ours = module(batch, {"teacher_temp": temp})
+    ours = module(batch, {"teacher_temp": temp, "dino_local_loss_weight": local_weight})
     ours["loss"].backward()
     grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
     module.zero_grad(set_to_none=True)
-    reference = paper_step(module, batch, temp)
+    reference = paper_step(module, batch, temp, local_weight)
     reference["loss"].backward()
     # The module computes its losses in float32 whatever the weights' dtype (as released): float32 tolerances.
     for term in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):

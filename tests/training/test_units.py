@@ -31,7 +31,15 @@ def test_deepspeed_config_fills_the_templates(cfg, stage):
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["train_batch_size"] == cfg.train.batch_size_per_gpu * 2 * 4
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
-    assert ds["gradient_clipping"] == (cfg.optim.clip_grad if stage else 0.0)  # stage 0 clips after its guard
+    assert ds["gradient_clipping"] == 0.0  # the engine clips each module on its own, under every stage
+
+
+def test_a_template_with_its_own_gradient_clipping_is_refused(cfg, tmp_path):
+    template = json.loads((ROOT / "infra/deepspeed/zero2.json").read_text()) | {"gradient_clipping": 1.0}
+    (tmp_path / "zero2.json").write_text(json.dumps(template))
+    settings = EngineSettings.from_plan(pretrain_plan(cfg, world_size=1), cfg.train, zero_stage=2, config_dir=tmp_path)
+    with pytest.raises(ValueError, match="zero2.json: gradient_clipping = 1.0: leave it"):
+        deepspeed_config(settings, world_size=1)
 
 
 def _refs(world: int, rank: int, batch: int) -> list[SampleRef]:

@@ -256,7 +256,8 @@ def frozen_blocks(n: int) -> tuple[str, ...]:
     """Parameter prefixes of the student's embeddings, tokens and first `n` blocks (none for n = 0)."""
     if not n:
         return ()
-    stem = ("patch_embed.", "cls_token", "pos_embed", "register_tokens")  # the mask token trains (iBOT's input)
+    # DINOv2's position table and registers, DINOv3's storage tokens; the mask token trains (iBOT's input)
+    stem = ("patch_embed.", "cls_token", "pos_embed", "register_tokens", "storage_tokens")
     return tuple(f"student.backbone.{p}" for p in (*stem, *(f"blocks.{i}." for i in range(n))))
 
 

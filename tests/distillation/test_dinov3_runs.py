@@ -34,7 +34,7 @@ def test_continued_pretraining_from_a_dinov3_file_with_gram(curated, released_di
 
     monkeypatch.setenv("DINOV2_TRACKING", "off")
     raw = tiny_raw(
-        model={**DINOV3, "pretrained_weights": str(released_dinov3)},
+        model={**DINOV3, "pretrained_weights": str(released_dinov3), "freeze_blocks": 1},
         crops=PATCH16_CROPS,
         highres=HIGHRES16,
         adapt={"head_fit_iterations": 2},
@@ -53,6 +53,8 @@ def test_continued_pretraining_from_a_dinov3_file_with_gram(curated, released_di
     released = torch.load(released_dinov3, weights_only=True)
     assert torch.equal(backbone.rope_embed.periods, released["rope_embed.periods"])
     assert not torch.equal(backbone.blocks[1].attn.qkv.weight, released["blocks.1.attn.qkv.weight"])  # it trained
+    for frozen in ("storage_tokens", "cls_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"):
+        assert torch.equal(backbone.state_dict()[frozen], released[frozen]), frozen  # model.freeze_blocks: 1
     plan = (tmp_path / "out" / "plan.yaml").read_text()
     assert "gram:" in plan and "head_fit:" in plan
 

@@ -106,6 +106,26 @@ def test_embed_shards_resume_and_fingerprint(prepared: tuple[Path, Path], tmp_pa
     assert read_meta(tmp_path / "emb")["dim"] == 64
 
 
+@pytest.mark.parametrize(("arch", "width"), [("dinov3_vit_test", 64), ("convnext_test", 64)])
+def test_embed_with_dinov3_backbones(prepared: tuple[Path, Path], tmp_path: Path, arch: str, width: int) -> None:
+    """A DINOv3 ViT (patch 16, storage tokens) and a ConvNeXt (patch tokens on its 16 px pseudo grid) embed the pool
+    from a released-layout file: CLS and the four quadrants' mean patch tokens."""
+    import torch
+
+    from components.model import build_backbone, save_official_weights
+
+    _, prep = prepared
+    torch.manual_seed(0)
+    weights = save_official_weights(build_backbone(arch), tmp_path / f"{arch}.pth")
+    cfg = config(**{"embed.arch": arch, "embed.weights": str(weights), "embed.image_size": 64})
+    assert cfg.embed.patch_size == 16  # the preset's, as params.yaml leaves it null
+    embed(cfg, prep, tmp_path)
+    meta = read_meta(tmp_path / "emb")
+    assert meta["dim"] == 5 * width
+    ids, x = load_embeddings(tmp_path / "emb")
+    assert len(ids) == len(pd.read_parquet(prep / "manifest.parquet")) and np.isfinite(x.astype(np.float32)).all()
+
+
 def test_shard_fingerprints_follow_each_rows_uri_and_content() -> None:
     manifest = pd.DataFrame(
         {"uri": [f"pool/{i}.jpg" for i in range(5)], "sha256": [f"{i:064x}" for i in range(5)], "source": "pool"}

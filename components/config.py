@@ -439,10 +439,17 @@ class HighresConfig(Section):
 
     iterations: int = Field(10000, ge=1)
     """Length of the high-resolution adaptation phase (paper, appendix B.2: a short final phase at 518 px)."""
-    global_crops_size: int = Field(518, ge=16)
-    """Global crop side during the adaptation (518 px: the full 37 x 37 position grid)."""
-    local_crops_size: int = Field(98, ge=8)
-    """Local crop side during the adaptation."""
+    global_crops_size: int | None = Field(518, ge=16)
+    """Global crop side during the adaptation (518 px: the full 37 x 37 position grid); null with `crop_sizes`."""
+    local_crops_size: int | None = Field(98, ge=8)
+    """Local crop side during the adaptation; null with `crop_sizes`."""
+    crop_sizes: tuple[tuple[int, int], ...] | None = None
+    """Mixed crop sizes (DINOv3's high-resolution adaptation): [global, local] side pairs, one drawn per step for
+    every image of the step on every rank, in place of `global_crops_size` and `local_crops_size` (then null); the
+    release's 7B: [[512, 112], [768, 112], [768, 168], [768, 224], [768, 336]]. null: that one pair."""
+    crop_size_ratios: tuple[float, ...] | None = None
+    """The probability of each `crop_sizes` pair per step, summing to 1 (the release's
+    `global_local_crop_pairs_ratios`: [0.3, 0.3, 0.3, 0.05, 0.05] for the 7B); null: equal shares."""
     batch_size_per_gpu: int = Field(16, ge=1)
     """Images per rank per step (smaller than pretraining: 5x the tokens per global crop)."""
     base_lr: float = Field(4.0e-4, gt=0.0)
@@ -457,6 +464,30 @@ class HighresConfig(Section):
         if self.warmup_iterations > self.iterations:
             raise ValueError(f"warmup_iterations ({self.warmup_iterations}) exceeds iterations ({self.iterations})")
         return self
+
+    @field_validator("crop_sizes")
+    @classmethod
+    def _pairs(cls, v: tuple[tuple[int, int], ...] | None) -> tuple[tuple[int, int], ...] | None:
+        if v is not None and (not v or any(g < 16 or loc < 8 for g, loc in v)):
+            raise ValueError("needs one or more [global, local] pairs, global sides of at least 16 px, local of 8")
+        return v
+
+    @field_validator("crop_size_ratios")
+    @classmethod
+    def _ratios(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and (not v or min(v) <= 0.0 or not math.isclose(sum(v), 1.0, abs_tol=1e-6)):
+            raise ValueError(f"needs one probability > 0 per pair, summing to 1 (sum {sum(v):.6g})")
+        return v
+
+    def crop_pairs(self) -> tuple[tuple[int, int], ...]:
+        """The (global, local) crop sides of the phase: `crop_sizes`, or the one pair of `global_crops_size` and
+        `local_crops_size`."""
+        return self.crop_sizes or ((self.global_crops_size, self.local_crops_size),)
+
+    def crop_pair_ratios(self) -> tuple[float, ...]:
+        """The probability of each of `crop_pairs()` per step: `crop_size_ratios`, or equal shares."""
+        pairs = self.crop_pairs()
+        return self.crop_size_ratios or tuple(1.0 / len(pairs) for _ in pairs)
 
 
 class GramConfig(Section):
@@ -1037,12 +1068,37 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _highres_fits(self) -> PipelineConfig:
         highres, patch = self.highres, self.model.patch_size
-        for key, size in (
-            ("global_crops_size", highres.global_crops_size),
-            ("local_crops_size", highres.local_crops_size),
-        ):
-            if size % patch:
-                raise ValueError(f"highres.{key} = {size} is not a multiple of model.patch_size = {patch}")
+        single = {"global_crops_size": highres.global_crops_size, "local_crops_size": highres.local_crops_size}
+        if highres.crop_sizes is not None:
+            if set_too := [f"highres.{k} = {v}" for k, v in single.items() if v is not None]:
+                raise ValueError(
+                    f"highres.crop_sizes replaces {' and '.join(set_too)}: set {'them' if len(set_too) > 1 else 'it'} "
+                    "to null"
+                )
+            ratios = highres.crop_size_ratios
+            if ratios is not None and len(ratios) != len(highres.crop_sizes):
+                raise ValueError(
+                    f"highres.crop_size_ratios = {list(ratios)} has {len(ratios)} ratios for the "
+                    f"{len(highres.crop_sizes)} pairs of highres.crop_sizes"
+                )
+            for i, (global_size, local_size) in enumerate(highres.crop_sizes):
+                for what, size in (("global", global_size), ("local", local_size)):
+                    if size % patch:
+                        raise ValueError(
+                            f"highres.crop_sizes[{i}] = [{global_size}, {local_size}]: the {what} side {size} is not "
+                            f"a multiple of model.patch_size = {patch}"
+                        )
+        else:
+            if missing := [f"highres.{k}" for k, v in single.items() if v is None]:
+                raise ValueError(f"{' and '.join(missing)} null needs highres.crop_sizes (the mixed crop sizes)")
+            if highres.crop_size_ratios is not None:
+                raise ValueError(
+                    f"highres.crop_size_ratios = {list(highres.crop_size_ratios)} needs highres.crop_sizes (one "
+                    "ratio per pair)"
+                )
+            for key, size in single.items():
+                if size % patch:
+                    raise ValueError(f"highres.{key} = {size} is not a multiple of model.patch_size = {patch}")
         if self.highres.momentum_teacher > self.teacher.final_momentum_teacher:
             raise ValueError(
                 f"highres.momentum_teacher = {highres.momentum_teacher} exceeds "
@@ -1072,15 +1128,20 @@ class PipelineConfig(Section):
             raise ValueError(f"gram.warmup_iterations = {g.warmup_iterations} exceeds gram.iterations = {g.iterations}")
         highres = ("highres_teacher_resolution", g.highres_teacher_resolution) if g.highres_teacher_resolution else (
             "teacher_resolution", g.teacher_resolution)  # fmt: skip
-        for (key, res), section, size in (
-            (("teacher_resolution", g.teacher_resolution), "crops", self.crops.global_crops_size),
-            (highres, "highres", self.highres.global_crops_size),
+        highres_sizes = (
+            [(f"highres.crop_sizes[{i}]", pair[0]) for i, pair in enumerate(self.highres.crop_sizes)]
+            if self.highres.crop_sizes
+            else [("highres.global_crops_size", self.highres.global_crops_size)]
+        )
+        for (key, res), where, size in (
+            (("teacher_resolution", g.teacher_resolution), "crops.global_crops_size", self.crops.global_crops_size),
+            *((highres, where, size) for where, size in highres_sizes),
         ):
             side = gram_crops_size(res, size)
             if side % self.model.patch_size:
                 raise ValueError(
-                    f"gram.{key} = {res} makes the Gram teacher's crops {side} px for {section}.global_crops_size = "
-                    f"{size}: not a multiple of model.patch_size = {self.model.patch_size}"
+                    f"gram.{key} = {res} makes the Gram teacher's crops {side} px for the global crops of {size} px "
+                    f"({where}): not a multiple of model.patch_size = {self.model.patch_size}"
                 )
         return self
 

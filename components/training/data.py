@@ -12,6 +12,13 @@ batch (a share of the 2 M global crops masked, ratios spread linearly, shuffled)
   crops and masks that 2 ranks with B = 32 see together;
 - resuming needs one number, the position reached (`samples_seen`), and reproduces the uninterrupted stream.
 
+A phase with mixed crop sizes (DINOv3's high-resolution adaptation, the plan's `crop_sizes`) draws one (global,
+local) pair per optimizer step, for every image of the step on every rank: `crop_pair_index(seed, step, ratios)`,
+step = position // global batch, a pure function of the two (the release's combined loader draws from one generator
+seeded alike on every rank, which a restart sets back; here a resumed run draws exactly the pairs it would have).
+The sampler marks each sample with its pair (`SampleRef.crop_pair`), the dataset crops at that pair's sides and the
+collate plans the masks on that pair's patch grid. All pairs read the one stream of positions.
+
 Images are read through `components.storage.read_bytes` (local paths, `s3://`, tar members), lazily, by the workers.
 An image that fails to read or decode is counted and replaced by a seeded draw from the manifest, never a crash.
 """
@@ -43,17 +50,28 @@ MAX_DECODE_TRIES = 16
 
 
 class SampleRef(NamedTuple):
-    """Where a sample sits in the stream: its position, and its global micro-batch (start, index in it, size)."""
+    """Where a sample sits in the stream: its position, its global micro-batch (start, index in it, size), and the
+    crop-size pair of its step (0 in a phase of one size)."""
 
     position: int
     micro_start: int
     index: int
     micro_size: int
+    crop_pair: int = 0
 
 
 def mix_seed(*keys: int) -> int:
     """A well-mixed 63-bit seed from integers (numpy's SeedSequence), e.g. (seed, position)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def crop_pair_index(seed: int, step: int, ratios: Sequence[float]) -> int:
+    """The crop-size pair of optimizer step `step` (0-based, of its phase): pair i with probability `ratios[i]`,
+    drawn from a generator seeded by (seed, step) alone, so every rank and a resumed run draw the same."""
+    if len(ratios) == 1:
+        return 0
+    u = np.random.default_rng(mix_seed(seed, step, 0xC809)).random() * float(sum(ratios))  # in [0, total)
+    return min(int(np.searchsorted(np.cumsum(ratios), u, side="right")), len(ratios) - 1)
 
 
 @contextmanager
@@ -131,23 +149,29 @@ def manifest_digest(curated: str) -> str:
 
 
 class StreamPlan(NamedTuple):
-    """This rank's share of the position stream (see the module docstring)."""
+    """This rank's share of the position stream, and the crop-size pair of each step (see the module docstring)."""
 
     micro_batch_size: int
     rank: int
     world_size: int
+    grad_accum_steps: int = 1
+    crop_ratios: tuple[float, ...] = (1.0,)
+    """The probability of each crop-size pair per step (one pair: every step's is 0)."""
+    seed: int = 0
+    """The run's seed (the crop-size draws)."""
 
     @property
     def global_micro_batch(self) -> int:
         return self.micro_batch_size * self.world_size
 
     def micro_batches(self, start_position: int) -> Iterator[list[SampleRef]]:
-        """This rank's micro-batches from `start_position` on, forever."""
+        """This rank's micro-batches from `start_position` (a step's first position) on, forever."""
         B, M = self.micro_batch_size, self.global_micro_batch
+        step_size = M * self.grad_accum_steps  # the global batch: positions per optimizer step
         start = start_position
         while True:
-            first = start + self.rank * B
-            yield [SampleRef(first + j, start, self.rank * B + j, M) for j in range(B)]
+            first, pair = start + self.rank * B, crop_pair_index(self.seed, start // step_size, self.crop_ratios)
+            yield [SampleRef(first + j, start, self.rank * B + j, M, pair) for j in range(B)]
             start += M
 
 
@@ -183,7 +207,8 @@ class MultiCropDataset(Dataset):
     Args:
         uris: the manifest's image URIs.
         seed: the run's seed.
-        augmentation: the model core's `MultiCropAugmentation` (or any callable image -> crops dict).
+        augmentation: the model core's `MultiCropAugmentation` (or any callable image -> crops dict), or one per
+            crop-size pair, picked by the sample's `SampleRef.crop_pair`.
     """
 
     def __init__(self, uris: Sequence[str], seed: int, augmentation: Any) -> None:
@@ -191,7 +216,7 @@ class MultiCropDataset(Dataset):
 
         self.uris = pa.array(list(uris), type=pa.string())  # one buffer: no copy-on-read in forked workers
         self.seed = seed
-        self.augmentation = augmentation
+        self.augmentations = list(augmentation) if isinstance(augmentation, Sequence) else [augmentation]
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -215,7 +240,7 @@ class MultiCropDataset(Dataset):
         else:
             raise RuntimeError(f"no decodable image among {failures} tried for stream position {ref.position}")
         with seeded_torch(mix_seed(self.seed, ref.position)), _one_thread():
-            crops = self.augmentation(image)
+            crops = self.augmentations[ref.crop_pair](image)
         return {"crops": crops, "ref": ref, "failures": failures}
 
 
@@ -232,22 +257,32 @@ class PlannedMaskCollate:
     int(C x mask_probability) are masked; a seeded shuffle assigns them the linearly spaced ratio bins of
     `mask_ratio_min_max`; each masked crop draws its ratio in its bin and its blocks from its own seeded generator.
     Output keys are those of `MultiCropCollate`, plus `decode_failures` (int) and `positions` (B,).
+
+    `patch_grid` is the side of a global crop's patch grid, or one side per crop-size pair: a batch's masks are
+    drawn on the grid of its samples' pair (`SampleRef.crop_pair`).
     """
 
     def __init__(
-        self, *, seed: int, patch_grid: int, mask_ratio_min_max: tuple[float, float], mask_probability: float
+        self,
+        *,
+        seed: int,
+        patch_grid: int | Sequence[int],
+        mask_ratio_min_max: tuple[float, float],
+        mask_probability: float,
     ) -> None:
         self.seed = seed
-        self.grid = patch_grid
-        self.n_tokens = patch_grid * patch_grid
+        self.grids = [patch_grid] if isinstance(patch_grid, int) else list(patch_grid)
         self.ratio_range = tuple(mask_ratio_min_max)
         self.mask_probability = mask_probability
-        self.stack = MultiCropCollate(patch_grid, self.ratio_range, mask_probability=0.0)  # crops only
-        self.generator = MaskingGenerator(patch_grid, max_num_patches=0.5 * self.n_tokens)
+        self.stack = MultiCropCollate(self.grids[0], self.ratio_range, mask_probability=0.0)  # crops only
+        self.generators = [MaskingGenerator(g, max_num_patches=0.5 * g * g) for g in self.grids]
 
     def plan_masks(self, refs: Sequence[SampleRef], n_global: int) -> tuple[torch.Tensor, int]:
-        """Masks (n_global B, N) for these samples, crop-major, and the release's `upperbound` of their count."""
+        """Masks (n_global B, N) for these samples, crop-major, and the release's `upperbound` of their count; N is
+        the patch count of their crop-size pair's global crops."""
         micro_start, M = refs[0].micro_start, refs[0].micro_size
+        generator = self.generators[refs[0].crop_pair]
+        n_tokens = self.grids[refs[0].crop_pair] ** 2
         n_crops = n_global * M
         n_masked = int(n_crops * self.mask_probability)
         bins = np.linspace(*self.ratio_range, n_masked + 1)
@@ -260,18 +295,18 @@ class PlannedMaskCollate:
                 crop = c * M + ref.index  # crop-major over the global micro-batch
                 r = int(rank_of[crop])
                 if r >= n_masked:
-                    masks.append(torch.zeros(self.n_tokens, dtype=torch.bool))
+                    masks.append(torch.zeros(n_tokens, dtype=torch.bool))
                     continue
                 rng = random.Random(mix_seed(self.seed, micro_start, crop))
-                self.generator.rng = rng
+                generator.rng = rng
                 ratio = rng.uniform(bins[r], bins[r + 1])
-                masks.append(self.generator(int(self.n_tokens * ratio)).flatten())
-                upperbound += int(self.n_tokens * bins[r + 1])
+                masks.append(generator(int(n_tokens * ratio)).flatten())
+                upperbound += int(n_tokens * bins[r + 1])
         return torch.stack(masks), upperbound
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         refs = [s["ref"] for s in samples]
-        if len({(r.micro_start, r.micro_size) for r in refs}) != 1:
+        if len({(r.micro_start, r.micro_size, r.crop_pair) for r in refs}) != 1:
             raise ValueError("a batch must come from one global micro-batch")
         batch = self.stack([s["crops"] for s in samples])
         masks, upperbound = self.plan_masks(refs, batch["n_global_crops"])
@@ -308,7 +343,8 @@ def build_loader(
 
     Args:
         uris: the curated manifest's URIs.
-        plan: the phase's `PhasePlan` (seed, model.patch_size, crops, ibot masking, batch.per_rank, gram).
+        plan: the phase's `PhasePlan` (seed, model.patch_size, its crop-size pairs and Gram teacher crops, ibot
+            masking, batch).
         rank: this process's rank; world_size: the number of ranks.
         start_position: the stream position to start from (`samples_seen` of a checkpoint; 0 for a fresh run).
         num_workers: data-loading processes (`train.num_workers`).
@@ -316,22 +352,24 @@ def build_loader(
     """
     from components.model import augmentation_from_config
 
-    gram = plan.gram  # the Gram teacher's crops, for a phase with Gram anchoring
-    augmentation = augmentation_from_config(
-        plan.crops,
-        gram_crops_size=gram.teacher_crops_size if gram else None,
-        gram_no_distortions=gram.teacher_no_distortions if gram else True,
-    )
-    dataset = MultiCropDataset(uris, plan.seed, augmentation)
+    pairs = plan.crop_pairs()  # (crops, Gram teacher crop side) of each crop-size pair; one unless sizes mix
+    no_distortions = plan.gram.teacher_no_distortions if plan.gram is not None else True
+    augmentations = [
+        augmentation_from_config(crops, gram_crops_size=gram_side, gram_no_distortions=no_distortions)
+        for crops, gram_side in pairs
+    ]
+    dataset = MultiCropDataset(uris, plan.seed, augmentations)
     collate = PlannedMaskCollate(
         seed=plan.seed,
-        patch_grid=plan.crops.global_crops_size // plan.model.patch_size,
+        patch_grid=[crops.global_crops_size // plan.model.patch_size for crops, _ in pairs],
         mask_ratio_min_max=plan.ibot.mask_ratio_min_max,
         mask_probability=plan.ibot.mask_sample_probability,
     )
+    ratios = plan.crop_sizes.ratios if plan.crop_sizes is not None else (1.0,)
+    stream = StreamPlan(plan.batch.per_rank, rank, world_size, plan.batch.grad_accum_steps, ratios, plan.seed)
     return DataLoader(
         dataset,
-        batch_sampler=_Refs(StreamPlan(plan.batch.per_rank, rank, world_size), start_position),
+        batch_sampler=_Refs(stream, start_position),
         collate_fn=collate,
         num_workers=num_workers,
         pin_memory=pin_memory,

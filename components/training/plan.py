@@ -39,6 +39,7 @@ from components.config import (
     scaled_lr,
 )
 from components.model.schedules import TrainingSchedules, build_schedules
+from components.training.data import crop_pair_index
 from components.training.gram import GramPlan, GramSchedules, gram_plan
 
 PhaseName = Literal["pretrain", "gram", "highres", "head_fit", "distill"]
@@ -107,6 +108,41 @@ class OptimPlan:
 
 
 @dataclass(frozen=True)
+class CropSizesPlan:
+    """Mixed crop sizes (DINOv3's high-resolution adaptation): each step's global and local crop sides are one of
+    `pairs`, drawn with the probabilities `ratios` as a pure function of the seed and the step
+    (`components.training.data.crop_pair_index`), so that every rank draws the same pair and a resumed run the same
+    pairs again. The iBOT masks and the patch grid follow the drawn global side."""
+
+    pairs: tuple[tuple[int, int], ...]
+    """(global, local) crop sides, px."""
+    ratios: tuple[float, ...]
+    """The probability of each pair per step (summing to 1)."""
+    gram_teacher_crops_sizes: tuple[int, ...] | None = None
+    """With Gram anchoring: the Gram teacher's crop side of each pair (its global side times the phase's teacher
+    resolution, as the release's `gram_teacher_crops_size` list)."""
+
+    def pair_at(self, seed: int, step: int) -> int:
+        """The index of the pair that step `step` (0-based, of its phase) uses."""
+        return crop_pair_index(seed, step, self.ratios)
+
+
+@dataclass(frozen=True)
+class MixedCropSchedules:
+    """A phase's schedules with the crop sides of each step (`global_crops_size`, `local_crops_size`), logged with
+    the other values."""
+
+    base: Any
+    """The phase's schedules (anything with `at(step) -> dict`)."""
+    seed: int
+    crop_sizes: CropSizesPlan
+
+    def at(self, step: int) -> dict[str, float]:
+        global_size, local_size = self.crop_sizes.pairs[self.crop_sizes.pair_at(self.seed, step)]
+        return {**self.base.at(step), "global_crops_size": float(global_size), "local_crops_size": float(local_size)}
+
+
+@dataclass(frozen=True)
 class WeightsPlan:
     """Where a phase's weights come from, and their identity (part of the fingerprint)."""
 
@@ -144,6 +180,9 @@ class PhasePlan:
     """`distill`: the frozen teacher's backbone."""
     gram: GramPlan | None = None
     """Gram anchoring in this phase (`components.training.gram`), or None."""
+    crop_sizes: CropSizesPlan | None = None
+    """Mixed crop sizes drawn per step, `crops` (and `gram.teacher_crops_size`) then holding the first pair's; None:
+    every step at `crops`'s sizes."""
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain data (what plan.yaml and MLflow hold), with the global batch spelled out."""
@@ -154,6 +193,8 @@ class PhasePlan:
         out["batch"]["global_size"] = self.batch.global_size
         if self.gram is None:
             del out["gram"]  # plans without Gram keep their fingerprints
+        if self.crop_sizes is None:
+            del out["crop_sizes"]  # and plans of one crop size theirs
         # The teacher's centring only: its momentum and temperatures are the schedule's (one value, one place).
         out["teacher"] = {k: out["teacher"][k] for k in ("centering", "center_momentum")}
         return out
@@ -163,7 +204,23 @@ class PhasePlan:
         values = asdict(self.schedule)
         del values["base_lr"]  # `lr` is the scaled one
         schedules = build_schedules(**values)
+        if self.crop_sizes is not None:
+            schedules = MixedCropSchedules(schedules, self.seed, self.crop_sizes)
         return schedules if self.gram is None else GramSchedules(schedules, self.gram)
+
+    def crop_pairs(self) -> tuple[tuple[CropsConfig, int | None], ...]:
+        """The augmentation settings of each crop-size pair (`crops` with that pair's sides) and the Gram teacher's
+        crop side with Gram (None without), in the order of `crop_sizes.pairs`; one pair, `crops`, when the phase
+        does not mix sizes."""
+        gram_side = self.gram.teacher_crops_size if self.gram is not None else None
+        if self.crop_sizes is None:
+            return ((self.crops, gram_side),)
+        pairs = self.crop_sizes.pairs
+        gram_sides = self.crop_sizes.gram_teacher_crops_sizes or (None,) * len(pairs)
+        return tuple(
+            (self.crops.model_copy(update={"global_crops_size": g, "local_crops_size": loc}), t)
+            for (g, loc), t in zip(pairs, gram_sides, strict=True)
+        )
 
     def fingerprint_items(self) -> dict[str, Any]:
         """What a checkpoint of this phase depends on: the plan without the split of its global batch."""
@@ -329,16 +386,26 @@ def highres_plan(
     cfg: PipelineConfig, *, world_size: int, weights: WeightsPlan, gram_teacher: WeightsPlan | None = None
 ) -> PhasePlan:
     """The high-resolution phase (paper, appendix B.2) from the pretrain export: `highres.iterations` steps at the
-    `highres` crop sizes and batch, lr warm-up over `highres.warmup_iterations` to `highres.base_lr` (batch-scaled),
-    weight decay held at `optim.weight_decay_end`, EMA momentum from `highres.momentum_teacher` (cosine to the final
-    momentum; held at `teacher.final_momentum_teacher` with the constant schedule), the final teacher temperature
-    and local-crop weight throughout, no prototype freeze; Gram-anchored with `gram.enabled` (as DINOv3's
-    high-resolution adaptation: `gram.highres_*`, no refresh), to the starting export or `gram_teacher`."""
+    `highres` crop sizes (one pair, or DINOv3's mixed sizes: `highres.crop_sizes` drawn per step with
+    `highres.crop_size_ratios`, the Gram teacher's crops scaled with each, `CropSizesPlan`) and batch, lr warm-up
+    over `highres.warmup_iterations` to `highres.base_lr` (batch-scaled), weight decay held at
+    `optim.weight_decay_end`, EMA momentum from `highres.momentum_teacher` (cosine to the final momentum; held at
+    `teacher.final_momentum_teacher` with the constant schedule), the final teacher temperature and local-crop weight
+    throughout, no prototype freeze; Gram-anchored with `gram.enabled` (as DINOv3's high-resolution adaptation:
+    `gram.highres_*`, no refresh), to the starting export or `gram_teacher`."""
     h, t = cfg.highres, cfg.teacher
     batch = _batch(cfg, world_size, per_rank=h.batch_size_per_gpu)
-    crops = cfg.crops.model_copy(
-        update={"global_crops_size": h.global_crops_size, "local_crops_size": h.local_crops_size}
-    )
+    pairs = h.crop_pairs()
+    (global_size, local_size), gram_on = pairs[0], cfg.gram.enabled
+    crops = cfg.crops.model_copy(update={"global_crops_size": global_size, "local_crops_size": local_size})
+    crop_sizes = None
+    if len(pairs) > 1:  # one pair in `crop_sizes` is the single-size phase, fingerprint included
+        gram_sides = [_gram(cfg, g, None, gram_on, highres=True) for g, _ in pairs]
+        crop_sizes = CropSizesPlan(
+            pairs=pairs,
+            ratios=h.crop_pair_ratios(),
+            gram_teacher_crops_sizes=tuple(g.teacher_crops_size for g in gram_sides) if gram_on else None,
+        )
     schedule = _schedule(
         cfg, batch, total_steps=h.iterations, warmup_steps=h.warmup_iterations, base_lr=h.base_lr,
         weight_decay=cfg.optim.weight_decay_end, momentum=h.momentum_teacher, warmup_teacher_temp=t.teacher_temp,
@@ -349,7 +416,7 @@ def highres_plan(
         stage="pretrain_highres", phase="highres", seed=cfg.seed,
         model=cfg.model.model_copy(update={"pretrained_weights": None}), dino=cfg.dino, ibot=cfg.ibot,
         teacher=t, crops=crops, batch=batch, schedule=schedule, optim=_optim(cfg), weights=weights,
-        gram=_gram(cfg, h.global_crops_size, gram_teacher, cfg.gram.enabled, highres=True),
+        gram=_gram(cfg, global_size, gram_teacher, gram_on, highres=True), crop_sizes=crop_sizes,
     )  # fmt: skip
 
 

@@ -298,21 +298,6 @@ def _recipe(name, **more):
     return validate_config(apply_overrides(read_params(ROOT / "params.yaml"), {**recipe, **more}))
 
 
-def test_the_7b_gram_settings_plan_the_releases_phases(tmp_path):
-    from components.stages.pretrain import pretrain_phases
-    from components.training.plan import highres_plan
-
-    cfg = _recipe("dinov3_vit7b16_gram.yaml")
-    _, refine = pretrain_phases(cfg, None, tmp_path / "ck", tmp_path / "out", 1)
-    gram = refine.plan.gram
-    assert refine.plan.schedule.total_steps == 200_000 and gram.teacher_crops_size == 512
-    steps = range(refine.plan.schedule.total_steps)
-    assert [s + 1 for s in steps if gram.refresh_after(s)] == [10_000, 20_000, 30_000]  # 1.01M, 1.02M, 1.03M
-    assert gram.weight(0) == 0.0 and gram.weight(999) == gram.weight(150_000) == 2.0
-    high = highres_plan(cfg, world_size=1, weights=WeightsPlan("export", "models/pretrain", "d")).gram
-    assert (high.teacher_crops_size, high.weight(0), high.refresh_period) == (768, 1.5, 0)
-
-
 def test_the_dinov3_adaptation_recipe_anchors_to_the_released_model():
     from typing import get_args
 

@@ -126,6 +126,9 @@ def test_the_7b_network_heads_and_crops_are_the_releases(vit7b_phases) -> None:
     assert (main.crops.global_crops_size, main.crops.local_crops_size) == (256, 112)
     assert (gram.crops.global_crops_size, gram.crops.local_crops_size) == (256, 112)
     assert (high.crops.global_crops_size, high.crops.local_crops_size) == (512, 112)  # the first of the release's mix
+    mix = high.crop_sizes
+    assert mix.pairs == ((512, 112), (768, 112), (768, 160), (768, 224), (768, 336))
+    assert mix.ratios == (0.3, 0.3, 0.3, 0.05, 0.05)
     with torch.device("meta"):
         backbone = backbone_from_config(main.model)
     assert sum(p.numel() for p in backbone.parameters()) == pytest.approx(6.716e9, rel=1e-3)  # "6,716M" (its README)
@@ -177,6 +180,7 @@ def test_the_7b_highres_phase_is_the_releases_high_res_run(vit7b_phases) -> None
     assert s.freeze_last_layer_steps == 0
     g = high.gram
     assert g.teacher_crops_size == 768 and g.weight(0) == g.weight(29_999) == 1.5 and g.refresh_period == 0
+    assert high.crop_sizes.gram_teacher_crops_sizes == (768, 1152, 1152, 1152, 1152)  # 1.5 x each global side
     # koleo_distributed_loss_group_size 16: two ranks' batches of 8
     assert high.dino.koleo_distributed and high.dino.koleo_group_size == 2 * high.batch.per_rank
 

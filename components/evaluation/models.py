@@ -11,8 +11,9 @@ The pretrain and distill stages write each backbone as an export (`components.ex
 
 Besides the discovered models, the evaluate stage adds a seeded random initialisation of the teacher's preset (the
 `random_init` baseline) and the user's `evaluate.extra_models`: each entry either a path to a `model.json`, or
-`<arch>=<weights>` for an official checkpoint (e.g. `vit_small=/ckpt/dinov2_vits14_pretrain.pth`; use a descriptor
-for register models, which need `num_register_tokens: 4`).
+`<arch>=<weights>` for an official checkpoint (e.g. `vit_small=/ckpt/dinov2_vits14_pretrain.pth`,
+`dinov3_vitl16=/ckpt/dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth`): the file's geometry (registers, patch, a DINOv3
+file's norms) is read from the file.
 """
 
 from __future__ import annotations
@@ -162,12 +163,16 @@ def unique_names(specs: Sequence[ModelSpec]) -> list[ModelSpec]:
 
 def build_model(spec: ModelSpec, *, seed: int) -> nn.Module:
     """Builds the backbone (weights loaded strictly, or a random init seeded by `seed`), in eval mode, frozen."""
-    from components.model import build_backbone, load_official_weights
+    from components.model import build_backbone, checkpoint_geometry, load_official_weights
 
     torch.manual_seed(seed)
-    model = build_backbone(spec.arch, **spec.overrides)
-    if spec.weights is not None:
-        load_official_weights(model, exports.read_weights(spec.weights)[0])
+    if spec.weights is None:
+        model = build_backbone(spec.arch, **spec.overrides)
+    else:  # the file's geometry (a `_reg4` release's registers, a DINOv3 file's norms), unless a descriptor says
+        state = exports.read_weights(spec.weights)[0]
+        model = load_official_weights(
+            build_backbone(spec.arch, **{**checkpoint_geometry(state), **spec.overrides}), state
+        )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

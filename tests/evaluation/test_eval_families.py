@@ -67,3 +67,23 @@ def test_dinov3_teacher_convnext_student_and_dinov2_side_by_side(tiny_world, tmp
         assert f"| {arch} |" in table, arch
     registry = json.loads((tmp_path / "reports/comparison/registry.json").read_text())
     assert registry["registered"]
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides", "key"),
+    [
+        ("vit_test", {"num_register_tokens": 4}, "register_tokens"),  # a `_reg4` release
+        ("dinov3_vit_test", {"untie_global_and_local_cls_norm": True}, "local_cls_norm.weight"),  # a SAT-493M layout
+        ("convnext_test", {"depths": (1, 2, 1, 1)}, "stages.1.1.gamma"),
+    ],
+)
+def test_an_extra_model_file_brings_its_geometry(tmp_path: Path, arch: str, overrides: dict, key: str) -> None:
+    """`evaluate.extra_models: ["<arch>=<file>"]`: the file's registers, norms or depths, not the preset's."""
+    from components.evaluation.models import build_model, extra_model
+    from components.model import build_backbone, save_official_weights
+
+    torch.manual_seed(0)
+    saved = build_backbone(arch, **overrides)
+    path = save_official_weights(saved, tmp_path / "released.pth")
+    model = build_model(extra_model(f"{arch}={path}"), seed=1)
+    assert torch.equal(model.state_dict()[key], saved.state_dict()[key])

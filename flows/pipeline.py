@@ -155,7 +155,8 @@ def run_stage(stage: str, root: str) -> dict[str, Any]:
     status = "completed" if ran else "skipped"
     report = _read_json(metrics_path)
     if ran:
-        existing_run(report.get("mlflow_run_id"), Path(root)).set_tags(dvc_lock_hashes(stage, Path(root) / "dvc.lock"))
+        with existing_run(report.get("mlflow_run_id"), Path(root)) as stage_tracker:
+            stage_tracker.set_tags(dvc_lock_hashes(stage, Path(root) / "dvc.lock"))
     logger.info("stage %s %s in %.1f s", stage, status, duration)
     return {
         "stage": stage,

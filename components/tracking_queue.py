@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -181,23 +182,41 @@ def _link_or_copy_file(source: str | Path, target: str | Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+REQUEST_TIMEOUT_S = 30
+"""How long one delivery to a tracking server may take before it counts as failed (then the queue's own probes and
+pauses take over: MLflow's client would retry a refused connection for minutes inside one call)."""
+
+
 def deliver(target: MlflowTracker, record: Mapping[str, Any], files: Path) -> None:
-    """Delivers one record to its MLflow run (the run of `target`'s client), with its original step and timestamp."""
+    """Delivers one record to its MLflow run, with its original step and timestamp.
+
+    Metrics, params, tags and the run's end go to a tracking server as MLflow REST calls tried once (the queue
+    decides when to try again); datasets and artifacts, and everything for a local store, go through `target`'s
+    client."""
     from mlflow.entities import Metric, Param, RunTag
 
     client, run_id, kind = target.client, target.run_id, record["kind"]
-    if kind == "metrics":
-        items = [Metric(k, float(v), int(record["time_ms"]), int(record["step"])) for k, v in record["values"].items()]
-        for i in range(0, len(items), 1000):
-            client.log_batch(run_id, metrics=items[i : i + 1000])
-    elif kind == "params":
-        items = [Param(k, v) for k, v in record["values"].items()]
-        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            client.log_batch(run_id, params=items[i : i + 100])
-    elif kind == "tags":
-        items = [RunTag(k, v) for k, v in record["values"].items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run_id, tags=items[i : i + 100])
+    rest = str(client.tracking_uri).startswith(("http://", "https://"))
+    if kind in ("metrics", "params", "tags"):
+        if kind == "metrics":
+            step, ts = int(record["step"]), int(record["time_ms"])
+            items: list[Any] = [Metric(k, float(v), ts, step) for k, v in record["values"].items()]
+        else:
+            entity = Param if kind == "params" else RunTag
+            items = [entity(k, v) for k, v in record["values"].items()]
+        size = 1000 if kind == "metrics" else 100  # MLflow's limits per batch
+        for i in range(0, len(items), size):
+            batch = items[i : i + size]
+            if rest:
+                _post(str(client.tracking_uri), "runs/log-batch", {"run_id": run_id, kind: [_entity(e) for e in batch]})
+            else:
+                client.log_batch(run_id, **{kind: batch})
+    elif kind == "terminate":
+        end = {"status": record["status"], "end_time": int(record["time_ms"])}
+        if rest:
+            _post(str(client.tracking_uri), "runs/update", {"run_id": run_id, **end})
+        else:
+            client.set_terminated(run_id, **end)
     elif kind == "dataset":
         MlflowTracker(client, run_id).log_dataset(DatasetRecord(**record["dataset"]))
     elif kind == "artifact":
@@ -206,10 +225,31 @@ def deliver(target: MlflowTracker, record: Mapping[str, Any], files: Path) -> No
             client.log_artifacts(run_id, str(path), artifact_path=record["artifact_path"])
         else:
             client.log_artifact(run_id, str(path), artifact_path=record["artifact_path"])
-    elif kind == "terminate":
-        client.set_terminated(run_id, status=record["status"], end_time=int(record["time_ms"]))
     else:
         raise ValueError(f"unknown tracking record kind {kind!r}")
+
+
+def _entity(item: Any) -> dict[str, Any]:
+    """A metric, param or tag as MLflow's REST API takes it (non-finite values spelled as protobuf's JSON does)."""
+    if hasattr(item, "step"):
+        value = item.value
+        if not math.isfinite(value):
+            value = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return {"key": item.key, "value": value, "timestamp": item.timestamp, "step": item.step}
+    return {"key": item.key, "value": item.value}
+
+
+def _post(uri: str, endpoint: str, body: Mapping[str, Any]) -> None:
+    """One MLflow REST call, tried once (`mlflow.utils.rest_utils`: the client's authentication and error mapping)."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    path = f"/api/2.0/mlflow/{endpoint}"
+    response = http_request(
+        get_default_host_creds(uri), path, "POST", max_retries=0, backoff_factor=0, timeout=REQUEST_TIMEOUT_S,
+        json=dict(body),
+    )  # fmt: skip
+    verify_rest_response(response, path)
 
 
 def is_permanent(err: BaseException) -> bool:

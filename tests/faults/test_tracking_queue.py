@@ -22,7 +22,7 @@ class FlakyClient:
     """Stands in for `MlflowClient`: records what arrives; `down` refuses (like a stopped server after the client's
     retries), `stall` holds a call until released (like a server that stopped answering)."""
 
-    tracking_uri = "http://127.0.0.1:1"
+    tracking_uri = "flaky:///"  # not http: records go through this client (a server gets REST calls)
 
     def __init__(self) -> None:
         self.down = False
@@ -167,7 +167,7 @@ def test_an_outage_longer_than_the_run_leaves_a_spill_file_that_replays(tmp_path
 
 
 def test_replay_resumes_after_the_records_already_delivered(tmp_path, monkeypatch):
-    spool = Spool(tmp_path / "s-run1.spool.jsonl", {"tracking_uri": "http://127.0.0.1:1", "run_id": "run1"})
+    spool = Spool(tmp_path / "s-run1.spool.jsonl", {"tracking_uri": "flaky:///", "run_id": "run1"})
     spool.append([{"seq": i, "kind": "metrics", "time_ms": 1000 + i, "step": i, "values": {"a": i}} for i in range(5)])
     spool.mark_delivered(2)
     client = FlakyClient()

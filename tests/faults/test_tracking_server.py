@@ -154,5 +154,7 @@ def test_an_outage_longer_than_the_run_is_replayed_from_the_spill_file(server, t
     assert all(logged[s][0] <= ts <= logged[s][1] for s, ts, _ in history)
     run = MlflowClient(tracking_uri=server.url).get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert [a.path for a in MlflowClient(tracking_uri=server.url).list_artifacts(run_id, "plots")] == ["plots/curve.csv"]
+    assert [a.path for a in MlflowClient(tracking_uri=server.url).list_artifacts(run_id, "plots")] == [
+        "plots/curve.csv"
+    ]
     assert not spills[0].exists()

@@ -429,6 +429,7 @@ class QueuedTracker(Tracker):
                 self._cond.notify_all()
         self._stop.set()
         if not self._worker.is_alive():
+            shutil.rmtree(self.spool.files, ignore_errors=True)  # every artifact's file was delivered
             return None
         log.warning(
             "tracking: %d record(s) of MLflow run %s not delivered (server %s %s); they are kept in %s: deliver them "

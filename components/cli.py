@@ -23,6 +23,8 @@ EXIT_CONFIG_ERROR = 2
 EXIT_GATE_FAILED = 3
 EXIT_BAD_INPUT = 4
 """A benchmark folder that is not its publisher's layout (the message names the file and what was expected)."""
+EXIT_FAULT = 4
+"""A fault of the machine the stage ran on, named: out of space, no intact checkpoint."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,4 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     except GateFailed as err:
         print(f"error: gate failed in stage {args.stage}:\n{err}", file=sys.stderr)
         return EXIT_GATE_FAILED
+    except Exception as err:
+        if not _named_fault(err):
+            raise
+        print(f"error: stage {args.stage}: {err}", file=sys.stderr)  # named in full: a traceback adds nothing
+        return EXIT_FAULT
     return 0
+
+
+def _named_fault(err: Exception) -> bool:
+    """A disk that filled up, or no intact checkpoint: errors whose message says all (`EXIT_FAULT`)."""
+    from components.storage import OutOfSpaceError
+    from components.training.checkpoint import CheckpointDamagedError
+
+    return isinstance(err, OutOfSpaceError | CheckpointDamagedError)

@@ -402,6 +402,9 @@ class TrainConfig(Section):
     """Iterations between checkpoints."""
     keep_last: int = Field(3, ge=1)
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    prune_to_fit: bool = False
+    """When a checkpoint does not fit on its disk, delete this run's older checkpoints first (oldest first, never the
+    newest) until it does; false: the save fails, naming the bytes needed and free, with the newest one intact."""
     max_nonfinite_steps: int = Field(5, ge=1)
     """Consecutive non-finite steps (skipped) after which the run stops with an error."""
     nproc_per_node: int = Field(1, ge=1)

@@ -14,8 +14,8 @@ components/images.py (every format Pillow reads, first frame).
 
 Layout of the output folder:
 ```
-<out>/<part>/shard-00000.npy           float16, (n, D), L2-normalised rows; written last, so its presence marks
-                                       the shard complete
+<out>/<part>/shard-00000.npy           float16, (n, D), L2-normalised rows; renamed into place last, so its
+                                       presence marks the shard complete
 <out>/<part>/shard-00000.ids.parquet   `id` (the manifest uri) of each row, and the run's `fingerprint`
 <out>/<part>/shard-00000.failures.parquet  `id`, `error` of the shard's images that could not be read or decoded
 <out>/meta.json                        arch, weights, dim, normalized, fingerprint, counts, shard list
@@ -316,20 +316,38 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
 
 
 def write_shard(shard: Shard, out_dir: Path, features: np.ndarray, errors: Sequence[str]) -> tuple[int, int]:
-    """Writes one shard (failures, ids, then the .npy last); returns (embedded, failed)."""
+    """Writes one shard; returns (embedded, failed).
+
+    Its three files are written aside first (a disk that fills up, or any OS error, raises a `StorageError` naming
+    the shard, the bytes needed and free, and leaves the shard's previous files as they were); then the old .npy,
+    the mark of a complete shard, is removed, the failures and ids files are renamed into place, and the new .npy
+    last: at any moment the shard is either complete and consistent, or has no .npy and is recomputed.
+    """
     npy, ids_path, failures_path = shard.paths(out_dir)
     ok = np.array([not e for e in errors], dtype=bool)
     ids = [i for i, good in zip(shard.ids, ok, strict=True) if good]
     failed = pd.DataFrame(
         {"id": [i for i, good in zip(shard.ids, ok, strict=True) if not good], "error": [e for e in errors if e]}
     )
-    with storage.atomic_path(failures_path) as tmp:
-        failed.to_parquet(tmp, index=False)
-    with storage.atomic_path(ids_path) as tmp:
-        _write_ids(tmp, ids, shard.fingerprint)
     kept = np.ascontiguousarray(features[ok], dtype=np.float16)
-    with storage.atomic_path(npy) as tmp:
-        _write_npy(tmp, kept)
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    temps = {path: npy.with_name(f".{path.name}.tmp{path.suffix}") for path in (failures_path, ids_path, npy)}
+    needed = kept.nbytes + sum(len(i) for i in shard.ids) + 4096
+    try:
+        with storage.named_write_errors(
+            npy, what=f"embedding shard {shard.stem}", needed=needed,
+            kept="its partial files are removed and its previous files are as they were",
+        ):  # fmt: skip
+            failed.to_parquet(temps[failures_path], index=False)
+            _write_ids(temps[ids_path], ids, shard.fingerprint)
+            _write_npy(temps[npy], kept)
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    npy.unlink(missing_ok=True)
+    for path, tmp in temps.items():  # the .npy last
+        os.replace(tmp, path)
     return int(ok.sum()), int((~ok).sum())
 
 

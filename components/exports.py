@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from components.model.adapter import (
     load_official_heads,
     load_official_weights,
     official_heads_state,
+    official_state_dict,
     read_state_dict,
     save_official_weights,
 )
@@ -216,8 +218,10 @@ def write_export(
     heads_config: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """Writes an export: the backbone (official layout, .pth and .safetensors), the heads and the descriptor last,
-    each file written aside and renamed, so a reader that finds the descriptor finds every file it names.
+    """Writes an export: the backbone (official layout, .pth and .safetensors), the heads and the descriptor, all
+    written into a staging folder beside `out_dir` and then renamed into it, the descriptor last. A reader that finds
+    the descriptor finds every file it names; a write that fails (out of space, any OS error) removes the staging
+    folder and leaves the previous export as it was.
 
     Args:
         out_dir: the folder (created).
@@ -232,21 +236,15 @@ def write_export(
 
     Returns:
         The files written.
+
+    Raises:
+        OutOfSpaceError: the disk filled up (the message names the folder, the bytes needed and free).
+        StorageError: another OS error while writing.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):  # no initialisation is paid, even for ViT-g: the state's tensors are assigned
         backbone = backbone_from_config(model.model_copy(update={"drop_path_rate": 0.0}))
     backbone.load_state_dict(dict(backbone_state), strict=True, assign=True)
-    written = []
-    for name in BACKBONE_FILES:
-        with storage.atomic_path(out_dir / name) as tmp:
-            save_official_weights(backbone, tmp)
-        written.append(out_dir / name)
-    if heads is not None:
-        with storage.atomic_path(out_dir / HEADS_FILE) as tmp:
-            torch.save(official_heads_state(heads, centers or {}), tmp)
-        written.append(out_dir / HEADS_FILE)
     if family_of(model.arch).name == "dinov2":
         geometry = {k: getattr(backbone.cfg, k) for k in GEOMETRY_KEYS}
     else:
@@ -262,8 +260,42 @@ def write_export(
         "heads_config": dict(heads_config or {}),
         "provenance": dict(provenance or {}),
     }
-    written.append(write_json(out_dir / DESCRIPTOR, descriptor))
-    return written
+    # Every file is written into a staging folder beside `out_dir` first: a disk that fills up (or any OS error)
+    # leaves the previous export as it was. Then each is renamed into place (renames need no space), the descriptor
+    # last, so a reader that finds the descriptor finds every file it names.
+    staging = out_dir.with_name(f".{out_dir.name}.export-partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    tensors = sum(t.numel() * t.element_size() for t in backbone_state.values())
+    needed = len(BACKBONE_FILES) * tensors + sum(
+        t.numel() * t.element_size() for h in (heads or {}).values() for t in h.values()
+    )
+    kept = f"the partial files are removed and the previous export in {out_dir} is as it was"
+    names = [*BACKBONE_FILES, *([HEADS_FILE] if heads is not None else []), DESCRIPTOR]
+    try:
+        with storage.named_write_errors(staging, what=f"the export of iteration {iterations} to {out_dir}",
+                                        needed=needed, kept=kept):  # fmt: skip
+            staging.mkdir(parents=True)
+            for name in BACKBONE_FILES:
+                if name.endswith(".safetensors"):
+                    save_official_weights(backbone, staging / name)
+                else:  # through a Python file, so that an OS error (no space) reaches us as itself
+                    storage.save_torch(official_state_dict(backbone, torch.float32), staging / name)
+            if heads is not None:
+                storage.save_torch(official_heads_state(heads, centers or {}), staging / HEADS_FILE)
+            write_json(staging / DESCRIPTOR, descriptor)
+            for name in names:
+                with open(staging / name, "rb") as f:
+                    os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        os.replace(staging / name, out_dir / name)
+    if heads is None:
+        (out_dir / HEADS_FILE).unlink(missing_ok=True)  # a heads file of an earlier export does not belong to it
+    shutil.rmtree(staging, ignore_errors=True)
+    return [out_dir / name for name in names]
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ from `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`; boto3 reads both natively), r
 with 5 attempts unless `AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` say otherwise. Nothing here runs at import.
 
 Errors are `StorageError` (an `OSError`) whose message starts with the URI; a missing local folder, bucket, prefix or
-object is a `StorageNotFoundError`, also a `FileNotFoundError`; a malformed URI (an S3 key with `..`, `.` or empty
-segments, a leading `/`, control characters; a bad bucket name) is an `InvalidURIError`, also a `ValueError`.
+object is a `StorageNotFoundError`, also a `FileNotFoundError`; a local write that runs out of space is an
+`OutOfSpaceError` naming the bytes needed and free (`named_write_errors`); a malformed URI (an S3 key with `..`, `.` or
+empty segments, a leading `/`, control characters; a bad bucket name) is an `InvalidURIError`, also a `ValueError`.
 
 Large files (checkpoints, exported models) move with `upload_file` / `download_file` through boto3's managed transfer
 layer (s3transfer: multipart in parallel parts, each request retried by botocore, so an S3 server that restarts
@@ -26,6 +27,7 @@ verified after download, the local file renamed into place only once verified. C
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
 import re
@@ -72,6 +74,11 @@ class StorageNotFoundError(StorageError, FileNotFoundError):
 
 class InvalidURIError(StorageError, ValueError):
     """A URI that must not be used: an unsafe or malformed S3 key, or an invalid bucket name."""
+
+
+class OutOfSpaceError(StorageError):
+    """A local write that did not fit (no space left, quota exceeded); the message names the path, the bytes it needed
+    and the bytes free, and what was left as it was."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -831,3 +838,147 @@ def _copy_local(source: Path, target: Path, callback: ProgressCallback | None) -
         shutil.copyfileobj(src, dst, 8 * MiB)
     if callback:
         callback(target.stat().st_size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Failed local writes, named
+# --------------------------------------------------------------------------------------------------------------------
+
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+WRITE_ERRNOS = NO_SPACE_ERRNOS | {errno.EFBIG, errno.EROFS, errno.EIO}
+"""OS errors that say a write failed for the disk's sake (not a missing input or a bad path)."""
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Bytes free for this user on the filesystem holding `path` (or its nearest existing parent); None if unknown."""
+    path = Path(path).absolute()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def format_bytes(num: int | None) -> str:
+    """`1.5 GiB (1610612736 bytes)`; `unknown` for None."""
+    if num is None:
+        return "unknown"
+    size, unit = float(num), "bytes"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{num} bytes" if unit == "bytes" else f"{size:.1f} {unit} ({num} bytes)"
+
+
+def write_error(
+    path: str | Path, err: OSError, *, what: str, needed: int | None = None, kept: str = ""
+) -> StorageError:
+    """The error for a failed local write: an `OutOfSpaceError` for no space or quota, else a `StorageError`, each
+    naming `what` was written where, the bytes needed and free, the OS error, and `kept` (what was left as it was)."""
+    free = free_bytes(path)
+    sizes = f"{format_bytes(free)} free"
+    if needed:
+        sizes = f"it needs about {format_bytes(needed)}, {sizes}"
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    message = f"{what} could not be written: {reason} ({sizes})"
+    if kept:
+        message += f"; {kept}"
+    cls = OutOfSpaceError if err.errno in NO_SPACE_ERRNOS else StorageError
+    return cls(str(path), message)
+
+
+_OS_ERROR_IN_MESSAGE = re.compile(r"os error (\d+)")
+
+
+def os_error_of(err: BaseException) -> OSError | None:
+    """The OS error behind a failed write: the error itself, or the one a library names in its message (safetensors
+    says "... (os error 28)"); None for any other error."""
+    if isinstance(err, OSError):
+        return err
+    m = _OS_ERROR_IN_MESSAGE.search(str(err))
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
+@contextmanager
+def named_write_errors(path: str | Path, *, what: str, needed: int | None = None, kept: str = "") -> Iterator[None]:
+    """Turns an OS error of a write in the block (no space, quota, file too large, read-only filesystem, I/O error)
+    into `write_error`'s; other errors (a missing input, ...) pass as they are."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as err:
+        os_error = os_error_of(err)
+        if os_error is None or os_error.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(path, os_error, what=what, needed=needed, kept=kept) from err
+
+
+class HashingWriter:
+    """A binary file that hashes and counts what goes through it and keeps the OS error of a failed write (torch's
+    zip writer replaces it by a RuntimeError that says "unexpected pos")."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.hash, self.bytes = f, hashlib.sha256(), 0
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            written = self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+        self.hash.update(data)
+        self.bytes += memoryview(data).nbytes
+        return written
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(obj: Any, path: str | Path) -> tuple[int, str]:
+    """`torch.save(obj)` to a local file, flushed to disk; an OS error of the write (no space) is raised as itself.
+
+    Returns:
+        (bytes written, their sha256), computed as they are written.
+    """
+    import torch
+
+    with open(path, "wb") as f:
+        writer = HashingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError as err:
+            if writer.error is not None:
+                raise writer.error from err
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+    return writer.bytes, writer.hash.hexdigest()
+
+
+def tree_bytes(path: str | Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def replace_folder(staging: str | Path, target: str | Path) -> None:
+    """Puts a completely written folder in place of `target` (or where none was): `target` is renamed aside, the
+    staging folder renamed into place, then the old one removed; renames need no space, so a disk that filled up
+    while `staging` was written has left `target` as it was."""
+    staging, target = Path(staging), Path(target)
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -7,6 +7,10 @@ stage started on its own (CLI or plain `dvc repro`) opens a top-level run. Only 
 Tracking URI: `MLFLOW_TRACKING_URI` when set, else a SQLite file `mlflow.db` in the working directory, with artifacts
 under `mlartifacts/`. `DINOV2_TRACKING=off` turns tracking off (a `NullTracker`).
 
+Tracking never makes a stage wait: `start_run` hands out a `components.tracking_queue.QueuedTracker`, which returns
+at once and delivers from a background thread, in order, spilling to a file while the server is away (that module's
+docstring says how, and how to replay what a run could not deliver). Only opening a run waits for the server.
+
 Besides params, metrics, artifacts and tags, a run records the datasets it read (`log_dataset`: MLflow dataset inputs
 with their digest, source and row count) and the models it produced (`log_model`: MLflow pyfunc models, logged
 models of the run), and registers a model version (`register_model`, moving an alias). Nothing else in the project
@@ -163,9 +167,10 @@ class MlflowTracker(Tracker):
     """A Tracker writing to one MLflow run through `MlflowClient` (no global fluent state, thread-safe; the model
     calls point MLflow's module-level API at the same tracking URI for their duration only)."""
 
-    def __init__(self, client: Any, run_id: str):
+    def __init__(self, client: Any, run_id: str, experiment_id: str | None = None):
         self.client = client
         self.run_id = run_id
+        self.experiment_id = experiment_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -231,7 +236,7 @@ class MlflowTracker(Tracker):
         uri = str(self.client.tracking_uri)
         if not uri.startswith(("http://", "https://")):
             return None
-        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        experiment_id = self.experiment_id or self.client.get_run(self.run_id).info.experiment_id
         return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id}"
 
     def register_model(
@@ -293,11 +298,27 @@ def dataset_columns(frame: Any) -> dict[str, str]:
     return {str(c): kinds.get(frame[c].dtype.kind, "string") for c in frame.columns}
 
 
-def existing_run(run_id: str | None, root: Path | None = None) -> Tracker:
-    """A Tracker on a run opened elsewhere (a stage's run, tagged by the flow once DVC has locked the stage)."""
+@contextmanager
+def existing_run(run_id: str | None, root: Path | None = None) -> Iterator[Tracker]:
+    """A queued Tracker on a run opened elsewhere (a stage's run, tagged by the flow once DVC has locked the stage);
+    what the server cannot take before the block ends stays in a spill file (`components.tracking_queue`)."""
     if not run_id or not tracking_enabled():
-        return Tracker()
-    return MlflowTracker(mlflow_client(root), run_id)
+        yield Tracker()
+        return
+    from components.tracking_queue import QueuedTracker, spool_dir
+
+    tracker = QueuedTracker(MlflowTracker(mlflow_client(root), run_id), spool_path(spool_dir(root), "tags", run_id))
+    try:
+        yield tracker
+    finally:
+        tracker.close()
+
+
+def spool_path(folder: Path, name: str, run_id: str) -> Path:
+    """A run's spill file: `<folder>/<name>-<run id>.spool.jsonl`."""
+    from components.tracking_queue import SPOOL_SUFFIX
+
+    return Path(folder) / f"{name}-{run_id}{SPOOL_SUFFIX}"
 
 
 def mlflow_client(root: Path | None = None) -> Any:
@@ -335,21 +356,30 @@ def start_run(
     tags: Mapping[str, Any] | None = None,
     root: Path | None = None,
 ) -> Iterator[Tracker]:
-    """Opens an MLflow run (nested under `parent_run_id` when given) and closes it FINISHED or FAILED."""
+    """Opens an MLflow run (nested under `parent_run_id` when given) and closes it FINISHED or FAILED.
+
+    The run's records go through a `QueuedTracker`: its end (status and end time) is queued last, and the block ends
+    without waiting for a server that is away (what is left stays in `.tracking/`, see `components.tracking_queue`).
+    """
     if not tracking_enabled():
         yield Tracker()
         return
+    from components.tracking_queue import QueuedTracker, spool_dir
+
     client = mlflow_client(root)
     experiment_id = ensure_experiment(client, experiment, root)
     run_tags = {"mlflow.runName": name}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=name, tags=run_tags)
-    tracker = MlflowTracker(client, run.info.run_id)
+    target = MlflowTracker(client, run.info.run_id, experiment_id)
+    tracker = QueuedTracker(target, spool_path(spool_dir(root), name, run.info.run_id))
     tracker.set_tags({"git_commit": git_commit(root), **(tags or {})})
     try:
         yield tracker
     except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
+        tracker.terminate("FAILED")
+        tracker.close()
         raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    tracker.terminate("FINISHED")
+    tracker.close()

@@ -14,6 +14,16 @@ When the stages are done (or one failed), the parent run gets the parameters tha
 final model's headline metrics (components/pipeline_record.py), and the flow run publishes Prefect artifacts: the
 stage summary (`pipeline-stages`), the evaluation comparison (`evaluation-comparison`), the quality gate's verdict
 (`quality-gate`) and, with an MLflow server, a link to the parent run (`mlflow-parent-run`).
+
+A Prefect server that goes away mid-flow does not stop the stages. Prefect 3.9 orchestrates task runs on the client:
+their states travel as events through a websocket, which are dropped (with an error line) while the server is away,
+and the task goes on; the stages themselves are `dvc repro` subprocesses that never talk to Prefect, and MLflow's
+records are queued (components/tracking_queue.py). What does call the API is the flow run's own state, at its start
+and end, and the artifacts above: Prefect's client retries a refused connection `PREFECT_CLIENT_MAX_RETRIES` times
+with pauses of 2, 4, 8, ... s (5 by default: about a minute), after which the flow run crashes although every stage
+completed. `python -m flows.pipeline` and the deployments (prefect.yaml) raise it to `FLOW_CLIENT_RETRIES` (about 17
+minutes of outage), and artifacts that still cannot be published are skipped with a warning (the summary is in
+`reports/pipeline_summary.json` and MLflow).
 """
 
 import argparse
@@ -52,6 +62,9 @@ NETWORK_STAGES = frozenset({"prepare", "embed", "report"})
 """Stages that may read S3 or talk to a registry: retried on failures other than bad input."""
 EXIT_BAD_INPUT = (EXIT_CONFIG_ERROR, EXIT_GATE_FAILED)
 """Exit codes of `python -m components` for bad input and a failed gate: retrying cannot help."""
+FLOW_CLIENT_RETRIES = 9
+"""Tries of the flow's Prefect API calls after the first (pauses of 2, 4, ..., 512 s: about 17 minutes in all), so that
+a Prefect server restart does not crash a flow whose stages went on without it."""
 
 
 def _python_on_path() -> None:
@@ -155,7 +168,8 @@ def run_stage(stage: str, root: str) -> dict[str, Any]:
     status = "completed" if ran else "skipped"
     report = _read_json(metrics_path)
     if ran:
-        existing_run(report.get("mlflow_run_id"), Path(root)).set_tags(dvc_lock_hashes(stage, Path(root) / "dvc.lock"))
+        with existing_run(report.get("mlflow_run_id"), Path(root)) as stage_tracker:
+            stage_tracker.set_tags(dvc_lock_hashes(stage, Path(root) / "dvc.lock"))
     logger.info("stage %s %s in %.1f s", stage, status, duration)
     return {
         "stage": stage,
@@ -292,7 +306,17 @@ def _record(parent: Tracker, cfg: PipelineConfig, summary: dict[str, Any], repor
     if "report" in reports:
         parent.set_tags({"quality_gate": "passed" if reports["report"].get("gate_passed") else "failed"})
     link = parent.url()
-    where = f" MLflow parent run: {link}" if link else f" MLflow parent run {parent.run_id}." if parent.run_id else ""
+    try:
+        _publish(summary, reports, link, parent.run_id)
+    except Exception as err:  # noqa: BLE001 - the results are in the summary file and MLflow already
+        get_run_logger().warning(
+            "Prefect artifacts not published (%s); the run's summary is in %s and in MLflow", err, SUMMARY_PATH
+        )
+
+
+def _publish(summary: dict[str, Any], reports: dict[str, Any], link: str | None, parent_run_id: str | None) -> None:
+    """The flow run's Prefect artifacts: the stage table, the evaluation comparison, the gate, the MLflow link."""
+    where = f" MLflow parent run: {link}" if link else f" MLflow parent run {parent_run_id}." if parent_run_id else ""
     create_table_artifact(
         pipeline_record.stage_rows(summary), key="pipeline-stages",
         description=f"Each stage: status, duration, headline metric.{where}",
@@ -380,9 +404,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    summary = pipeline(stage=args.stage, overrides=overrides or None, workdir=args.workdir)
+    with patient_prefect_client():
+        summary = pipeline(stage=args.stage, overrides=overrides or None, workdir=args.workdir)
     print(format_summary(summary, Path(args.workdir).resolve()))
     return 0
+
+
+@contextmanager
+def patient_prefect_client() -> Iterator[None]:
+    """Prefect's client retries for `FLOW_CLIENT_RETRIES` unless PREFECT_CLIENT_MAX_RETRIES is set (see the module
+    docstring); prefect.yaml sets the same for the deployments' flow runs."""
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    if "PREFECT_CLIENT_MAX_RETRIES" in os.environ:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: FLOW_CLIENT_RETRIES}):
+        yield
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ from and where it writes) and hands them to `train_stage`, which:
   fails here, naming its keys) and relaunches the stage under `torchrun --standalone`;
 - otherwise runs the phases one after the other on this rank: every phase but the last in its own MLflow run
   (`<stage>_<phase>`, beside the stage's), the last in the stage's run;
-- writes `plan.yaml` (every phase's plan) beside `config.yaml` and logs both, then the step-metrics curve, the
-  training-metrics gate (every logged `*loss` column finite), the exported model files and the metrics JSON.
+- writes `plan.yaml` (every phase's plan) beside `config.yaml` and logs both, then the step-metrics curve (written
+  as the run goes, `components.training.curve`), the training-metrics gate (every logged `*loss` column finite),
+  the exported model files and the metrics JSON.
 """
 
 from __future__ import annotations
@@ -91,10 +92,16 @@ def train_stage(name: str, cfg: PipelineConfig, paths: dict[str, str], phases: C
                 parent_run_id=os.environ.get(PARENT_RUN_ENV) or None, tags={"stage": name, "phase": phase.plan.phase},
             ) as tracker:  # fmt: skip
                 tracker.log_params(flatten({"plan": phase.plan.to_dict()}))
-                done = run_phase(phase, train=cfg.train, curated=paths["curated"], log_metrics=tracker.log_metrics)
+                done = run_phase(
+                    phase, train=cfg.train, curated=paths["curated"], log_metrics=tracker.log_metrics,
+                    curve=phase.checkpoints / "curve.csv",
+                )  # fmt: skip
                 if done.rank == 0:
                     tracker.log_artifact(write_curve(done.result.history, phase.checkpoints / "curve.csv"), "plots")
-        final = run_phase(planned[-1], train=cfg.train, curated=paths["curated"], log_metrics=run.log_metrics)
+        final = run_phase(
+            planned[-1], train=cfg.train, curated=paths["curated"], log_metrics=run.log_metrics,
+            curve=Path(paths["curve"]),
+        )  # fmt: skip
         if final.rank == 0:
             record_phase(run, final, out, Path(paths["curve"]))
 

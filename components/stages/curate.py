@@ -150,11 +150,25 @@ def random_weights_warning(meta: dict, pool_uris: Sequence[str]) -> str | None:
 
 
 def run_curate(cfg: PipelineConfig, *, prepared: str, embeddings: str, out: str, metrics: str) -> None:
-    """Curates the prepared pool with the embed stage's features; see the module docstring for the outputs."""
+    """Curates the prepared pool with the embed stage's features; see the module docstring for the outputs.
+
+    A disk that fills up (or another OS error of a write) stops the stage with a `StorageError` naming it; the
+    partial folder is removed and the previous curated set is as it was.
+    """
     out_dir = Path(out)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    kept = f"the partial folder {staging} is removed and {out_dir} is as it was"
+    try:
+        with storage.named_write_errors(staging, what="the curate stage's outputs", kept=kept):
+            staging.mkdir(parents=True)
+            _curate(cfg, prepared=prepared, embeddings=embeddings, out_dir=out_dir, staging=staging, metrics=metrics)
+    except storage.StorageError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _curate(cfg: PipelineConfig, *, prepared: str, embeddings: str, out_dir: Path, staging: Path, metrics: str) -> None:
     with stage_run("curate", cfg, config_out=staging / "config.yaml", metrics_out=Path(metrics)) as run:
         manifest = read_prepared(prepared)
         meta = read_meta(embeddings)
@@ -184,9 +198,7 @@ def run_curate(cfg: PipelineConfig, *, prepared: str, embeddings: str, out: str,
         report["removed_images"] = result.removed.head(REPORT_REMOVED).to_dict(orient="records")
         _gate_outputs(run, cfg, result, staging)
         _write_outputs(result, staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        storage.replace_folder(staging, out_dir)
         _log_outputs(run, result, out_dir)
 
 

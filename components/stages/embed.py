@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from components import gates
+from components import gates, storage
 from components.config import PipelineConfig
 from components.embedding import (
     RANDOM_INIT,
@@ -107,7 +107,11 @@ def run_embed(cfg: PipelineConfig, *, prepared: str, out: str, metrics: str) -> 
         _barrier(world)
         meta = finalize(shards, embedder, cfg.embed, out_dir, run_fp)
         failures = load_failures(out_dir)
-        failures.to_parquet(out_dir / "failures.parquet", index=False)
+        with (
+            storage.named_write_errors(out_dir / "failures.parquet", what="the embed stage's failures.parquet"),
+            storage.atomic_path(out_dir / "failures.parquet") as tmp,
+        ):
+            failures.to_parquet(tmp, index=False)
         if len(failures):
             log.warning("embed: %d images could not be read (see %s)", len(failures), out_dir / "failures.parquet")
             run.log_artifact(out_dir / "failures.parquet", artifact_path="embed")

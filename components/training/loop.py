@@ -73,6 +73,7 @@ def train(
     monitors: Sequence[tuple[int, Callable[[], dict[str, float]]]] = (),
     stop: Callable[[dict[str, float]], str | None] | None = None,
     history: list[dict[str, float]] | None = None,
+    on_row: Callable[[dict[str, float]], None] | None = None,
 ) -> LoopResult:
     """Runs steps `state.step` .. `settings.total_steps - 1`, mutating `state`.
 
@@ -89,6 +90,7 @@ def train(
             period's steps they fall on (a monitor runs on logging steps only).
         stop: given a logged row, a reason to stop now (an early stop), or None; the run then checkpoints and ends.
         history: rows logged before a resume (appended to in place, so that a checkpoint can save it).
+        on_row: called with each row added to the history, as it is added (the curve file written as the run goes).
     """
     result = LoopResult(state=state, history=history if history is not None else [])
     accum = engine.settings.grad_accum_steps
@@ -125,6 +127,8 @@ def train(
             bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
             if not skipped:
                 result.history.append({"step": state.step, **row})
+                if on_row is not None:
+                    on_row(result.history[-1])
             result.stopped = stop(row) if stop is not None and not last else None
         if (saving and not skipped) or last or result.stopped:
             result.last_checkpoint = save_checkpoint(state)  # never right after a skipped step, unless the last

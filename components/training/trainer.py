@@ -40,6 +40,7 @@ from components.training.checkpoint import (
     restore_rng,
     rng_state,
 )
+from components.training.curve import CurveFile
 from components.training.data import build_loader, mix_seed, read_manifest
 from components.training.engine import EngineSettings, TrainEngine, init_distributed
 from components.training.knn import knn_accuracy
@@ -87,6 +88,7 @@ class Trainer:
         train: the run mechanics (`train` section: device, ZeRO stage, workers, periods, resume, kNN monitor).
         curated: folder or s3:// prefix of the curated manifest.
         log_metrics: step-metrics sink, called on every rank (log on rank 0).
+        curve: the step-metrics CSV, written as the run goes (rank 0), or None.
     """
 
     def __init__(
@@ -96,9 +98,10 @@ class Trainer:
         train: TrainConfig,
         curated: str,
         log_metrics: Callable[[dict[str, float], int], None],
+        curve: Path | None = None,
     ) -> None:
         self.phase, self.plan, self.train_cfg = phase, phase.plan, train
-        self.curated, self.log_metrics = curated, log_metrics
+        self.curated, self.log_metrics, self.curve_path = curated, log_metrics, curve
         self.engine: TrainEngine | None = None
         self.history: list[dict[str, float]] = []
         self.loop = LoopState()
@@ -117,7 +120,7 @@ class Trainer:
         self.fingerprint = fingerprint(self.plan.fingerprint_items(), {"curated": data_digest, **self.phase.inputs})
         self.manager = CheckpointManager(
             self.phase.checkpoints / self.fingerprint, keep_last=self.train_cfg.keep_last,
-            fingerprint=self.fingerprint, code=code_digest(),
+            fingerprint=self.fingerprint, code=code_digest(), prune_to_fit=self.train_cfg.prune_to_fit,
         )  # fmt: skip
         note_other_configurations(self.phase.checkpoints, self.fingerprint, self.plan.fingerprint_items())
         state = self._resume_state()
@@ -145,8 +148,10 @@ class Trainer:
         )  # fmt: skip
 
     def _resume_state(self) -> dict[str, Any] | None:
-        """The newest checkpoint's state, unless resuming is off or it finished the run with other code."""
-        resume = self.manager.latest() if self.train_cfg.resume else None
+        """The newest intact checkpoint's state (damaged ones are named and set aside: `load_latest`), unless resuming
+        is off or it finished the run with other code."""
+        found = self.manager.load_latest() if self.train_cfg.resume else None
+        resume, state = found if found is not None else (None, None)
         if (
             resume is not None
             and (made_by := self.manager.meta(resume).get("code", self.manager.code)) != self.manager.code
@@ -157,11 +162,11 @@ class Trainer:
             if int(self.manager.meta(resume).get("step", 0)) >= self.plan.schedule.total_steps:
                 log.info("%s finished this run with other code (%s, now %s): training afresh", *codes)
                 self.manager.supersede()
-                resume = None
+                resume = state = None
             else:
                 log.warning("%s was written by other code (%s, now %s): resuming with this code", *codes)
         self.resumed_from = resume
-        return CheckpointManager.load(resume) if resume is not None else None
+        return state
 
     # -- the run -----------------------------------------------------------------------------------------------------
 
@@ -178,6 +183,9 @@ class Trainer:
         )
         if self.loop.step >= settings.total_steps:
             log.info("the checkpoint is already at the final step %d: nothing to train", self.loop.step)
+        curve = CurveFile(self.curve_path, self.history) if self.curve_path and self.rank == 0 else None
+        if curve is not None:
+            curve.rewrite()  # the rows its checkpoint holds (none on a fresh start)
         monitors = self._monitors()
         if self.loop.step == 0 and monitors:  # the starting model's figures, the reference of an early stop
             self.loop.start_metrics = {k: v for _, m in monitors for k, v in m().items()}
@@ -185,6 +193,7 @@ class Trainer:
         result = train(
             self.engine, iter(self.loader), self.plan.schedules(), self.loop, settings, save_checkpoint=self.save,
             log_metrics=self.log_metrics, monitors=monitors, stop=self._early_stop(), history=self.history,
+            on_row=curve.append if curve is not None else None,
         )  # fmt: skip
         if result.last_checkpoint is None and self.resumed_from is not None:  # resumed at the final step
             self.export()
@@ -337,10 +346,15 @@ def note_other_configurations(root: Path, current: str, items: Mapping[str, Any]
 
 
 def run_phase(
-    phase: Phase, *, train: TrainConfig, curated: str, log_metrics: Callable[[dict[str, float], int], None]
+    phase: Phase,
+    *,
+    train: TrainConfig,
+    curated: str,
+    log_metrics: Callable[[dict[str, float], int], None],
+    curve: Path | None = None,
 ) -> PhaseResult:
     """Runs one phase to its end with a `Trainer`, then frees it; the next phase may read its export."""
-    trainer = Trainer(phase, train=train, curated=curated, log_metrics=log_metrics)
+    trainer = Trainer(phase, train=train, curated=curated, log_metrics=log_metrics, curve=curve)
     trainer.resume_or_init()
     loop_result = trainer.fit()
     result = PhaseResult(phase.plan, loop_result, trainer.fingerprint, trainer.resumed_from, trainer.rank)

@@ -1,0 +1,221 @@
+"""The tracking queue without a server: a client that fails, stalls and comes back, in a second or two per test.
+
+A real MLflow server killed and restarted under a logging run: test_tracking_server.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow.entities  # noqa: F401 - imported here, not in the queue's first delivery (a stall of its own)
+import pytest
+
+from components.tracking import MlflowTracker
+from components.tracking_queue import QueuedTracker, Spool, main, replay
+
+
+class FlakyClient:
+    """Stands in for `MlflowClient`: records what arrives; `down` refuses (like a stopped server after the client's
+    retries), `stall` holds a call until released (like a server that stopped answering)."""
+
+    tracking_uri = "flaky:///"  # not http: records go through this client (a server gets REST calls)
+
+    def __init__(self) -> None:
+        self.down = False
+        self.stall = threading.Event()
+        self.stall.set()
+        self.metrics: list[Any] = []
+        self.params: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
+        self.artifacts: list[tuple[str, str | None, str]] = []
+        self.terminated: list[tuple[str, int]] = []
+
+    def _check(self) -> None:
+        self.stall.wait()
+        if self.down:
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException("API request to http://127.0.0.1:1/api failed with exception Connection refused")
+
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        self._check()
+        self.metrics += list(metrics)
+        self.params.update({p.key: p.value for p in params})
+        self.tags.update({t.key: t.value for t in tags})
+
+    def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
+        self._check()
+        self.artifacts.append((Path(path).name, artifact_path, Path(path).read_text()))
+
+    def log_artifacts(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
+        self._check()
+        self.artifacts.append((Path(path).name, artifact_path, ""))
+
+    def set_terminated(self, run_id: str, status: str, end_time: int | None = None) -> None:
+        self._check()
+        self.terminated.append((status, end_time))
+
+
+def _tracker(tmp_path: Path, client: FlakyClient, **kwargs: Any) -> QueuedTracker:
+    kwargs.setdefault("stall_s", 3.0)
+    return QueuedTracker(
+        MlflowTracker(client, "run1"), tmp_path / "spool" / f"x-run1{'.spool.jsonl'}", probe=lambda: not client.down,
+        **kwargs,
+    )  # fmt: skip
+
+
+def _wait(condition: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_records_arrive_in_order_with_their_steps_and_times(tmp_path):
+    client = FlakyClient()
+    tracker = _tracker(tmp_path, client)
+    before = int(time.time() * 1000)
+    tracker.log_params({"lr": 0.1})
+    for step in range(1, 51):
+        tracker.log_metrics({"loss": 1.0 / step}, step=step)
+    (tmp_path / "curve.csv").write_text("step,loss\n1,1.0\n")
+    tracker.log_artifact(tmp_path / "curve.csv", "plots")
+    (tmp_path / "new.csv").write_text("replaced after logging\n")  # as the stages write: aside, then renamed
+    (tmp_path / "new.csv").replace(tmp_path / "curve.csv")  # the file delivered is the one logged
+    tracker.terminate("FINISHED")
+    assert tracker.close() is None
+    assert [m.step for m in client.metrics] == list(range(1, 51))
+    assert all(before <= m.timestamp <= int(time.time() * 1000) for m in client.metrics)
+    assert client.params == {"lr": "0.1"} and client.artifacts == [("curve.csv", "plots", "step,loss\n1,1.0\n")]
+    assert client.terminated[0][0] == "FINISHED"
+    assert not list((tmp_path / "spool").glob("*")) or not any((tmp_path / "spool").rglob("*.jsonl"))
+
+
+def test_an_outage_never_blocks_logging_warns_twice_and_delivers_everything_in_order(tmp_path, caplog):
+    client = FlakyClient()
+    tracker = _tracker(tmp_path, client)
+    caplog.set_level(logging.WARNING, logger="dinov2")
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    _wait(lambda: len(client.metrics) == 1)
+    client.down = True
+    slowest = 0.0
+    for step in range(2, 40):
+        start = time.perf_counter()
+        tracker.log_metrics({"loss": 1.0 / step}, step=step)
+        slowest = max(slowest, time.perf_counter() - start)
+    _wait(lambda: tracker.away)
+    assert slowest < 0.05  # logging returns at once while the server is away
+    spool = tracker.spool.path
+    _wait(lambda: spool.is_file() and sum(1 for _ in Spool(spool).records()) == 38)  # spilled, nothing lost
+    client.down = False
+    _wait(lambda: len(client.metrics) == 39, 20)
+    assert [m.step for m in client.metrics] == list(range(1, 40))
+    assert tracker.close() is None
+    assert not spool.exists()
+    messages = [r.getMessage() for r in caplog.records if "tracking" in r.name]
+    gone = [m for m in messages if "unreachable" in m]
+    back = [m for m in messages if "is back" in m]
+    assert len(gone) == 1 and len(back) == 1, messages
+    assert "record(s) queued" in gone[0] and str(spool) in gone[0]
+    assert "delivering 38 queued record(s)" in back[0]
+
+
+def test_a_stalled_server_counts_as_away(tmp_path, caplog):
+    client = FlakyClient()
+    tracker = _tracker(tmp_path, client, stall_s=0.3)
+    caplog.set_level(logging.WARNING, logger="dinov2")
+    client.stall.clear()
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    _wait(lambda: tracker.away)
+    assert any("no answer for" in r.getMessage() for r in caplog.records)
+    tracker.log_metrics({"loss": 0.5}, step=2)
+    client.stall.set()
+    _wait(lambda: len(client.metrics) == 2)
+    assert tracker.close() is None and not tracker.away
+
+
+def test_an_outage_longer_than_the_run_leaves_a_spill_file_that_replays(tmp_path, caplog, monkeypatch):
+    client = FlakyClient()
+    tracker = _tracker(tmp_path, client)
+    caplog.set_level(logging.WARNING, logger="dinov2")
+    tracker.log_params({"seed": 0})
+    _wait(lambda: client.params)
+    client.down = True
+    for step in range(1, 21):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    (tmp_path / "m.json").write_text("{}")
+    tracker.log_artifact(tmp_path / "m.json", "metrics")
+    tracker.terminate("FINISHED")
+    start = time.monotonic()
+    spool = tracker.close(wait_s=30)
+    assert time.monotonic() - start < 2  # the run does not wait for an absent server
+    assert spool is not None and spool.is_file()
+    assert any("python -m components.tracking_queue replay" in r.getMessage() for r in caplog.records)
+    # later: the server is back, and the command delivers what the run left
+    client.down = False
+    import mlflow.tracking
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", lambda tracking_uri: client)
+    assert main(["replay", str(spool.parent)]) == 0
+    assert [m.step for m in client.metrics] == list(range(1, 21))
+    assert client.artifacts == [("m.json", "metrics", "{}")] and client.terminated[0][0] == "FINISHED"
+    assert not spool.exists() and not Spool(spool).files.exists()
+
+
+def test_replay_resumes_after_the_records_already_delivered(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "s-run1.spool.jsonl", {"tracking_uri": "flaky:///", "run_id": "run1"})
+    spool.append([{"seq": i, "kind": "metrics", "time_ms": 1000 + i, "step": i, "values": {"a": i}} for i in range(5)])
+    spool.mark_delivered(2)
+    client = FlakyClient()
+    import mlflow.tracking
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", lambda tracking_uri: client)
+    assert replay(spool.path) == 2
+    assert [(m.step, m.timestamp) for m in client.metrics] == [(3, 1003), (4, 1004)]
+
+
+def test_a_record_mlflow_refuses_is_dropped_with_a_warning_and_delivery_goes_on(tmp_path, caplog):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    client = FlakyClient()
+    refuse = {"lr"}
+    original = client.log_batch
+
+    def log_batch(run_id, metrics=(), params=(), tags=()):
+        if any(p.key in refuse for p in params):
+            raise MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE)
+        original(run_id, metrics, params, tags)
+
+    client.log_batch = log_batch
+    caplog.set_level(logging.WARNING, logger="dinov2")
+    tracker = _tracker(tmp_path, client)
+    tracker.log_params({"lr": 1})
+    tracker.log_metrics({"loss": 1.0}, step=3)
+    assert tracker.close() is None
+    assert [m.step for m in client.metrics] == [3]
+    assert any("params lr dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_memory_queue_spills_to_its_file(tmp_path):
+    client = FlakyClient()
+    client.stall.clear()  # the server takes nothing for now
+    tracker = _tracker(tmp_path, client, max_in_memory=5, stall_s=60)
+    for step in range(12):
+        tracker.log_metrics({"loss": 1.0}, step=step)
+    assert tracker.spool.path.is_file()
+    client.stall.set()
+    assert tracker.close() is None
+    assert [m.step for m in client.metrics] == list(range(12))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_metrics_survive_the_spill_file(tmp_path, value):
+    spool = Spool(tmp_path / "s-r.spool.jsonl", {"tracking_uri": "x", "run_id": "r"})
+    spool.append([{"seq": 0, "kind": "metrics", "time_ms": 1, "step": 1, "values": {"loss": value}}])
+    (record,) = spool.records()
+    assert str(record["values"]["loss"]) == str(value)

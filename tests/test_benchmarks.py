@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -47,6 +50,44 @@ def test_backbone_with_its_timm_baseline():
     assert record["baseline"]["model"] == "vit_small_patch14_dinov2"
     assert record["infer_ratio"] == round(record["infer_img_s"] / record["baseline"]["infer_img_s"], 3)
     assert record["train_img_s"] > 0 and record["baseline"]["train_img_s"] > 0
+
+
+def test_dinov3_backbone_against_timms_dinov3_holding_the_same_weights():
+    (record,) = _run(
+        "backbone.py", "--arch", "dinov3_vit_test", "--device", "cpu", "--batch", "2", "--img-size", "32", "--iters",
+        "1", "--repeats", "2", "--warmup", "1", "--baseline", "timm",
+    )  # fmt: skip
+    parity = record["parity"]
+    assert parity["ok"] and parity["fp32"]["max_abs"] <= parity["tolerance"] == 1e-4
+    assert set(parity["fp32"]) == {"cls_max_abs", "storage_max_abs", "patch_max_abs", "max_abs"}
+    assert parity["bf16_autocast"] is None  # measured on a GPU only
+    assert set(parity["fp32_release_bf16_periods"]) == set(parity["fp32"]) and parity["images"] == [4, 3, 32, 32]
+    baseline = record["baseline"]
+    assert baseline["model"] == "vit_small_patch16_dinov3_qkvb" and "rope_embed.periods" in baseline["dropped_keys"]
+    for phase in ("infer", "train"):
+        assert record[f"{phase}_ratio"] == round(record[f"{phase}_img_s"] / baseline[f"{phase}_img_s"], 3)
+        assert record[f"{phase}_peak_mem_gib"] > 0 and baseline[f"{phase}_peak_mem_gib"] > 0
+    assert "infer_mem_ratio" not in record  # the CPU's peak is the process's, not one model's
+
+
+def test_gram_step_beside_the_same_step_without_gram(in_process_training, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    train_step = importlib.import_module("train_step")
+    record = train_step.main([
+        "--arch", "dinov3_vit_test", "--device", "cpu", "--batch-per-gpu", "2", "--global-size", "32",
+        "--local-size", "16", "--local-crops", "2", "--prototypes", "256", "--steps", "1", "--repeats", "2",
+        "--warmup", "0", "--threads", "1", "--gram", "--baseline", "no-gram",
+    ])  # fmt: skip
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record  # the JSON it prints
+    ours, baseline = record["ours"], record["baseline"]
+    assert record["gram"] == {"teacher_crops": [2, 64], "loss_weight": 1.0, "tokens": "all", "img_level": True,
+                              "remove_neg": False}  # fmt: skip
+    assert record["ratio"] == round(ours["img_s"]["median"] / baseline["img_s"]["median"], 3)
+    assert 0 < ours["final_gram_loss"] < float("inf") and not ours["skipped"]
+    assert baseline["model"] == "ours, gram off" and "final_gram_loss" not in baseline
+    with pytest.raises(SystemExit):  # the Gram-off baseline of a step without Gram
+        train_step.parse_args(["--arch", "dinov3_vit_test", "--baseline", "no-gram"])
 
 
 def test_curation_reports_its_goals_against_the_exact_search_or_leaves_them_unmeasured():

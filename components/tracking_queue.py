@@ -419,8 +419,10 @@ class QueuedTracker(Tracker):
             self._closing = True
             self._cond.notify_all()
         deadline = time.monotonic() + wait_s
-        while self._worker.is_alive() and time.monotonic() < deadline and not self.away:
-            self._worker.join(0.2)
+        while self._worker.is_alive() and time.monotonic() < deadline:
+            if self.away and not self._probe():  # gone, not merely slow: what is left stays in the spill file
+                break
+            self._worker.join(0.5)
         with self._cond:
             left = self._next_seq - 1 - self._delivered
             if self._worker.is_alive():  # away, or too slow: what is left stays in the spill file

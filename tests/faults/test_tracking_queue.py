@@ -219,3 +219,17 @@ def test_non_finite_metrics_survive_the_spill_file(tmp_path, value):
     spool.append([{"seq": 0, "kind": "metrics", "time_ms": 1, "step": 1, "values": {"loss": value}}])
     (record,) = spool.records()
     assert str(record["values"]["loss"]) == str(value)
+
+
+def test_a_slow_server_that_still_answers_gets_the_run_end_at_close(tmp_path):
+    """A delivery that stalls past `stall_s` counts the server away; at the run's end a server that answers its probe
+    is slow, not gone: close waits for it, so the run ends FINISHED in MLflow rather than in the spill file."""
+    client = FlakyClient()
+    tracker = _tracker(tmp_path, client, stall_s=0.2)
+    client.stall.clear()  # every call hangs: a loaded server
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    _wait(lambda: tracker.away)
+    tracker.terminate("FINISHED")
+    threading.Timer(1.0, client.stall.set).start()  # it answers again a second later
+    assert tracker.close(wait_s=10.0) is None
+    assert [status for status, _ in client.terminated] == ["FINISHED"] and len(client.metrics) == 1

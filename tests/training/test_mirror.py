@@ -98,9 +98,7 @@ def test_a_local_checkpoint_the_mirror_lacks_is_copied_at_the_restart(tmp_path: 
     assert mirror.complete() == [2, 4]
 
 
-def test_a_damaged_mirrored_checkpoint_is_set_aside_and_the_older_one_resumed(
-    tmp_path: Path, mirror_root: str
-) -> None:
+def test_a_damaged_mirrored_checkpoint_is_set_aside_and_the_older_one_resumed(tmp_path: Path, mirror_root: str) -> None:
     mirror = CheckpointMirror(mirror_root, keep_last=2)
     _saved(_manager(tmp_path / "local"), mirror, 2, 4)
     damaged = storage.join(mirror_root, step_name(4), "state.pt")

@@ -48,7 +48,7 @@ def launch(stage: str, args: list[str], log: Path, **env: str) -> subprocess.Pop
 def run_nodes(stage: str, node_args: list[list[str]], logs: list[Path], timeout: float = 300) -> None:
     """One `torchrun.sh <stage>` per node, all meeting at a fresh c10d rendezvous on 127.0.0.1; waits for every
     node and fails with the end of each node's log."""
-    from tests.conftest import free_port
+    from infra.services import free_port
 
     rendezvous = {"RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "RDZV_ID": uuid.uuid4().hex[:12]}
     nnodes = str(len(node_args))
@@ -82,8 +82,9 @@ def pretrain_params(tmp: Path, name: str, *, zero_stage: int, per_rank: int, mir
 
 
 def stage_args(params: Path, curated: Path, work: Path) -> list[str]:
-    return ["--params", str(params), "--curated", str(curated), "--checkpoints", str(work / "ck"),
-            "--out", str(work / "out"), "--metrics", str(work / "metrics.json"), "--curve", str(work / "curve.csv")]  # fmt: skip
+    paths = {"curated": curated, "checkpoints": work / "ck", "out": work / "out", "metrics": work / "metrics.json"}
+    paths["curve"] = work / "curve.csv"
+    return ["--params", str(params), *(arg for name, path in paths.items() for arg in (f"--{name}", str(path)))]
 
 
 def losses(curve: Path) -> dict[int, float]:

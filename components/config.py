@@ -417,6 +417,10 @@ class TrainConfig(Section):
     """Intra-op threads per rank on the CPU; 0: the cores left per rank after its data workers (at least 1)."""
     resume: bool = True
     """Continue from the newest complete checkpoint of the same configuration when one exists."""
+    checkpoint_mirror: str | None = None
+    """An `s3://` prefix (or a folder) that every checkpoint is copied to once written, and each phase's export at its
+    end, as `<mirror>/<stage>/<phase>/...`; a restart resumes from the newest checkpoint, local or mirrored, so a
+    multi-node run needs no shared filesystem (`components.training.mirror`). null: none."""
     compile: bool = False
     """torch.compile each transformer block (ZeRO stage 0-2 only)."""
     pack_crops: bool = False
@@ -433,6 +437,16 @@ class TrainConfig(Section):
             raise ValueError("compile = true needs zero_stage 0, 1 or 2 (ZeRO-3 gathers parameters in hooks)")
         if self.knn_eval_period and not self.knn_eval_root:
             raise ValueError(f"knn_eval_period = {self.knn_eval_period} needs knn_eval_root")
+        if self.checkpoint_mirror is not None:
+            from components.storage import is_s3, split_s3
+
+            if not self.checkpoint_mirror.strip():
+                raise ValueError("checkpoint_mirror = '': an s3:// prefix or a folder, or null")
+            if is_s3(self.checkpoint_mirror):
+                try:
+                    split_s3(self.checkpoint_mirror)
+                except ValueError as err:
+                    raise ValueError(f"checkpoint_mirror = {self.checkpoint_mirror!r}: {err}") from None
         return self
 
 

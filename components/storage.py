@@ -471,6 +471,44 @@ def exists(uri: str) -> bool:
     return True
 
 
+def delete(uri: str) -> None:
+    """Removes a local file or an S3 object; one that is not there is no error.
+
+    Raises:
+        StorageError: The bucket cannot be reached or access is denied.
+    """
+    if is_tar_member(uri):
+        raise StorageError(uri, "tar members are read-only")
+    if not is_s3(uri):
+        Path(uri).unlink(missing_ok=True)
+        return
+    bucket, key = split_s3(uri)
+    if not key or key.endswith("/"):
+        raise InvalidURIError(uri, "a delete needs an object key, not a bucket or prefix")
+    with _s3_errors(uri):
+        s3_client().delete_object(Bucket=bucket, Key=key)
+
+
+def copy(source: str, target: str) -> None:
+    """Copies a local file to a local path (atomically), or an S3 object to another key of the same server: a
+    server-side copy (boto3's managed copy, in parts for large objects), no bytes through this machine.
+
+    Raises:
+        StorageNotFoundError: No such file or object.
+        StorageError: One URI is on S3 and the other is not, or the copy failed after its retries.
+    """
+    if is_s3(source) != is_s3(target):
+        raise StorageError(target, f"copy from {source}: both on S3 or both local (upload or download instead)")
+    if not is_s3(source):
+        if not Path(source).is_file():
+            raise StorageNotFoundError(source, "no such file")
+        _copy_local(Path(source), Path(target), None)
+        return
+    (src_bucket, src_key), (bucket, key) = split_s3(source), split_s3(target)
+    with _s3_errors(source):
+        s3_client().copy({"Bucket": src_bucket, "Key": src_key}, bucket, key)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Large files: managed transfers (s3transfer) with verified checksums
 # --------------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from components.evaluation.models import build_model, model_from_reference
 from components.evaluation.outputs import write_json
 from components.log import get_logger
 from components.runtime import resolve_device
-from components.stage import stage_run
+from components.stages.shell import stage_run
 from components.tracking import DatasetRecord, dataset_digest
 
 log = get_logger(__name__)

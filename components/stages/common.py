@@ -75,9 +75,9 @@ def train_stage(name: str, cfg: PipelineConfig, paths: dict[str, str], phases: C
     if needs_launcher(cfg):
         relaunch(name, cfg, paths)
         return
-    from components.stage import stage_run
+    from components.stages.shell import stage_run
     from components.tracking import PARENT_RUN_ENV, start_run
-    from components.training.trainer import run_phase
+    from components.training.trainer import run_phase, share_export
 
     out = Path(paths["out"])
     with stage_run(name, cfg, config_out=out / "config.yaml", metrics_out=Path(paths["metrics"])) as run:
@@ -92,12 +92,13 @@ def train_stage(name: str, cfg: PipelineConfig, paths: dict[str, str], phases: C
                 parent_run_id=os.environ.get(PARENT_RUN_ENV) or None, tags={"stage": name, "phase": phase.plan.phase},
             ) as tracker:  # fmt: skip
                 tracker.log_params(flatten({"plan": phase.plan.to_dict()}))
+                curve = Path(phase.checkpoints.curve(phase.plan.phase))
                 done = run_phase(
-                    phase, train=cfg.train, curated=paths["curated"], log_metrics=tracker.log_metrics,
-                    curve=phase.checkpoints / "curve.csv",
-                )  # fmt: skip
+                    phase, train=cfg.train, curated=paths["curated"], log_metrics=tracker.log_metrics, curve=curve
+                )
                 if done.rank == 0:
-                    tracker.log_artifact(write_curve(done.result.history, phase.checkpoints / "curve.csv"), "plots")
+                    tracker.log_artifact(write_curve(done.result.history, curve), "plots")
+            share_export(phase, cfg.train)  # the next phase reads it on every node
         final = run_phase(
             planned[-1], train=cfg.train, curated=paths["curated"], log_metrics=run.log_metrics,
             curve=Path(paths["curve"]),
@@ -115,6 +116,7 @@ def head_fit_first(
         (the phases to run first, the next phase's `WeightsPlan`, the location it loads its weights from): no phase
         and the source itself when the weights have heads, else the head fit and its export.
     """
+    from components.training.layout import stage_layout
     from components.training.meta_arch import SSLMetaArch
     from components.training.plan import WeightsPlan, fingerprint, head_fit_plan
     from components.training.trainer import Phase
@@ -123,9 +125,10 @@ def head_fit_first(
     if source.heads is not None:
         return [], weights, source.location
     fit = head_fit_plan(cfg, stage=stage, world_size=world, model=model, weights=weights)
-    export = checkpoints / "head_fit" / f"export-{source.digest[:16]}"
+    layout = stage_layout(checkpoints)
+    export = layout.export("head_fit", tag=source.digest[:16])
     after = WeightsPlan("phase", "head_fit", fingerprint(fit.fingerprint_items(), {"weights": source.digest}))
-    return [Phase(fit, SSLMetaArch, checkpoints / "head_fit", export, source.location)], after, str(export)
+    return [Phase(fit, SSLMetaArch, layout, Path(export), source.location)], after, export
 
 
 def log_curated(run: Any, curated: str) -> None:

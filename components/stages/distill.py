@@ -73,6 +73,7 @@ def run_distill(
 def distill_phases(cfg: PipelineConfig, source: WeightsSource, checkpoints: Path, out: Path, world: int) -> list[Phase]:
     """The stage's phases: the head fit of a headless teacher, then distillation from the teacher (or its fit)."""
     from components.training.distill import DistillMetaArch
+    from components.training.layout import stage_layout
     from components.training.plan import distill_plan
     from components.training.trainer import Phase
 
@@ -80,7 +81,7 @@ def distill_phases(cfg: PipelineConfig, source: WeightsSource, checkpoints: Path
     phases, weights, location = head_fit_first(cfg, "distill", source, source.model, checkpoints, world)
     plan = distill_plan(cfg, world_size=world, teacher=source.model, weights=weights)
     info = source.describe()
-    return [*phases, Phase(plan, lambda p: DistillMetaArch(p, info), checkpoints / "distill", out, location)]
+    return [*phases, Phase(plan, lambda p: DistillMetaArch(p, info), stage_layout(checkpoints), out, location)]
 
 
 def check_patch_grid(cfg: PipelineConfig, teacher_patch_size: int) -> None:

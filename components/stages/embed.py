@@ -31,7 +31,7 @@ from components.embedding import (
     run_fingerprint,
 )
 from components.log import get_logger
-from components.stage import stage_run
+from components.stages.shell import stage_run
 from components.synthetic import is_synthetic_world
 
 log = get_logger(__name__)

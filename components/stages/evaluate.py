@@ -56,7 +56,7 @@ from components.evaluation.runner import ImageCache, evaluate_model, long_frame_
 from components.log import get_logger
 from components.model.families import overrides_from_fields
 from components.runtime import resolve_device
-from components.stage import StageRun, stage_run
+from components.stages.shell import StageRun, stage_run
 
 log = get_logger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from components import gates
 from components.config import PipelineConfig
 from components.prepare import prepare, summarize, write_outputs
-from components.stage import stage_run
+from components.stages.shell import stage_run
 
 
 def run_prepare(cfg: PipelineConfig, *, raw: str | None, out: str, metrics: str) -> None:

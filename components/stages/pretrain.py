@@ -69,24 +69,26 @@ def pretrain_phases(
     """Pretraining from scratch (one phase), or continued from `source`: its heads fitted first when it has none,
     then the whole model trained from there (the teacher starting as the student); then, with `gram.iterations`,
     the Gram refinement phase from the main phase's export (`gram_teacher`: `gram.teacher_weights` resolved)."""
+    from components.training.layout import stage_layout
     from components.training.meta_arch import SSLMetaArch
     from components.training.plan import WeightsPlan, fingerprint, gram_phase_plan, pretrain_plan
     from components.training.trainer import Phase
 
+    layout = stage_layout(checkpoints)
     refined = cfg.gram.enabled and cfg.gram.iterations > 0
-    main_out = checkpoints / "pretrain" / "export" if refined else out
+    main_out = Path(layout.export("pretrain")) if refined else out
     if source is None:
         plan = pretrain_plan(cfg, world_size=world, gram_teacher=gram_teacher)
-        phases = [Phase(plan, SSLMetaArch, checkpoints / "pretrain", main_out)]
+        phases = [Phase(plan, SSLMetaArch, layout, main_out)]
     else:
         phases, weights, location = head_fit_first(cfg, "pretrain", source, source.model, checkpoints, world)
         plan = pretrain_plan(cfg, world_size=world, weights=weights, model=source.model, gram_teacher=gram_teacher)
         drop = cfg.adapt.knn_stop_drop
-        phases.append(Phase(plan, SSLMetaArch, checkpoints / "pretrain", main_out, location, knn_stop_drop=drop))
+        phases.append(Phase(plan, SSLMetaArch, layout, main_out, location, knn_stop_drop=drop))
     if refined:
         main = WeightsPlan("phase", "pretrain", fingerprint(plan.fingerprint_items()))
         gram = gram_phase_plan(cfg, world_size=world, weights=main, model=plan.model, gram_teacher=gram_teacher)
-        phases.append(Phase(gram, SSLMetaArch, checkpoints / "gram", out, str(main_out)))
+        phases.append(Phase(gram, SSLMetaArch, layout, out, str(main_out)))
     return phases
 
 
@@ -117,6 +119,7 @@ def run_pretrain_highres(
 ) -> None:
     """The `pretrain_highres` stage: the high-resolution adaptation from the `pretrain` export."""
     from components.exports import export_digest
+    from components.training.layout import stage_layout
     from components.training.meta_arch import SSLMetaArch
     from components.training.plan import WeightsPlan, highres_plan
     from components.training.trainer import Phase
@@ -130,6 +133,6 @@ def run_pretrain_highres(
 
         def phases(world: int) -> list[Phase]:
             plan = highres_plan(cfg, world_size=world, weights=weights, gram_teacher=gram_teacher)
-            return [Phase(plan, SSLMetaArch, Path(checkpoints) / "highres", Path(out), pretrained)]
+            return [Phase(plan, SSLMetaArch, stage_layout(checkpoints), Path(out), pretrained)]
 
         train_stage("pretrain_highres", cfg, paths, phases)

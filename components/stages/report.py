@@ -48,7 +48,7 @@ from components.evaluation.report import (
     write_tables,
 )
 from components.log import get_logger
-from components.stage import StageRun, stage_run
+from components.stages.shell import StageRun, stage_run
 
 log = get_logger(__name__)
 

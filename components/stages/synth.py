@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from components.config import PipelineConfig
-from components.stage import stage_run
+from components.stages.shell import stage_run
 from components.synthetic import render_world
 
 

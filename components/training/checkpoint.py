@@ -1,8 +1,9 @@
 """Training checkpoints: atomic, verified, pruned, rank-independent, and exactly resumable.
 
-A checkpoint is a folder `<root>/step_<NNNNNNNN>/` holding `state.pt` and `meta.json`. It is written by rank 0 into
-`<root>/.tmp-step_<N>/` and renamed into place, so a folder with the final name is always complete (a crash during
-the write leaves only a `.tmp-` folder, removed at the next save). `state.pt` holds:
+A checkpoint is a folder `<root>/step_<NNNNNNNN>/` holding `state.pt` and `meta.json` (the folders around it are
+decided in `components.training.layout`). It is written by rank 0 into `<root>/.tmp-step_<N>/` and renamed into
+place, so a folder with the final name is always complete (a crash during the write leaves only a `.tmp-` folder,
+removed at the next save). `state.pt` holds:
 
 - `model`: the full state dict of the `TrainModule` (student, teacher, heads, loss centres), per parameter name;
 - `optimizer`: AdamW's moments per parameter name and its step count (`TrainEngine.full_optimizer_state`);
@@ -41,7 +42,6 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 import zipfile
 from collections.abc import Mapping
@@ -55,6 +55,7 @@ import torch
 from components.jsonio import dumps
 from components.log import get_logger, is_main_process
 from components.storage import NO_SPACE_ERRNOS, format_bytes, free_bytes, save_torch, sha256_file, write_error
+from components.training.layout import DAMAGED_SUFFIX, TMP_PREFIX, parse_step, step_name
 
 log = get_logger(__name__)
 
@@ -62,8 +63,6 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 FORMAT = 2
 """2: heads with trainable prototype norms (`last_layer.weight_g`, `weight_v`); 1: prototypes of norm 1."""
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-DAMAGED_SUFFIX = ".damaged"
 
 
 class CheckpointDamagedError(RuntimeError):
@@ -163,6 +162,8 @@ class CheckpointManager:
         self.code = code
         self.prune_to_fit = prune_to_fit
         self._superseded: set[Path] = set()
+        self._intact: set[Path] = set()
+        """Checkpoints this process found intact (`check`)."""
 
     def complete(self) -> list[tuple[int, Path]]:
         """Complete checkpoints (any configuration), oldest first."""
@@ -170,9 +171,9 @@ class CheckpointManager:
             return []
         found = []
         for d in self.root.iterdir():
-            m = _STEP_DIR.match(d.name)
-            if m and (d / STATE_FILE).is_file() and (d / META_FILE).is_file():
-                found.append((int(m.group(1)), d))
+            step = parse_step(d.name)
+            if step is not None and (d / STATE_FILE).is_file() and (d / META_FILE).is_file():
+                found.append((step, d))
         return sorted(found)
 
     @staticmethod
@@ -229,12 +230,24 @@ class CheckpointManager:
                 return f"{name} has sha256 {digest[:16]}..., {written['sha256'][:16]}... when written (damaged)"
         return None
 
-    def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
+    def check(self, path: Path) -> str | None:
+        """`verify`, remembered: a checkpoint found intact is not hashed again by this process."""
+        if path in self._intact:
+            return None
+        problem = self.verify(path)
+        if problem is None:
+            self._intact.add(path)
+        return problem
+
+    def load_latest(self, *, upto: int | None = None) -> tuple[Path, dict[str, Any]] | None:
         """The newest intact checkpoint of this configuration and its state (None when there is none at all).
 
         Newer damaged ones are named (file and why) and moved aside to `step_<N>.damaged` (rank 0 moves them; never
         deleted). This configuration's newest checkpoint is the first to be checked, the older ones only when it is
         damaged.
+
+        Args:
+            upto: consider only the checkpoints of this step and earlier (the step every rank agreed on).
 
         Raises:
             CheckpointDamagedError: every checkpoint of this configuration is damaged (each one named; none moved).
@@ -242,7 +255,9 @@ class CheckpointManager:
         self.latest()  # one line when checkpoints of another configuration are here
         damaged: list[tuple[Path, str]] = []
         for path in reversed(self._mine()):
-            problem = self.verify(path)
+            if upto is not None and (parse_step(path.name) or 0) > upto:
+                continue
+            problem = self.check(path)
             if problem is None:
                 try:
                     state = self.load(path)
@@ -265,17 +280,37 @@ class CheckpointManager:
             )
         return None
 
-    def set_aside(self, path: Path, why: str) -> Path:
-        """Moves a damaged checkpoint to `step_<N>.damaged` (`.damaged-2`, ... when taken) beside the others."""
+    def newest_intact(self) -> Path | None:
+        """The newest checkpoint of this configuration whose files match their digests (not loaded); newer damaged
+        ones are set aside as `load_latest` does. None when there is none, or none intact (nothing is moved then)."""
+        damaged: list[tuple[Path, str]] = []
+        for path in reversed(self._mine()):
+            problem = self.check(path)
+            if problem is None:
+                for bad, why in damaged:
+                    self.set_aside(bad, why)
+                return path
+            log.error("checkpoint %s is damaged: %s", path, problem)
+            damaged.append((path, problem))
+        return None
+
+    def set_aside(self, path: Path, why: str, *, move: bool | None = None) -> Path:
+        """Moves a damaged checkpoint to `step_<N>.damaged` (`.damaged-2`, ... when taken) beside the others.
+
+        Args:
+            move: whether this process moves it; None: rank 0 alone (every rank reaches the same verdict on a
+                shared folder). A node's own folder is handled by the node's process that found it.
+        """
         target = path.with_name(path.name + DAMAGED_SUFFIX)
         n = 1
         while target.exists():
             n += 1
             target = path.with_name(f"{path.name}{DAMAGED_SUFFIX}-{n}")
-        if is_main_process():  # every rank reaches the same verdict; one moves it
+        if is_main_process() if move is None else move:
             os.replace(path, target)
             (target / "DAMAGED.txt").write_text(f"{why}\n")
             log.warning("moved the damaged checkpoint %s to %s (kept, never resumed)", path, target)
+        self._intact.discard(path)
         return target
 
     # -- writing -------------------------------------------------------------------------------------------------
@@ -289,8 +324,8 @@ class CheckpointManager:
                 is intact (the message names the folder, the bytes needed and free, the step and that checkpoint).
             StorageError: another OS error while writing, named the same way.
         """
-        final = self.root / f"step_{step:08d}"
-        tmp = self.root / f".tmp-{final.name}"
+        final = self.root / step_name(step)
+        tmp = self.root / f"{TMP_PREFIX}{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         needed = state_bytes(state)
         if self.prune_to_fit:
@@ -310,6 +345,7 @@ class CheckpointManager:
             shutil.rmtree(final)
         os.replace(tmp, final)
         self._superseded.discard(final)  # the folder now holds this run's checkpoint
+        self._intact.add(final)  # hashed as it was written
         _fsync(self.root)
         self.prune()
         return final
@@ -357,7 +393,7 @@ class CheckpointManager:
         (damaged checkpoints moved aside are kept)."""
         mine = self._mine()
         doomed = [p for _, p in self.complete() if p not in mine[-self.keep_last :]]
-        doomed += [d for d in self.root.iterdir() if d.name.startswith(".tmp-")]
+        doomed += [d for d in self.root.iterdir() if d.name.startswith(TMP_PREFIX)]
         for d in doomed:
             shutil.rmtree(d, ignore_errors=True)
 

@@ -8,10 +8,12 @@
 A stage runs its phases one after the other (a headless teacher's head fit, then distillation: `run_phase` for each),
 each a `Trainer` with its own checkpoints: a phase that finished is only re-exported, and the next reads its export.
 
-Checkpoints live in `<phase checkpoints>/<fingerprint>/step_<N>/`, the fingerprint being the plan's (without the
-split of its global batch), the digests of what the phase reads (the curated set, the weights it starts from) and
-nothing else: a run resumes with another number of ranks or accumulation steps as long as the global batch is the
-same. Checkpoints of another configuration are kept, and one line names the plan keys that changed.
+Checkpoints live in `<checkpoints>/<phase>/<fingerprint>/step_<N>/` (`components.training.layout`), the fingerprint
+being the plan's (without the split of its global batch), the digests of what the phase reads (the curated set, the
+weights it starts from) and nothing else: a run resumes with another number of ranks or accumulation steps as long as
+the global batch is the same. Checkpoints of another configuration are kept, and one line names the plan keys that
+changed. With `train.checkpoint_mirror`, each checkpoint is also copied to S3 and a restart agrees on the one to
+resume from, local or mirrored, before any rank loads it (`components.training.mirror`): no shared filesystem needed.
 
 Weights enter a phase one way: the module's `initial_state` (its seeded initialisation with the phase's starting
 weights loaded) on a fresh start, or the checkpoint's state on resume, handed to the engine.
@@ -20,6 +22,7 @@ weights loaded) on a fresh start, or the checkpoint's state on resume, handed to
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +33,8 @@ from torch import Tensor
 
 from components.config import TrainConfig
 from components.log import get_logger
-from components.runtime import cpu_threads
+from components.runtime import cpu_threads, several_ranks
+from components.storage import StorageError
 from components.training.checkpoint import (
     CheckpointManager,
     LoopState,
@@ -44,7 +48,9 @@ from components.training.curve import CurveFile
 from components.training.data import build_loader, mix_seed, read_manifest
 from components.training.engine import EngineSettings, TrainEngine, init_distributed
 from components.training.knn import knn_accuracy
+from components.training.layout import CheckpointLayout, mirror_layout, step_name
 from components.training.loop import LoopResult, LoopSettings, train
+from components.training.mirror import CheckpointMirror, pull_export, push_export, resume_point
 from components.training.module import TrainModule
 from components.training.plan import PhasePlan, fingerprint
 
@@ -57,8 +63,8 @@ class Phase:
 
     plan: PhasePlan
     build: Callable[[PhasePlan], TrainModule]
-    checkpoints: Path
-    """The phase's checkpoint root (one folder per fingerprint inside)."""
+    checkpoints: CheckpointLayout
+    """The stage's checkpoints (this phase's are under `checkpoints.phase(plan.phase)`)."""
     out: Path
     """The export folder (written at each checkpoint and at the end)."""
     source: str | None = None
@@ -106,6 +112,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.loop = LoopState()
         self.resumed_from: Path | None = None
+        self.mirror: CheckpointMirror | None = None
 
     # -- start -------------------------------------------------------------------------------------------------------
 
@@ -118,11 +125,15 @@ class Trainer:
             torch.set_num_threads(cpu_threads(self.train_cfg.cpu_threads, self.train_cfg.num_workers))
         uris, data_digest = read_manifest(self.curated)
         self.fingerprint = fingerprint(self.plan.fingerprint_items(), {"curated": data_digest, **self.phase.inputs})
+        layout, phase = self.phase.checkpoints, self.plan.phase
         self.manager = CheckpointManager(
-            self.phase.checkpoints / self.fingerprint, keep_last=self.train_cfg.keep_last,
+            layout.run(phase, self.fingerprint), keep_last=self.train_cfg.keep_last,
             fingerprint=self.fingerprint, code=code_digest(), prune_to_fit=self.train_cfg.prune_to_fit,
         )  # fmt: skip
-        note_other_configurations(self.phase.checkpoints, self.fingerprint, self.plan.fingerprint_items())
+        self.mirror = phase_mirror(self.train_cfg, self.plan, self.fingerprint)
+        if self.mirror is not None and self.rank == 0:
+            self.mirror.check_reachable()
+        note_other_configurations(Path(layout.phase(phase)), self.fingerprint, self.plan.fingerprint_items())
         state = self._resume_state()
         torch.manual_seed(self.plan.seed)  # identical initialisation on every rank
         module = self.phase.build(self.plan)
@@ -149,8 +160,14 @@ class Trainer:
 
     def _resume_state(self) -> dict[str, Any] | None:
         """The newest intact checkpoint's state (damaged ones are named and set aside: `load_latest`), unless resuming
-        is off or it finished the run with other code."""
-        found = self.manager.load_latest() if self.train_cfg.resume else None
+        is off or it finished the run with other code. With a mirror, every rank loads the checkpoint rank 0 chose."""
+        if not self.train_cfg.resume:
+            found = None
+        elif self.mirror is None:
+            found = self.manager.load_latest()
+        else:
+            step = self._agree_on_checkpoint()
+            found = None if step is None else self.manager.load_latest(upto=step)
         resume, state = found if found is not None else (None, None)
         if (
             resume is not None
@@ -167,6 +184,22 @@ class Trainer:
                 log.warning("%s was written by other code (%s, now %s): resuming with this code", *codes)
         self.resumed_from = resume
         return state
+
+    def _agree_on_checkpoint(self) -> int | None:
+        """The step every rank resumes from, with a mirror (collective): rank 0 decides (`mirror.resume_point`), then
+        the first process of each node pulls that checkpoint into the node's folder unless it is there intact."""
+        step = resume_point(self.manager, self.mirror) if self.rank == 0 else None
+        if self.world > 1:
+            box = [step]
+            torch.distributed.broadcast_object_list(box, src=0)
+            step = box[0]
+        if step is not None and self.rank != 0 and local_rank() == 0:
+            path = Path(self.manager.root) / step_name(step)
+            if self.manager.check(path) is not None:
+                self.mirror.pull(step, self.manager)
+        if self.world > 1:
+            torch.distributed.barrier()  # every node's folder holds the checkpoint
+        return step
 
     # -- the run -----------------------------------------------------------------------------------------------------
 
@@ -198,6 +231,10 @@ class Trainer:
         if result.last_checkpoint is None and self.resumed_from is not None:  # resumed at the final step
             self.export()
             result.last_checkpoint = self.resumed_from if self.rank == 0 else None
+        if self.mirror is not None and self.rank == 0:
+            uri = mirror_layout(self.train_cfg.checkpoint_mirror, self.plan.stage).export(self.plan.phase)
+            push_export(self.phase.out, uri)
+            log.info("export %s copied to %s", self.phase.out, uri)
         return result
 
     def save(self, loop_state: LoopState) -> Path | None:
@@ -215,6 +252,11 @@ class Trainer:
         path = self.manager.save(state, loop_state.step, plan=self.plan.fingerprint_items())
         engine.module.export(model, self.phase.out, iterations=loop_state.step)
         log.info("checkpoint %s; exported to %s", path, self.phase.out)
+        if self.mirror is not None:
+            try:
+                self.mirror.push(path)
+            except StorageError as err:  # the local checkpoint is intact; the next one, or a restart, tries again
+                log.error("checkpoint %s was not copied to the mirror (%s); training goes on", path, err)
         return path
 
     def export(self) -> None:
@@ -298,6 +340,40 @@ class Trainer:
             return None
 
         return stop
+
+
+def phase_mirror(train: TrainConfig, plan: PhasePlan, fingerprint: str) -> CheckpointMirror | None:
+    """The mirror of a phase's checkpoints, `<train.checkpoint_mirror>/<stage>/<phase>/<fingerprint>`; None without
+    a mirror."""
+    if train.checkpoint_mirror is None:
+        return None
+    root = mirror_layout(train.checkpoint_mirror, plan.stage).run(plan.phase, fingerprint)
+    return CheckpointMirror(root, keep_last=train.keep_last)
+
+
+def share_export(phase: Phase, train: TrainConfig) -> None:
+    """With a mirror, on several ranks (collective): the phase's export, written by rank 0 on its node and copied to
+    the mirror at the phase's end, copied from there into the same folder of every other node that lacks it, since
+    the stage's next phase reads it on every rank. Nothing to do on one node's shared folder (the digests agree)."""
+    from components import exports
+
+    if train.checkpoint_mirror is None or not several_ranks():
+        return
+    rank = torch.distributed.get_rank()
+    box = [exports.export_digest(phase.out) if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if rank != 0 and local_rank() == 0:
+        have = exports.export_digest(phase.out) if exports.is_export(phase.out) else None
+        if have != box[0]:
+            uri = mirror_layout(train.checkpoint_mirror, phase.plan.stage).export(phase.plan.phase)
+            pull_export(uri, phase.out)
+            log.info("export %s pulled from %s", phase.out, uri)
+    torch.distributed.barrier()
+
+
+def local_rank() -> int:
+    """This process's rank on its node (the launcher's `LOCAL_RANK`; 0 for a plain process)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def starting_backbone(source: str, model: Any) -> dict[str, Tensor]:

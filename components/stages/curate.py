@@ -34,8 +34,8 @@ from components.embedding import build_embedder, load_embeddings, load_failures,
 from components.images import decode_rgb
 from components.jsonio import write_json
 from components.log import get_logger
-from components.stage import StageRun, stage_run
 from components.stages.embed import read_prepared
+from components.stages.shell import StageRun, stage_run
 from components.synthetic import is_synthetic_world
 
 log = get_logger(__name__)

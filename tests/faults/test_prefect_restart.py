@@ -21,7 +21,7 @@ from infra.services import free_port
 from infra.services.stack import PrefectServer
 from tests.pipeline_utils import make_workspace
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.slow]  # a 75 s outage of a real Prefect server: minutes
 OUTAGE_S = 75  # longer than Prefect's default retries (2 + 4 + 8 + 16 + 32 s)
 
 

@@ -98,7 +98,9 @@ def state_of(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3], ids=["zero2", "zero3"])
+@pytest.mark.parametrize(
+    "zero_stage", [pytest.param(2, marks=pytest.mark.slow), 3], ids=["zero2", "zero3"]
+)  # ZeRO-3 (partitioned parameters) by default; ZeRO-2 with -m slow
 def test_pretrain_on_two_nodes_resumes_on_one(curated: Path, tmp_path: Path, zero_stage: int) -> None:
     two = pretrain_params(tmp_path, "two", zero_stage=zero_stage, per_rank=PER_RANK)
     one = pretrain_params(tmp_path, "one", zero_stage=zero_stage, per_rank=2 * PER_RANK)

@@ -678,6 +678,13 @@ class CurateConfig(Section):
     """IVF lists scanned per query."""
     refine_factor: int = Field(2, ge=1)
     """ivf_pq: candidates per wanted neighbour that are re-ranked with exact similarities."""
+    nproc_per_node: int = Field(1, ge=1)
+    """Processes per node; above 1 (and no launcher around the stage) the stage relaunches itself under torchrun
+    with this many ranks, each indexing its share of the pool shards (components/curation/sharded.py)."""
+    shard_size: int = Field(1_048_576, ge=1)
+    """Pool images per shard: each shard is indexed on its own (all sharing one trained quantizer) by the rank that
+    owns it, and is the unit that a rerun resumes. Fixed here, not by the number of ranks, so that any number of
+    ranks gives the same curated set."""
 
     @field_validator("sample_k_per_set")
     @classmethod

@@ -523,6 +523,76 @@ def load_embeddings(out_dir: str | Path, parts: Sequence[str] = PARTS) -> tuple[
     return ids, x
 
 
+class EmbeddingRows:
+    """The shards of some parts as one N-by-D float16 array that reads only the rows asked for.
+
+    Every read maps the shard files it touches and unmaps them after, so a process holds the rows it asked for, never
+    whole shards: the curate stage's ranks each read their share of the pool this way.
+    """
+
+    def __init__(self, files: Sequence[Path], counts: Sequence[int], dim: int, index: np.ndarray | None = None) -> None:
+        self.files = list(files)
+        self.counts = list(counts)
+        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self.index = index
+        """Row i of this view is row index[i] of the shards (None: the shards' own order)."""
+        self.shape = (int(len(index) if index is not None else self.offsets[-1]), int(dim))
+        self.dtype = np.dtype(np.float16)
+        self.ndim = 2
+
+    def view(self, rows: np.ndarray) -> EmbeddingRows:
+        """The rows `rows` of this array as an array of their own (nothing is read)."""
+        rows = np.asarray(rows, np.int64)
+        return EmbeddingRows(self.files, self.counts, self.shape[1], self.index[rows] if self.index is not None
+                             else rows)  # fmt: skip
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        """Rows of a slice (step 1) or of an integer array (any order), as a float16 array."""
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(len(self))
+            if step != 1:
+                raise ValueError("only contiguous slices of embeddings are read")
+            rows = np.arange(start, stop)
+        rows = np.asarray(rows, np.int64)
+        if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= len(self))):
+            raise IndexError(f"rows out of range 0 .. {len(self) - 1}")
+        if self.index is not None:
+            rows = self.index[rows]
+        out = np.empty((len(rows), self.shape[1]), np.float16)
+        file_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        for f in np.unique(file_of).tolist():
+            mine = file_of == f
+            mapped = np.load(self.files[f], mmap_mode="r")
+            out[mine] = mapped[rows[mine] - self.offsets[f]]
+            del mapped
+        return out
+
+
+def open_embeddings(out_dir: str | Path, parts: Sequence[str] = PARTS) -> tuple[list[str], EmbeddingRows]:
+    """(ids, lazily read N-by-D float16 rows) of the given parts, in shard order; `load_embeddings` without reading
+    the vectors."""
+    out_dir = Path(out_dir)
+    meta = read_meta(out_dir)
+    ids: list[str] = []
+    files, counts = [], []
+    for entry in meta["shards"]:
+        if entry["part"] not in parts:
+            continue
+        shard_ids = pd.read_parquet(out_dir / entry["file"].replace(".npy", ".ids.parquet"))["id"].tolist()
+        files.append(out_dir / entry["file"])
+        counts.append(len(shard_ids))
+        ids.extend(shard_ids)
+    rows = EmbeddingRows(files, counts, int(meta["dim"]))
+    for path, count in zip(files, counts, strict=True):
+        shape = np.load(path, mmap_mode="r").shape
+        if shape != (count, rows.shape[1]):
+            raise ValueError(f"{path}: shape {shape}, but its ids file lists {count} rows of width {rows.shape[1]}")
+    return ids, rows
+
+
 def load_failures(out_dir: str | Path) -> pd.DataFrame:
     """Every image the embed stage could not read, with the error (`id`, `error`)."""
     out_dir = Path(out_dir)

@@ -47,3 +47,25 @@ def several_ranks() -> bool:
     """Whether a process group with other ranks is running: collectives are skipped otherwise, including in the group
     of one that DeepSpeed starts on a single device."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def join_process_group(backend: str | None = None) -> tuple[int, int]:
+    """(rank, world size) under a launcher (torchrun sets WORLD_SIZE), with the process group started; (0, 1) alone.
+
+    Args:
+        backend: `gloo`, `nccl`, or None: NCCL with a GPU, gloo without (collectives of CPU data need gloo).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    return dist.get_rank(), world
+
+
+def barrier(world: int, *, last: bool = False) -> None:
+    """Waits for every rank (nothing alone); `last` then leaves the process group."""
+    if world > 1:
+        dist.barrier()
+        if last:
+            dist.destroy_process_group()

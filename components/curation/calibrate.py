@@ -308,12 +308,15 @@ def sample_images(uris: Sequence[str], num: int, rng: np.random.Generator) -> tu
 
 
 def nearest_distinct(
-    query_x: np.ndarray, pool_x: np.ndarray, k: int, *, exclude: np.ndarray | None, params: Any
+    query_x: np.ndarray, pool_x: Any, k: int, *, exclude: np.ndarray | None, params: Any, **sharding: Any
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's k most similar pool rows, its own row (`exclude`, self-deduplication) left out: (sims, rows)."""
-    from components.curation.search import knn
+    """Each query's k most similar pool rows, its own row (`exclude`, self-deduplication) left out: (sims, rows).
 
-    sims, rows = knn(query_x, pool_x, k + 1, params)
+    `pool_x`: an array or sharded `Vectors`; `sharding`: `ranks`, `cache`, `name` of `sharded.knn`.
+    """
+    from components.curation import sharded
+
+    sims, rows = sharded.knn(query_x, sharded.as_vectors(pool_x, params.chunk_size), k + 1, params, **sharding)
     if exclude is not None:
         own = rows == exclude[:, None]
         sims = np.where(own, -np.inf, sims)

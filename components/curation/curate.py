@@ -24,6 +24,7 @@ and `max_eval_similarity`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,10 +33,10 @@ import numpy as np
 import pandas as pd
 
 from components.config import CurateConfig
-from components.curation import calibrate, dedup, hkmeans, retrieval
-from components.curation.pairs import CopyPairs, Thresholds, decide_pairs
-from components.curation.search import SearchParams, assign, build_index, kmeans, max_similarity
-from components.curation.verify import verify_pairs
+from components.curation import calibrate, dedup, hkmeans, retrieval, sharded
+from components.curation.pairs import CopyPairs, Thresholds, decide_pairs, verify_split
+from components.curation.search import SearchIndex, SearchParams
+from components.curation.sharded import LOCAL, NO_CACHE, Ranks, Vectors, WorkCache
 from components.log import get_logger
 
 log = get_logger(__name__)
@@ -95,7 +96,10 @@ class Whitening:
         out = np.empty((len(x), self.proj.shape[1]), np.float32)
         mean = self.mean.astype(np.float32)
         for start in range(0, len(x), chunk):
-            y = (np.asarray(x[start : start + chunk], dtype=np.float32) - mean) @ self.proj
+            rows = np.asarray(x[start : start + chunk], dtype=np.float32) - mean
+            # One row alone goes through another BLAS kernel (a matrix-vector product) that rounds differently: two
+            # rows keep every row's numbers the same however rows are grouped (shards, ranks, fetched samples).
+            y = (np.concatenate([rows, rows]) @ self.proj)[: len(rows)] if len(rows) == 1 else rows @ self.proj
             out[start : start + chunk] = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
         return out
 
@@ -118,6 +122,11 @@ def fit_whitening(x: np.ndarray, fit_rows: np.ndarray, *, energy: float = 0.99, 
         c = np.asarray(x[fit[start : start + chunk]], dtype=np.float64) - mean
         cov += c.T @ c
     cov /= len(fit) - 1
+    return whitening_from_moments(mean, cov, energy=energy)
+
+
+def whitening_from_moments(mean: np.ndarray, cov: np.ndarray, *, energy: float = 0.99) -> Whitening:
+    """PCA whitening from the mean and covariance of the fitted rows: the components up to `energy` of the variance."""
     eigval, eigvec = np.linalg.eigh(cov)  # ascending
     eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
     eigval = np.clip(eigval, 0.0, None)
@@ -163,31 +172,94 @@ class CurationResult:
 
 @dataclass
 class _Space:
-    """The rows of each part and the vectors every search runs on."""
+    """The rows of each part and the vectors every search runs on: the pool in shards, seeds and evaluation images
+    whole (every rank holds them)."""
 
     manifest: pd.DataFrame
-    x: np.ndarray
     pool: np.ndarray
     seeds: np.ndarray
     eval: np.ndarray
+    pool_x: Vectors
+    """The pool's vectors (whitened when the stage whitens), in shards of `curate.shard_size` rows."""
+    seed_x: np.ndarray
+    eval_x: np.ndarray
     whitening: Whitening | None
+    ranks: Ranks
+    work: WorkCache
 
     @property
     def uris(self) -> np.ndarray:
         return self.manifest["uri"].astype(str).to_numpy()
 
+    def on(self, name: str) -> dict[str, Any]:
+        """The sharding arguments of a distributed step called `name` (its results' folder in the work cache)."""
+        return {"ranks": self.ranks, "cache": self.work, "name": name}
 
-def _space(manifest: pd.DataFrame, embeddings: np.ndarray, cfg: CurateConfig) -> _Space:
+
+def _space(manifest: pd.DataFrame, embeddings: Any, cfg: CurateConfig, ranks: Ranks, work: WorkCache) -> _Space:
     source = manifest["source"].astype(str)
     pool = np.flatnonzero(source.eq("pool").to_numpy())
     seeds = np.flatnonzero(source.str.startswith("seeds/").to_numpy())
     evals = np.flatnonzero(source.str.startswith("eval/").to_numpy())
+    dim = int(embeddings.shape[1])
+
+    def raw(rows: np.ndarray) -> np.ndarray:
+        return np.asarray(embeddings[rows], dtype=np.float32) if len(rows) else np.zeros((0, dim), np.float32)
+
+    bounds = sharded.shard_bounds(len(pool), cfg.shard_size)
+    raw_pool = Vectors(bounds, lambda r: raw(pool[r]), dim)
+    seed_raw = raw(seeds)
     # Whitening statistics come from the training-side images (pool and seeds), never from the evaluation sets.
-    fit = np.concatenate([pool, seeds])
-    fit = fit if len(fit) >= 2 else np.arange(len(manifest))
-    whitening = fit_whitening(embeddings, fit) if cfg.whiten and len(fit) >= 2 else None
-    x = whitening.apply(embeddings) if whitening is not None else embeddings
-    return _Space(manifest, x, pool, seeds, evals, whitening)
+    fit = cfg.whiten and len(pool) + len(seeds) >= 2
+    whitening = _fit_whitening(raw_pool, seed_raw, ranks, work) if fit else None
+    if whitening is None:
+        return _Space(manifest, pool, seeds, evals, raw_pool, seed_raw, raw(evals), None, ranks, work)
+    pool_x = Vectors(bounds, lambda r: whitening.apply(raw(pool[r])), whitening.proj.shape[1])
+    return _Space(manifest, pool, seeds, evals, pool_x, whitening.apply(seed_raw), whitening.apply(raw(evals)),
+                  whitening, ranks, work)  # fmt: skip
+
+
+def _fit_whitening(raw_pool: Vectors, seed_raw: np.ndarray, ranks: Ranks, work: WorkCache) -> Whitening:
+    """PCA whitening fitted on the pool and the seeds: per-shard float64 sums (each shard on its rank), added in shard
+    order, then the seeds' (the last chunk), so any number of ranks gets the same statistics."""
+    chunk = 65_536
+
+    def blocks(c: int) -> Any:
+        if c < raw_pool.num_shards:
+            for start, end in raw_pool.chunks(c):
+                yield raw_pool.read(start, end).astype(np.float64)
+        else:
+            for start in range(0, len(seed_raw), chunk):
+                yield seed_raw[start : start + chunk].astype(np.float64)
+
+    dim, num_chunks = raw_pool.dim, raw_pool.num_shards + 1
+
+    def sums(c: int, _: Any) -> dict[str, np.ndarray]:
+        total, count = np.zeros(dim, np.float64), 0
+        for block in blocks(c):
+            total += block.sum(0)
+            count += len(block)
+        return {"sum": total, "count": np.array(count)}
+
+    parts = sharded.map_chunks(ranks, num_chunks, sums, cache=work, name="whitening/mean")
+    count = sum(int(p["count"]) for p in parts)
+    mean = np.zeros(dim, np.float64)
+    for p in parts:
+        mean += p["sum"]
+    mean /= count
+
+    def scatter(c: int, _: Any) -> dict[str, np.ndarray]:
+        cov = np.zeros((dim, dim), np.float64)
+        for block in blocks(c):
+            centred = block - mean
+            cov += centred.T @ centred
+        return {"cov": cov}
+
+    digest = hashlib.sha256(mean.tobytes()).hexdigest()[:16]
+    cov = np.zeros((dim, dim), np.float64)
+    for p in sharded.map_chunks(ranks, num_chunks, scatter, cache=work, name="whitening/cov", inputs=digest):
+        cov += p["cov"]
+    return whitening_from_moments(mean, cov / (count - 1))
 
 
 def _empty_provenance(frame: pd.DataFrame) -> pd.DataFrame:
@@ -204,26 +276,36 @@ def _empty_provenance(frame: pd.DataFrame) -> pd.DataFrame:
 def curate(
     *,
     manifest: pd.DataFrame,
-    embeddings: np.ndarray,
+    embeddings: Any,
     cfg: CurateConfig,
     seed: int,
     access: ImageAccess | None = None,
     num_examples: int = 8,
-) -> CurationResult:
+    ranks: Ranks = LOCAL,
+    work: WorkCache = NO_CACHE,
+) -> CurationResult | None:
     """Calibrates, deduplicates, removes evaluation leakage and selects the curated set.
+
+    On several ranks every rank calls this with the same manifest and config: each indexes the pool shards it owns
+    (components/curation/sharded.py), the ranks exchange their results, and rank 0 returns the result, the same as
+    one process would; the other ranks return None.
 
     Args:
         manifest: Prepared-manifest rows (uri, width, height, source, ...) that have an embedding, in the order of
             `embeddings`.
-        embeddings: len(manifest)-by-D L2-normalised embeddings (float16 or float32); rows must be finite.
+        embeddings: len(manifest)-by-D L2-normalised embeddings (float16 or float32), an array or anything indexed by
+            an array of rows (memory maps): only the rows a rank needs are read; rows must be finite.
         cfg: The `curate` section.
         seed: The pipeline seed (sampling, k-means, calibration).
         access: The model and the images, for calibration and verification; None: neither runs (fixed thresholds
             and `verify: off` are then required).
         num_examples: Duplicate groups and seed images kept for the image grids.
+        ranks: The ranks sharing the work (one process by default).
+        work: Where finished per-shard results are kept, so that a rerun resumes (nothing kept by default).
 
     Returns:
-        The curated manifest (prepared columns + provenance), the report, the removed images and the grid material.
+        On rank 0: the curated manifest (prepared columns + provenance), the report, the removed images and the grid
+        material. None on the other ranks.
 
     Raises:
         ValueError: Shapes disagree, or calibration or verification is needed without `access`.
@@ -237,21 +319,23 @@ def curate(
         )
     rng = np.random.default_rng(seed)
     params = search_params(cfg, seed)
-    space = _space(manifest.reset_index(drop=True), embeddings, cfg)
+    space = _space(manifest.reset_index(drop=True), embeddings, cfg, ranks, work)
     report = _counts(space, cfg)
     calibrations = _calibrate(space, cfg, params, access, rng) if access is not None and cfg.calibration_images else {}
     limits = {name: _thresholds(cfg, name, calibrations.get(name)) for name in ("dedup", "eval")}
     report["calibration"] = {name: c.report() for name, c in calibrations.items()}
     groups, dedup_pairs = _deduplicate(space, cfg, params, limits["dedup"], access)
     report["dedup"] = _dedup_report(groups, dedup_pairs, limits["dedup"], cfg)
-    leaks, leak_pairs = _copies_of(space, space.eval, groups, cfg, params, limits["eval"], access)
-    seed_eval_sim = max_similarity(space.x[space.seeds], space.x[space.eval], params)[0] if len(space.seeds) and len(
-        space.eval) else np.full(len(space.seeds), -np.inf)  # fmt: skip
+    leaks, leak_pairs = _copies_of(space, space.eval_x, space.eval, groups, cfg, params, limits["eval"], access, "eval")
+    seed_eval_sim = _replicated_index(space.eval_x, params, ranks).search(space.seed_x, 1)[0][:, 0] if len(
+        space.seeds) and len(space.eval) else np.full(len(space.seeds), -np.inf)  # fmt: skip
     seed_leaks = seed_eval_sim >= (limits["eval"].accept if limits["eval"].accept is not None else 2.0)
     report["eval_dedup"] = _leak_report(space, groups, leaks, leak_pairs, seed_leaks, limits["eval"])
     # Seeds join the curated set: a pool copy of a kept seed image would be a duplicate inside it.
-    kept_seeds = space.seeds[~seed_leaks] if cfg.include_seeds else space.seeds[:0]
-    seed_copies, seed_pairs = _copies_of(space, kept_seeds, groups, cfg, params, limits["dedup"], access)
+    keep_seeds = ~seed_leaks if cfg.include_seeds else np.zeros(len(space.seeds), bool)
+    kept_seeds = space.seeds[keep_seeds]
+    seed_copies, seed_pairs = _copies_of(space, space.seed_x[keep_seeds], kept_seeds, groups, cfg, params,
+                                         limits["dedup"], access, "seed")  # fmt: skip
     report["dedup"]["seed_copies"] = {"pairs": seed_pairs.stats, "pool_images_removed": int(seed_copies.removed.sum())}
     survivors = groups.keep & ~leaks.removed & ~seed_copies.removed
     report["counts"]["pool_after_dedup"] = int(groups.keep.sum())
@@ -260,9 +344,12 @@ def curate(
     selected, examples = _select(space, groups, leaks, survivors, seed_leaks, seed_eval_sim, cfg, params, rng,
                                  report, num_examples)  # fmt: skip
     selected = _check(selected, space, cfg, params, limits)
+    if ranks.rank != 0:
+        return None
     _summarise(selected, report)
-    removed = _removed(space, groups, dedup_pairs, [("eval", leaks, leak_pairs, space.eval),
-                                                    ("seed", seed_copies, seed_pairs, kept_seeds)])  # fmt: skip
+    removed = _removed(space, groups, dedup_pairs, [("eval", leaks, leak_pairs, space.eval, space.eval_x),
+                                                    ("seed", seed_copies, seed_pairs, kept_seeds,
+                                                     space.seed_x[keep_seeds])])  # fmt: skip
     report["removed"] = {"count": len(removed), "by_reason": _count(removed["reason"].to_numpy())}
     pool_uris = space.uris[space.pool]
     return CurationResult(
@@ -279,6 +366,12 @@ def curate(
     )
 
 
+def _replicated_index(x: np.ndarray, params: SearchParams, ranks: Ranks) -> SearchIndex:
+    """An index over a small set every rank holds (evaluation or seed images): trained on rank 0, the same on all."""
+    vectors = sharded.in_memory(x, chunk_size=params.chunk_size)
+    return sharded.shard_index(vectors, sharded.shared_training(vectors, params, ranks), 0)
+
+
 def _counts(space: _Space, cfg: CurateConfig) -> dict[str, Any]:
     n = len(space.manifest)
     other = n - len(space.pool) - len(space.seeds) - len(space.eval)
@@ -291,35 +384,53 @@ def _counts(space: _Space, cfg: CurateConfig) -> dict[str, Any]:
             "eval": len(space.eval),
             "other": other,
         },  # fmt: skip
-        "whitened_dim": int(space.x.shape[1]) if space.whitening is not None else None,
+        "whitened_dim": int(space.pool_x.dim) if space.whitening is not None else None,
     }
+
+
+EMBED_BATCH = 64
+"""Planted images embedded per chunk of calibration work (the embedder's own batch: the same batches on any number of
+ranks, so the same features)."""
 
 
 def _calibrate(
     space: _Space, cfg: CurateConfig, params: SearchParams, access: ImageAccess, rng: np.random.Generator
 ) -> dict[str, calibrate.Calibration]:
-    """Calibration of self-deduplication (pool copies vs pool) and of leakage (evaluation copies vs pool)."""
+    """Calibration of self-deduplication (pool copies vs pool) and of leakage (evaluation copies vs pool).
+
+    Every rank samples and plants the same images (the same generator); the neighbour search, the embedding of the
+    planted images (batches) and their verification (blocks of pairs) are shared between the ranks.
+    """
     uris = space.uris
-    pool_x, pool_uris = space.x[space.pool], uris[space.pool]
-
-    def embed(images: Sequence[Any]) -> np.ndarray:
-        raw = access.embed(images)
-        return space.whitening.apply(raw) if space.whitening is not None else raw.astype(np.float32)
-
-    def verifier(pairs: np.ndarray, sources: Sequence[Any]) -> np.ndarray:
-        return verify_pairs(pairs, sources, workers=access.workers).verified
-
+    pool_uris = uris[space.pool]
     out = {}
-    for name, rows, fixed in (("dedup", space.pool, cfg.dedup_threshold), ("eval", space.eval, cfg.eval_threshold)):
+    parts = (("dedup", space.pool, cfg.dedup_threshold), ("eval", space.eval, cfg.eval_threshold))
+    for name, rows, fixed in parts:
         if len(rows) == 0 or len(space.pool) < 2:
             continue
         sample, images = calibrate.sample_images(uris[rows], cfg.calibration_images, rng)
         if len(sample) == 0:
             continue
-        query_x = space.x[rows[sample]]
+        query_x = space.pool_x.take(sample) if name == "dedup" else space.eval_x[sample]
         exclude = sample if name == "dedup" else None
-        sims, neighbours = calibrate.nearest_distinct(query_x, pool_x, cfg.verify_k, exclude=exclude, params=params)
+        near = space.on(f"calibration/{name}/neighbours")
+        sims, neighbours = calibrate.nearest_distinct(query_x, space.pool_x, cfg.verify_k, exclude=exclude,
+                                                      params=params, **near)  # fmt: skip
         planted = calibrate.plant(images, rng)
+
+        def embed(images: Sequence[Any], name: str = name) -> np.ndarray:
+            def compute(c: int, _: Any) -> dict[str, np.ndarray]:
+                return {"x": access.embed(images[c * EMBED_BATCH : (c + 1) * EMBED_BATCH]).astype(np.float32)}
+
+            num_chunks = -(-len(images) // EMBED_BATCH)
+            chunks = sharded.map_chunks(space.ranks, num_chunks, compute, cache=space.work,
+                                        name=f"calibration/{name}/embed")  # fmt: skip
+            raw = np.concatenate([c["x"] for c in chunks]) if chunks else np.zeros((0, space.pool_x.dim), np.float32)
+            return space.whitening.apply(raw) if space.whitening is not None else raw
+
+        def verifier(pairs: np.ndarray, sources: Sequence[Any], name: str = name) -> np.ndarray:
+            return verify_split(pairs, sources, workers=access.workers, **space.on(f"calibration/{name}/verify"))[0]
+
         data = calibrate.measure(
             sample_x=query_x,
             planted=planted,
@@ -367,10 +478,16 @@ def _search_floor(limits: Thresholds, verify: str) -> float:
 def _deduplicate(
     space: _Space, cfg: CurateConfig, params: SearchParams, limits: Thresholds, access: ImageAccess | None
 ) -> tuple[dedup.SelfDedup, CopyPairs]:
-    """Self-deduplication of the pool (appendix A.3): candidate pairs, decided, grouped."""
+    """Self-deduplication of the pool (appendix A.3): candidate pairs, decided, grouped.
+
+    The kNN graph is searched shard by shard on the ranks that own them; the candidate edges of every rank are joined,
+    decided (verification split between the ranks) and grouped (union-find over all decided edges) on every rank.
+    """
     pool = space.manifest.iloc[space.pool]
-    pool_x, pool_uris = space.x[space.pool], space.uris[space.pool]
-    edges = dedup.duplicate_edges(pool_x, k=cfg.dedup_k, threshold=_search_floor(limits, cfg.verify), params=params)
+    pool_uris = space.uris[space.pool]
+    floor = _search_floor(limits, cfg.verify)
+    edges = dedup.duplicate_edges(space.pool_x, k=cfg.dedup_k, threshold=floor, params=params,
+                                  **space.on("dedup/edges"))  # fmt: skip
     pairs = decide_pairs(
         edges.src,
         edges.dst,
@@ -382,6 +499,7 @@ def _deduplicate(
         sources=(pool_uris, pool_uris) if access is not None else None,
         symmetric=True,
         workers=access.workers if access is not None else None,
+        sharding=space.on("dedup/verify"),
     )
     pixels = (pool["width"].astype(np.int64) * pool["height"].astype(np.int64)).to_numpy()
     decided = dedup.DuplicateEdges(pairs.src, pairs.dst, pairs.similarity)
@@ -408,29 +526,32 @@ def _dedup_report(groups: dedup.SelfDedup, pairs: CopyPairs, limits: Thresholds,
 
 def _copies_of(
     space: _Space,
+    db_x: np.ndarray,
     db_rows: np.ndarray,
     groups: dedup.SelfDedup,
     cfg: CurateConfig,
     params: SearchParams,
     limits: Thresholds,
     access: ImageAccess | None,
+    name: str,
 ) -> tuple[dedup.EvalLeakage, CopyPairs]:
     """Pool images that copy an image of `db_rows` (evaluation sets: "relative" deduplication, appendix A.3; or the
-    seeds that join the curated set), decided like self-deduplication, each with its whole duplicate group."""
-    pool_x, db_x = space.x[space.pool], space.x[db_rows]
+    seeds that join the curated set), decided like self-deduplication, each with its whole duplicate group.
+
+    The images compared with are few and every rank indexes them all; each rank searches its own pool shards."""
     num = len(space.pool)
     if len(db_x) == 0 or num == 0:
         empty = CopyPairs(*(np.zeros(0, np.int64),) * 2, np.zeros(0, np.float32), np.zeros(0, object),
                           np.zeros(0, np.int64), {"candidates": 0})  # fmt: skip
-        return dedup.eval_leakage(pool_x, db_x, groups.labels, threshold=2.0, params=params), empty
-    index = build_index(db_x, params)
+        none = np.zeros(num, bool)
+        return dedup.EvalLeakage(np.full(num, -np.inf, np.float32), np.full(num, -1, np.int64), none, none), empty
+    index = _replicated_index(db_x, params, space.ranks)
     k = 1 if cfg.verify == "off" else min(cfg.verify_k, len(db_x))
-    sims, ids = index.search(pool_x, k)
-    rows, cols = np.nonzero(sims >= _search_floor(limits, cfg.verify))
+    found = sharded.match_rows(space.pool_x, index, k, _search_floor(limits, cfg.verify), **space.on(f"{name}/search"))
     pairs = decide_pairs(
-        rows,
-        ids[rows, cols],
-        sims[rows, cols],
+        found.src,
+        found.dst,
+        found.sim,
         thresholds=limits,
         verify=cfg.verify,
         verify_k=cfg.verify_k,
@@ -438,10 +559,11 @@ def _copies_of(
         sources=(space.uris[space.pool], space.uris[db_rows]) if access is not None else None,
         symmetric=False,
         workers=access.workers if access is not None else None,
+        sharding=space.on(f"{name}/verify"),
     )
     copies = np.zeros(num, bool)
     copies[pairs.src] = True
-    return dedup.leakage_from_copies(groups.labels, sims[:, 0], ids[:, 0], copies), pairs
+    return dedup.leakage_from_copies(groups.labels, found.best_sim, found.best_id, copies), pairs
 
 
 def _leak_report(
@@ -480,30 +602,35 @@ def _select(
     num_examples: int,
 ) -> tuple[pd.DataFrame, list[tuple[str, list[str]]]]:
     """Step 5: the selection mode over the survivors, then the seeds, then the max_images cap."""
-    manifest, x = space.manifest, space.x
+    manifest = space.manifest
     surv_idx = np.flatnonzero(survivors)  # rows of the pool
     frame = _empty_provenance(manifest.iloc[space.pool[surv_idx]])
     frame["pool_dup_group_size"] = groups.sizes[surv_idx]
     frame["max_eval_similarity"] = leaks.max_similarity[surv_idx].astype(np.float64)
-    frame["_x_row"] = space.pool[surv_idx]
+    frame["_x_row"] = space.pool[surv_idx]  # manifest row
+    frame["_pool_row"] = surv_idx
+    frame["_seed_row"] = np.int64(-1)
+    surv_x = space.pool_x.subset(surv_idx)
     examples: list[tuple[str, list[str]]] = []
-    seed_rows = space.seeds[~seed_leaks]
+    seed_pos = np.flatnonzero(~seed_leaks)  # rows of the seeds
     if cfg.mode == "retrieval":
-        selected, report["retrieval"], examples = _retrieve(frame, x, manifest, seed_rows, cfg, params, rng,
-                                                             num_examples)  # fmt: skip
+        selected, report["retrieval"], examples = _retrieve(frame, surv_x, space, seed_pos, cfg, params, rng,
+                                                            num_examples)  # fmt: skip
     elif cfg.mode == "hkmeans":
         # max_images bounds the whole curated set: the seeds that join it take their places first.
-        num_seeds = len(seed_rows) if cfg.include_seeds else 0
+        num_seeds = len(seed_pos) if cfg.include_seeds else 0
         target = max(0, int(cfg.max_images or len(frame)) - num_seeds)
-        selected, report["hkmeans"] = _hkmeans_select(frame, x, cfg, params.seed, rng, target)
+        selected, report["hkmeans"] = _hkmeans_select(frame, surv_x, space, cfg, params.seed, rng, target)
     else:
         selected = frame.assign(curation="dedup")
     if cfg.include_seeds and len(space.seeds):
-        seeds = _empty_provenance(manifest.iloc[seed_rows])
+        seeds = _empty_provenance(manifest.iloc[space.seeds[seed_pos]])
         seeds["curation"] = "seed"
         seeds["seed_set"] = seeds["source"].map(seed_set_name)
-        seeds["max_eval_similarity"] = seed_eval_sim[~seed_leaks].astype(np.float64)
-        seeds["_x_row"] = seed_rows
+        seeds["max_eval_similarity"] = seed_eval_sim[seed_pos].astype(np.float64)
+        seeds["_x_row"] = space.seeds[seed_pos]
+        seeds["_pool_row"] = np.int64(-1)
+        seeds["_seed_row"] = seed_pos
         selected = pd.concat([seeds, selected], ignore_index=True)
     if cfg.max_images is not None and cfg.mode != "hkmeans" and len(selected) > cfg.max_images:
         # Seeds first (they are the curated sources), then a seeded random sample of the retrieved images.
@@ -518,17 +645,27 @@ def _select(
 def _check(
     selected: pd.DataFrame, space: _Space, cfg: CurateConfig, params: SearchParams, limits: dict[str, Thresholds]
 ) -> pd.DataFrame:
-    """Step 6: the gate's columns, then the manifest's column order."""
+    """Step 6: the gate's columns, then the manifest's column order.
+
+    The curated set's duplicate groups are searched like the pool's: its seed images as one shard, then its pool
+    images in their pool shards."""
     accept = limits["dedup"].accept if cfg.verify != "on" and limits["dedup"].accept is not None else 2.0
-    cur_x = space.x[selected["_x_row"].to_numpy()] if len(selected) else space.x[:0]
-    selected["dup_group_size"] = (
-        dedup.curated_group_sizes(cur_x, k=cfg.dedup_k, threshold=accept, params=params)
-        if len(selected)
-        else np.zeros(0, np.int64)
-    )
+    pool_rows = selected["_pool_row"].to_numpy()
+    seed_rows = selected["_seed_row"].to_numpy()
+    is_seed = seed_rows >= 0
+    if accept > 1.0 or len(selected) < 2:  # no similarity reaches the threshold: every group has size 1
+        selected["dup_group_size"] = np.ones(len(selected), np.int64)
+    else:
+        order = np.lexsort((pool_rows, seed_rows, ~is_seed))  # seeds first, then pool images in pool order
+        seeds = sharded.in_memory(space.seed_x[seed_rows[order][is_seed[order]]], chunk_size=params.chunk_size)
+        curated = sharded.concat_vectors(seeds, space.pool_x.subset(pool_rows[order][~is_seed[order]]))
+        sizes = np.empty(len(selected), np.int64)
+        sizes[order] = dedup.curated_group_sizes(curated, k=cfg.dedup_k, threshold=accept, params=params,
+                                                 **space.on("check/edges"))  # fmt: skip
+        selected["dup_group_size"] = sizes
     if len(space.eval) == 0:
         selected["max_eval_similarity"] = -1.0  # nothing to leak into; a finite value keeps the gate's column valid
-    selected = selected.drop(columns=["_x_row"])
+    selected = selected.drop(columns=["_x_row", "_pool_row", "_seed_row"])
     ordered = [*space.manifest.columns, *(c for c in PROVENANCE_COLUMNS if c not in space.manifest.columns)]
     return selected[ordered]
 
@@ -567,33 +704,52 @@ def _removed(
     space: _Space,
     groups: dedup.SelfDedup,
     dedup_pairs: CopyPairs,
-    against: Sequence[tuple[str, dedup.EvalLeakage, CopyPairs, np.ndarray]],
+    against: Sequence[tuple[str, dedup.EvalLeakage, CopyPairs, np.ndarray, np.ndarray]],
 ) -> pd.DataFrame:
     """REMOVED_COLUMNS for every removed pool image: copies of evaluation images (and their groups), of seed images,
-    then duplicates within the pool. `against`: (name, copies found, their pairs, database rows) per comparison."""
-    uris, pool_x = space.uris[space.pool], space.x[space.pool]
+    then duplicates within the pool. `against`: (name, copies found, their pairs, database rows, database vectors)
+    per comparison."""
+    uris = space.uris[space.pool]
     rows: list[dict[str, Any]] = []
     listed = np.zeros(len(uris), bool)
-    for name, found, pairs, db_rows in against:
-        db_uris, db_x = space.uris[db_rows], space.x[db_rows]
+    for name, found, pairs, db_rows, db_x in against:
+        db_uris = space.uris[db_rows]
         best = _best_edges(len(uris), pairs, symmetric=False)
         touching_of_group = {int(groups.labels[r]): r for r in np.flatnonzero(found.touching).tolist()}
-        for r in np.flatnonzero(found.removed & ~listed).tolist():
-            t = r if found.touching[r] else touching_of_group[int(groups.labels[r])]  # a sibling goes with its group
-            edge = best.loc[t]
-            e = int(edge.partner)
+        todo = np.flatnonzero(found.removed & ~listed)
+        # The image each removed one is reported against: its own edge's partner, or its group's touching image's.
+        touching = np.array(
+            [r if found.touching[r] else touching_of_group[int(groups.labels[r])] for r in todo.tolist()], np.int64
+        )
+        partners = best.loc[touching, "partner"].to_numpy().astype(np.int64) if len(todo) else np.zeros(0, np.int64)
+        sims = _row_dots(space.pool_x.take(todo), db_x[partners]) if len(todo) else np.zeros(0, np.float32)
+        for r, t, e, sim in zip(todo.tolist(), touching.tolist(), partners.tolist(), sims.tolist(), strict=True):
             reason = f"{name}_copy" if t == r else f"{name}_copy_group"
-            rows.append(_removed_row(uris[r], reason, db_uris[e], pool_x[r] @ db_x[e], (db_uris[e] if t == r else
-                                     uris[t]), edge))  # fmt: skip
+            rows.append(_removed_row(uris[r], reason, db_uris[e], sim, db_uris[e] if t == r else uris[t], best.loc[t]))
             listed[r] = True
     keeper = pd.Series(np.flatnonzero(groups.keep), index=groups.labels[groups.keep])
     best = _best_edges(len(uris), dedup_pairs, symmetric=True)
-    for r in np.flatnonzero(~groups.keep & ~listed).tolist():
-        kept = int(keeper[groups.labels[r]])
+    todo = np.flatnonzero(~groups.keep & ~listed)
+    kept = keeper.loc[groups.labels[todo]].to_numpy().astype(np.int64) if len(todo) else np.zeros(0, np.int64)
+    sims = _pool_dots(space.pool_x, todo, kept)
+    for r, k, sim in zip(todo.tolist(), kept.tolist(), sims.tolist(), strict=True):
         edge = best.loc[r]
-        rows.append(_removed_row(uris[r], "duplicate", uris[kept], pool_x[r] @ pool_x[kept], uris[int(edge.partner)],
-                                 edge))  # fmt: skip
+        rows.append(_removed_row(uris[r], "duplicate", uris[k], sim, uris[int(edge.partner)], edge))
     return pd.DataFrame(rows, columns=list(REMOVED_COLUMNS))
+
+
+def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise inner products (float32)."""
+    return np.einsum("nd,nd->n", np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def _pool_dots(pool_x: Vectors, a: np.ndarray, b: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """pool_x[a[i]] . pool_x[b[i]] for every i, read a chunk of pairs at a time."""
+    out = np.zeros(len(a), np.float32)
+    for start in range(0, len(a), chunk):
+        end = start + chunk
+        out[start:end] = _row_dots(pool_x.take(a[start:end]), pool_x.take(b[start:end]))
+    return out
 
 
 def _removed_row(uri: str, reason: str, of: str, similarity: float, matched: str, edge: Any) -> dict[str, Any]:
@@ -642,20 +798,23 @@ def _largest_groups(
 
 def _retrieve(
     frame: pd.DataFrame,
-    x: np.ndarray,
-    manifest: pd.DataFrame,
-    seed_rows: np.ndarray,
+    surv_x: Vectors,
+    space: _Space,
+    seed_pos: np.ndarray,
     cfg: CurateConfig,
     params: SearchParams,
     rng: np.random.Generator,
     num_examples: int,
 ) -> tuple[pd.DataFrame, dict[str, Any], list[tuple[str, list[str]]]]:
-    """Sample- and cluster-based retrieval from the surviving pool `frame`, per seed set (appendix A.4)."""
-    pool_x = x[frame["_x_row"].to_numpy()]
+    """Sample- and cluster-based retrieval from the surviving pool `frame` (its vectors `surv_x`, in shards), per
+    seed set (appendix A.4); `seed_pos`: the seed images that are not evaluation copies."""
+    manifest = space.manifest
+    seed_rows = space.seeds[seed_pos]
     stats: dict[str, Any] = {"method": cfg.retrieval, "per_seed_set": {}}
     pool_labels = pool_sims = centroids = None
-    if cfg.retrieval in ("cluster", "both") and len(pool_x):
-        km = kmeans(pool_x, cfg.num_clusters, niter=cfg.kmeans_iters, seed=params.seed)
+    if cfg.retrieval in ("cluster", "both") and len(surv_x):
+        km = sharded.kmeans(surv_x, cfg.num_clusters, niter=cfg.kmeans_iters, seed=params.seed, params=params,
+                            **space.on("retrieval/kmeans"))  # fmt: skip
         pool_labels, pool_sims, centroids = km.labels, km.similarity, km.centroids
         stats["num_clusters"] = len(centroids)
         stats["pool_cluster_sizes"] = {
@@ -665,18 +824,26 @@ def _retrieve(
     seed_sources = manifest["source"].to_numpy()[seed_rows]
     parts: list[pd.DataFrame] = []
     examples: list[tuple[str, list[str]]] = []
-    for source in sorted(set(seed_sources.tolist())):
+    for number, source in enumerate(sorted(set(seed_sources.tolist()))):
         name = seed_set_name(source)
-        rows = seed_rows[seed_sources == source]
-        seed_x = x[rows]
+        in_set = seed_sources == source
+        rows = seed_rows[in_set]
+        seed_x = space.seed_x[seed_pos[in_set]]
         found: list[retrieval.Retrieved] = []
         if cfg.retrieval in ("sample", "both"):
             k = cfg.sample_k_per_set.get(name, cfg.sample_k)
             found.append(
-                retrieval.sample_retrieval(pool_x, seed_x, k=k, min_similarity=cfg.sample_min_similarity, params=params)
+                retrieval.sample_retrieval(
+                    surv_x,
+                    seed_x,
+                    k=k,
+                    min_similarity=cfg.sample_min_similarity,
+                    params=params,
+                    **space.on(f"retrieval/sample/set{number:03d}"),
+                )  # fmt: skip
             )
         if centroids is not None:
-            seed_labels, _ = assign(seed_x, centroids)
+            seed_labels, _ = sharded.assign(sharded.in_memory(seed_x, chunk_size=params.chunk_size), centroids, params)
             found.append(
                 retrieval.cluster_retrieval(
                     pool_labels,
@@ -721,18 +888,26 @@ def _retrieve(
 
 
 def _hkmeans_select(
-    frame: pd.DataFrame, x: np.ndarray, cfg: CurateConfig, seed: int, rng: np.random.Generator, target: int
+    frame: pd.DataFrame,
+    surv_x: Vectors,
+    space: _Space,
+    cfg: CurateConfig,
+    seed: int,
+    rng: np.random.Generator,
+    target: int,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Balanced sampling of `max_images` survivors from a hierarchical k-means (Vo et al. 2024)."""
+    """Balanced sampling of `max_images` survivors from a hierarchical k-means (Vo et al. 2024); level 1 runs on the
+    ranks' shards."""
     if not len(frame):
         return frame.assign(curation="hkmeans"), {"levels": []}
-    pool_x = x[frame["_x_row"].to_numpy()]
     hierarchy = hkmeans.hierarchical_kmeans(
-        pool_x,
+        surv_x,
         cfg.hkmeans_levels,
         niter=cfg.kmeans_iters,
         resampling_steps=cfg.hkmeans_resampling_steps,
         seed=seed,
+        ranks=space.ranks,
+        cache=space.work,
     )
     rows = hkmeans.balanced_sample(hierarchy, target, rng)
     out = frame.iloc[rows].copy()

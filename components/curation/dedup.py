@@ -18,10 +18,12 @@ some of them behind the k limit).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from components.curation.search import DEFAULT_SEARCH, SearchParams, build_index, max_similarity
+from components.curation import sharded
+from components.curation.search import DEFAULT_SEARCH, SearchParams, max_similarity
 
 
 @dataclass(frozen=True)
@@ -37,22 +39,25 @@ class DuplicateEdges:
 
 
 def duplicate_edges(
-    x: np.ndarray, *, k: int, threshold: float, params: SearchParams = DEFAULT_SEARCH
+    x: np.ndarray | sharded.Vectors,
+    *,
+    k: int,
+    threshold: float,
+    params: SearchParams = DEFAULT_SEARCH,
+    **sharding: Any,
 ) -> DuplicateEdges:
     """Edges of the duplicate graph: each row's k nearest neighbours with similarity at least `threshold`.
 
     Args:
-        x: N-by-D L2-normalised embeddings (float16 or float32).
+        x: N-by-D L2-normalised embeddings (float16 or float32), or the pool's shards (`sharded.Vectors`).
         k: Neighbours searched per row (itself excluded).
         threshold: Cosine similarity of an edge.
         params: Index kind and knobs (exact for small N, IVF above; see `search`).
+        sharding: `ranks`, `cache` and `name` of `sharded.self_edges` (each rank searches every row against the
+            shards it owns).
     """
-    if len(x) < 2:
-        empty = np.zeros(0, np.int64)
-        return DuplicateEdges(empty, empty, np.zeros(0, np.float32))
-    index = build_index(x, params)
-    # k + 1: the row itself is (almost always) its own first neighbour and is dropped.
-    src, dst, sim = index.edges_above(x, min(k + 1, len(x)), threshold, query_offset=0)
+    # k + 1 searched: the row itself is (almost always) its own first neighbour and is dropped.
+    src, dst, sim = sharded.self_edges(sharded.as_vectors(x, params.chunk_size), k, threshold, params, **sharding)
     return DuplicateEdges(src, dst, sim)
 
 
@@ -211,8 +216,8 @@ def eval_leakage(
 
 
 def curated_group_sizes(
-    x: np.ndarray, *, k: int, threshold: float, params: SearchParams = DEFAULT_SEARCH
+    x: np.ndarray | sharded.Vectors, *, k: int, threshold: float, params: SearchParams = DEFAULT_SEARCH, **sharding: Any
 ) -> np.ndarray:
     """(N,) how many rows of x share each row's duplicate group: the check that nothing duplicated is left."""
-    edges = duplicate_edges(x, k=k, threshold=threshold, params=params)
+    edges = duplicate_edges(x, k=k, threshold=threshold, params=params, **sharding)
     return group_sizes(connected_components(len(x), edges.src, edges.dst))

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from components.curation.search import assign, kmeans
+from components.curation import sharded
+from components.curation.search import SearchParams
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Level:
 
 
 def resampled_kmeans(
-    x: np.ndarray,
+    x: np.ndarray | sharded.Vectors,
     num_clusters: int,
     *,
     niter: int,
@@ -44,35 +45,39 @@ def resampled_kmeans(
     resample_size: int,
     seed: int,
     use_gpu: bool = True,
+    ranks: sharded.Ranks = sharded.LOCAL,
+    cache: sharded.WorkCache = sharded.NO_CACHE,
+    name: str = "resampled_kmeans",
 ) -> Level:
     """Spherical k-means, then `resampling_steps` centroid updates from the `resample_size` nearest points each.
 
     Args:
-        x: N-by-D L2-normalised items.
+        x: N-by-D L2-normalised items, or the pool's shards (each rank assigns its own; sums joined exactly).
         num_clusters: C (clipped to N).
         niter: Lloyd iterations of the initial k-means.
         resampling_steps: Resampling rounds (0: plain k-means).
         resample_size: Points per cluster a resampled centroid is computed from.
         seed: k-means seed.
         use_gpu: faiss on a GPU when present.
+        ranks: The ranks sharing the shards of x.
+        cache: Where each shard's assignments are kept (resume).
+        name: The step's name in the cache.
     """
-    result = kmeans(x, num_clusters, niter=niter, seed=seed, use_gpu=use_gpu)
+    vectors = sharded.as_vectors(x, SearchParams().chunk_size)
+    params = SearchParams(use_gpu=use_gpu)
+    result = sharded.kmeans(vectors, num_clusters, niter=niter, seed=seed, params=params, ranks=ranks, cache=cache,
+                            name=f"{name}/kmeans")  # fmt: skip
     centroids, labels, sims = result.centroids, result.labels, result.similarity
-    for _ in range(resampling_steps):
-        # The resample_size points nearest each centroid: sort by (cluster, -similarity) and take each run's head.
+    for step in range(resampling_steps):
+        # The resample_size points nearest each centroid: sort by (cluster, -similarity, row), take each run's head.
         order = np.lexsort((-sims, labels))
         sorted_labels = labels[order]
         starts = np.searchsorted(sorted_labels, np.arange(len(centroids)))
         rank = np.arange(len(order)) - starts[sorted_labels]
-        chosen = order[rank < resample_size]
-        sums = np.zeros_like(centroids, dtype=np.float64)
-        np.add.at(sums, labels[chosen], np.asarray(x[chosen], dtype=np.float64))
-        norms = np.linalg.norm(sums, axis=1, keepdims=True)
-        empty = norms[:, 0] == 0
-        sums[~empty] /= norms[~empty]
-        sums[empty] = centroids[empty]  # an empty cluster keeps its centroid
-        centroids = sums.astype(np.float32)
-        labels, sims = assign(x, centroids)
+        chosen = np.sort(order[rank < resample_size])
+        sums, counts = sharded.cluster_sums(vectors, chosen, labels, len(centroids), ranks=ranks)
+        centroids = sharded.centroids_from_sums(sums, counts, centroids)  # an empty cluster keeps its centroid
+        labels, sims = sharded.assign(vectors, centroids, params, ranks=ranks, cache=cache, name=f"{name}/step{step}")
     return Level(centroids=centroids, labels=labels)
 
 
@@ -95,7 +100,7 @@ class Hierarchy:
 
 
 def hierarchical_kmeans(
-    x: np.ndarray,
+    x: np.ndarray | sharded.Vectors,
     num_clusters: Sequence[int],
     *,
     niter: int = 20,
@@ -103,11 +108,14 @@ def hierarchical_kmeans(
     resample_size: int | None = None,
     seed: int = 0,
     use_gpu: bool = True,
+    ranks: sharded.Ranks = sharded.LOCAL,
+    cache: sharded.WorkCache = sharded.NO_CACHE,
 ) -> Hierarchy:
     """Hierarchical k-means with resampling: level l clusters the centroids of level l-1.
 
     Args:
-        x: N-by-D L2-normalised embeddings.
+        x: N-by-D L2-normalised embeddings, or the pool's shards: level 1 is distributed over `ranks`; the higher
+            levels cluster centroids, which every rank holds, and run on each rank alike.
         num_clusters: Clusters per level, finest first and decreasing (e.g. 10M, 500k, 50k, 20k in Vo et al.'s
             web-scale run).
         niter: Lloyd iterations per level.
@@ -115,6 +123,8 @@ def hierarchical_kmeans(
         resample_size: Points per cluster a resampled centroid uses; None: the mean cluster size at that level.
         seed: Seed (each level adds its index).
         use_gpu: faiss on a GPU when present.
+        ranks: The ranks sharing the shards of x.
+        cache: Where level 1's per-shard assignments are kept (resume).
     """
     if len(x) == 0:
         raise ValueError("hierarchical k-means of an empty set")
@@ -131,6 +141,9 @@ def hierarchical_kmeans(
             resample_size=size,
             seed=seed + depth,
             use_gpu=use_gpu,
+            ranks=ranks if depth == 0 else sharded.LOCAL,
+            cache=cache if depth == 0 else sharded.NO_CACHE,
+            name=f"hkmeans/level{depth}",
         )
         levels.append(level)
         items = level.centroids

@@ -14,13 +14,13 @@ comparison; candidates beyond the budget are not copies (nothing is removed with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from components.curation.verify import DEFAULT_VERIFY, Verification, VerifyParams, verify_pairs
+from components.curation.verify import DEFAULT_VERIFY, VerifyParams, verify_pairs
 from components.log import get_logger
 
 log = get_logger(__name__)
@@ -78,6 +78,7 @@ def decide_pairs(
     symmetric: bool,
     workers: int | None = None,
     params: VerifyParams = DEFAULT_VERIFY,
+    sharding: dict[str, Any] | None = None,
 ) -> CopyPairs:
     """Decides every candidate pair (src[i], dst[i], sim[i]) of one comparison.
 
@@ -91,6 +92,8 @@ def decide_pairs(
         symmetric: Rows of src and dst are the same images (self-deduplication): (a, b) and (b, a) are one pair.
         workers: Verification threads.
         params: Verification knobs.
+        sharding: `ranks`, `cache` and `name` of `verify_split`: the pairs are verified in blocks shared between the
+            ranks (every rank gets every outcome); None: all here.
     """
     src, dst, sim = np.asarray(src, np.int64), np.asarray(dst, np.int64), np.asarray(sim, np.float32)
     if symmetric:  # one entry per unordered pair, keeping its similarity
@@ -116,14 +119,18 @@ def decide_pairs(
     if len(band_rows):
         if sources is None:
             raise ValueError("verification needs the images: give the curate core an ImageAccess (or verify off)")
-        result = _verify(src[band_rows], dst[band_rows], sources, workers, params)
-        verified[band_rows], inliers[band_rows] = result.verified, result.inliers
-        stats["verification"] = result.cost()
+        verified[band_rows], inliers[band_rows], stats["verification"] = _verify(
+            src[band_rows], dst[band_rows], sources, workers, params, sharding or {}
+        )
     stats["verified"] = int(len(band_rows))
     stats["confirmed"] = int(verified.sum())
     copy = accepted | verified
     method = np.where(accepted, "embedding", "local_features").astype(object)
     return CopyPairs(src[copy], dst[copy], sim[copy], method[copy], inliers[copy], stats)
+
+
+VERIFY_BLOCK = 2048
+"""Pairs per block of verification work: blocks go round the ranks, and each is kept for resume once verified."""
 
 
 def _verify(
@@ -132,11 +139,69 @@ def _verify(
     sources: tuple[Sequence[Any], Sequence[Any]],
     workers: int | None,
     params: VerifyParams,
-) -> Verification:
-    """Verifies pairs of rows, each distinct (side, row) image loaded once."""
-    keys = np.concatenate([np.stack([np.zeros_like(src), src], 1), np.stack([np.ones_like(dst), dst], 1)])
-    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    images = [sources[side][row] for side, row in unique.tolist()]
-    pairs = np.stack([inverse[: len(src)], inverse[len(src) :]], 1)
-    return verify_pairs(pairs, images, params=params, workers=workers)
+    sharding: dict[str, Any],
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Verifies pairs of rows (source side, destination side): (verified, inliers, cost)."""
+    pairs = np.stack([src, dst], 1)
+
+    def source(side_row: int) -> Any:
+        return sources[side_row % 2][side_row // 2]
+
+    # Images are numbered 2 row + side: a pair (a, b) reads image 2 a and image 2 b + 1.
+    return verify_split(np.stack([2 * pairs[:, 0], 2 * pairs[:, 1] + 1], 1), source, workers=workers, params=params,
+                        **sharding)  # fmt: skip
+
+
+def verify_split(
+    pairs: np.ndarray,
+    sources: Sequence[Any] | Callable[[int], Any],
+    *,
+    workers: int | None = None,
+    params: VerifyParams = DEFAULT_VERIFY,
+    ranks: Any = None,
+    cache: Any = None,
+    name: str = "verify",
+    block: int = VERIFY_BLOCK,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """`verify_pairs` in blocks of `block` pairs, block b on rank b mod R; every rank gets every outcome.
+
+    Each pair's outcome depends on its two images alone (ORB is deterministic, OpenCV's RANSAC seeds its own
+    generator), so the outcomes do not depend on how pairs are split.
+
+    Returns:
+        (verified, inliers, cost): per pair, and the cost of all blocks (pairs, images read, CPU and wall seconds
+        summed over the blocks, the ranks' threads).
+    """
+    from components.curation import sharded
+
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+
+    def compute(b: int, _: Any) -> dict[str, np.ndarray]:
+        result = verify_pairs(pairs[b * block : (b + 1) * block], sources, params=params, workers=workers)
+        cost = result.cost()
+        return {
+            "verified": result.verified,
+            "inliers": result.inliers,
+            "cost": np.array(
+                [cost["images"], cost["unreadable_images"], cost["workers"], cost["wall_s"], cost["cpu_s"]], np.float64
+            ),  # fmt: skip
+        }
+
+    blocks = sharded.map_chunks(ranks or sharded.LOCAL, -(-len(pairs) // block), compute,
+                                cache=cache or sharded.NO_CACHE, name=name)  # fmt: skip
+    verified = sharded.concat(blocks, "verified", bool)
+    inliers = sharded.concat(blocks, "inliers", np.int64)
+    total = np.sum([b["cost"] for b in blocks], axis=0) if blocks else np.zeros(5)
+    wall, cpu = float(total[3]), float(total[4])
+    cost = {
+        "pairs": len(pairs),
+        "images": int(total[0]),
+        "unreadable_images": int(total[1]),
+        "workers": int(max((b["cost"][2] for b in blocks), default=0)),
+        "ranks": (ranks or sharded.LOCAL).world,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "ms_per_pair": round(1000.0 * wall / max(len(pairs), 1), 3),
+        "cpu_ms_per_pair": round(1000.0 * cpu / max(len(pairs), 1), 3),
+    }
+    return verified, inliers, cost

@@ -13,10 +13,12 @@ centroid).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from components.curation.search import DEFAULT_SEARCH, SearchParams, knn
+from components.curation import sharded
+from components.curation.search import DEFAULT_SEARCH, SearchParams
 
 
 @dataclass(frozen=True)
@@ -79,26 +81,29 @@ def best_per_pool_row(found: Retrieved) -> Retrieved:
 
 
 def sample_retrieval(
-    pool_x: np.ndarray,
+    pool_x: np.ndarray | sharded.Vectors,
     seed_x: np.ndarray,
     *,
     k: int,
     min_similarity: float = -1.0,
     params: SearchParams = DEFAULT_SEARCH,
+    **sharding: Any,
 ) -> Retrieved:
     """The k nearest pool images of every seed image (at least `min_similarity`), one entry per pool image.
 
     Args:
-        pool_x: N-by-D L2-normalised pool embeddings (after deduplication).
+        pool_x: N-by-D L2-normalised pool embeddings (after deduplication), or their shards.
         seed_x: S-by-D embeddings of one seed set.
         k: Neighbours per seed image (4 or 32 in the paper).
         min_similarity: Neighbours below this cosine similarity are not retrieved (a seed set with no close pool
             image retrieves nothing).
         params: Search knobs.
+        sharding: `ranks`, `cache` and `name` of `sharded.knn` (each rank searches the seeds against its shards).
     """
     if len(pool_x) == 0 or len(seed_x) == 0:
         return Retrieved.empty()
-    sims, ids = knn(seed_x, pool_x, min(k, len(pool_x)), params)
+    sims, ids = sharded.knn(seed_x, sharded.as_vectors(pool_x, params.chunk_size), min(k, len(pool_x)), params,
+                            **sharding)  # fmt: skip
     seed_rows, cols = np.nonzero((ids >= 0) & (sims >= min_similarity))
     found = Retrieved(
         pool_rows=ids[seed_rows, cols],

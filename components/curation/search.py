@@ -24,7 +24,7 @@ builds an N x N similarity matrix.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -111,12 +111,18 @@ def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + size)
 
 
+def sample_rows(num_total: int, num: int, seed: int) -> np.ndarray:
+    """`num` of the rows 0 .. num_total - 1 (all of them if fewer), drawn without replacement, sorted."""
+    if num >= num_total:
+        return np.arange(num_total)
+    return np.sort(np.random.default_rng(seed).choice(num_total, size=num, replace=False))
+
+
 def _sample_rows(x: np.ndarray, num: int, seed: int) -> np.ndarray:
     """`num` rows of x (all of them if fewer), sampled without replacement, as float32."""
     if num >= len(x):
         return _as_f32(x)
-    rows = np.sort(np.random.default_rng(seed).choice(len(x), size=num, replace=False))
-    return _as_f32(x[rows])
+    return _as_f32(x[sample_rows(len(x), num, seed)])
 
 
 class SearchIndex:
@@ -231,6 +237,96 @@ def _factory_string(kind: str, nlist: int, pq_m: int, gpu: bool) -> str:
     return f"{ivf},PQ{pq_m}x4fs,Refine(SQfp16)"
 
 
+@dataclass(frozen=True)
+class TrainedIndex:
+    """A trained, empty index: the coarse quantizer and PQ codebooks that every shard of one database shares.
+
+    Shards filled from one `TrainedIndex` probe the same inverted lists for a query and hold the same codes for a
+    vector, so searching every shard and merging equals searching one index over their union (before re-ranking,
+    which each shard does on its own candidates: never fewer candidates than one index would re-rank).
+    """
+
+    index: object
+    """The CPU faiss index, trained (flat kinds need no training), with no vectors."""
+    kind: str
+    dim: int
+    params: SearchParams
+    gpu: bool
+    """Whether shards are filled on the GPUs."""
+
+
+def training_rows(num_vectors: int, params: SearchParams) -> np.ndarray:
+    """The database rows an index over `num_vectors` vectors is trained on (none for the flat kind)."""
+    if resolve_kind(params, num_vectors) == "flat":
+        return np.zeros(0, np.int64)
+    nlist = min(params.nlist or default_nlist(num_vectors), max(num_vectors, 1))
+    return sample_rows(num_vectors, params.train_per_list * nlist, params.seed)
+
+
+def train_index(train: np.ndarray, num_vectors: int, dim: int, params: SearchParams = DEFAULT_SEARCH) -> TrainedIndex:
+    """Trains the index a database of `num_vectors` vectors of width `dim` is searched with.
+
+    Args:
+        train: The rows `training_rows(num_vectors, params)` of the database (ignored by the flat kind).
+        num_vectors: The whole database's size (the index kind and nlist follow it, not the shard's).
+        dim: D.
+        params: Index kind and its knobs.
+    """
+    faiss = _faiss()
+    kind = resolve_kind(params, num_vectors)
+    gpu = params.use_gpu and num_gpus() > 0
+    nlist = min(params.nlist or default_nlist(num_vectors), max(num_vectors, 1))
+    pq_m = params.pq_m or max(1, dim // 4)
+    if kind == "ivf_pq" and dim % pq_m:
+        raise ValueError(f"pq_m = {pq_m} must divide the embedding dimension {dim}")
+    if kind == "ivf_pq" and gpu and (pq_m % 2 or dim % (pq_m // 2)):
+        gpu = False  # no GPU layout for this code size: stay on the CPU rather than fail
+    index = faiss.index_factory(dim, _factory_string(kind, nlist, pq_m, gpu), faiss.METRIC_INNER_PRODUCT)
+    if kind != "flat":
+        _check_dim(train, dim, "training vectors")
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = params.seed
+        ivf.cp.niter = params.train_iters
+        ivf.cp.min_points_per_centroid = min(params.train_per_list, 39)  # the sample size is chosen, not too small
+        ivf.cp.spherical = True  # cosine k-means: centroids renormalised (the data lie on the sphere)
+        index.train(_as_f32(train))
+        ivf.nprobe = params.nprobe
+    return TrainedIndex(index, kind, dim, params, gpu)
+
+
+def to_bytes(trained: TrainedIndex) -> tuple[np.ndarray, str, int, SearchParams, bool]:
+    """The trained index as plain data (its faiss bytes and fields), to send to other ranks or keep on disk."""
+    return np.asarray(_faiss().serialize_index(trained.index)), trained.kind, trained.dim, trained.params, trained.gpu
+
+
+def from_bytes(data: tuple[np.ndarray, str, int, SearchParams, bool]) -> TrainedIndex:
+    """The `TrainedIndex` that `to_bytes` described."""
+    raw, kind, dim, params, gpu = data
+    return TrainedIndex(_faiss().deserialize_index(np.asarray(raw, np.uint8)), kind, dim, params, gpu)
+
+
+def fill_index(trained: TrainedIndex, num: int, read: Callable[[int, int], np.ndarray]) -> SearchIndex:
+    """A searchable copy of `trained` holding `num` vectors, read `chunk_size` rows at a time.
+
+    Args:
+        trained: From `train_index`.
+        num: Vectors to add; they get ids 0 .. num - 1.
+        read: (start, end) -> rows start .. end - 1 of the vectors (float16 or float32).
+    """
+    faiss = _faiss()
+    params = trained.params
+    index = faiss.clone_index(trained.index)
+    if trained.gpu:
+        index = _to_gpu(index, trained.kind)
+    for start, end in _chunks(num, params.chunk_size):
+        chunk = read(start, end)
+        _check_dim(chunk, trained.dim, "database")
+        index.add(_as_f32(chunk))
+    if trained.gpu and trained.kind == "ivf_pq":
+        index = _refined_gpu_index(index, num, read, params)
+    return SearchIndex(index, trained.kind, trained.dim, params, trained.gpu)
+
+
 def build_index(database: np.ndarray, params: SearchParams = DEFAULT_SEARCH) -> SearchIndex:
     """Builds an inner-product index over `database` (N-by-D, L2-normalised, float16 or float32).
 
@@ -245,45 +341,20 @@ def build_index(database: np.ndarray, params: SearchParams = DEFAULT_SEARCH) -> 
     Returns:
         A `SearchIndex` on the GPU when faiss-gpu and a GPU are present and `params.use_gpu`, else on the CPU.
     """
-    faiss = _faiss()
     _check_dim(database, None, "database")
     num, dim = database.shape
-    kind = resolve_kind(params, num)
-    gpu = params.use_gpu and num_gpus() > 0
-    nlist = min(params.nlist or default_nlist(num), max(num, 1))
-    pq_m = params.pq_m or max(1, dim // 4)
-    if kind == "ivf_pq" and dim % pq_m:
-        raise ValueError(f"pq_m = {pq_m} must divide the embedding dimension {dim}")
-    if kind == "ivf_pq" and gpu and (pq_m % 2 or dim % (pq_m // 2)):
-        gpu = False  # no GPU layout for this code size: stay on the CPU rather than fail
-    index = faiss.index_factory(dim, _factory_string(kind, nlist, pq_m, gpu), faiss.METRIC_INNER_PRODUCT)
-    if kind != "flat":
-        train = _sample_rows(database, params.train_per_list * nlist, params.seed)
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.seed = params.seed
-        ivf.cp.niter = params.train_iters
-        ivf.cp.min_points_per_centroid = min(params.train_per_list, 39)  # the sample size is chosen, not too small
-        ivf.cp.spherical = True  # cosine k-means: centroids renormalised (the data lie on the sphere)
-        index.train(train)
-        del train
-        ivf.nprobe = params.nprobe
-    on_gpu = False
-    if gpu:
-        index = _to_gpu(index, kind)
-        on_gpu = True
-    for start, end in _chunks(num, params.chunk_size):
-        index.add(_as_f32(database[start:end]))
-    if on_gpu and kind == "ivf_pq":
-        index = _refined_gpu_index(index, database, params)
-    log.info(
+    rows = training_rows(num, params)
+    trained = train_index(_as_f32(database[rows]) if len(rows) else database[:0], num, dim, params)
+    index = fill_index(trained, num, lambda start, end: database[start:end])
+    log.debug(
         "faiss index %s over %d x %d vectors (%s%s)",
-        kind,
+        index.kind,
         num,
         dim,
-        "GPU" if on_gpu else "CPU",
-        f", nlist {nlist}, nprobe {params.nprobe}" if kind != "flat" else "",
+        "GPU" if index.on_gpu else "CPU",
+        f", nprobe {params.nprobe}" if index.kind != "flat" else "",
     )
-    return SearchIndex(index, kind, dim, params, on_gpu)
+    return index
 
 
 def _to_gpu(index: object, kind: str) -> object:
@@ -295,13 +366,12 @@ def _to_gpu(index: object, kind: str) -> object:
     return faiss.index_cpu_to_all_gpus(index, co=options)
 
 
-def _refined_gpu_index(base: object, database: np.ndarray, params: SearchParams) -> object:
+def _refined_gpu_index(base: object, num: int, read: Callable[[int, int], np.ndarray], params: SearchParams) -> object:
     """GPU IVF-PQ candidates re-ranked exactly on a CPU float16 copy (faiss's IndexRefine takes any base index)."""
     faiss = _faiss()
-    dim = database.shape[1]
-    refine = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    for start, end in _chunks(len(database), params.chunk_size):
-        refine.add(_as_f32(database[start:end]))
+    refine = faiss.IndexScalarQuantizer(base.d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    for start, end in _chunks(num, params.chunk_size):
+        refine.add(_as_f32(read(start, end)))
     index = faiss.IndexRefine(base, refine)
     index.k_factor = float(params.refine_factor)
     index.own_fields = False

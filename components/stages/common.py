@@ -35,9 +35,11 @@ MAX_LOGGED_EXPORT_BYTES = 256 * 2**20
 LOGGED_EXPORT_FILES = ("model.json", "heads.pth", "backbone.safetensors")
 
 
-def needs_launcher(cfg: PipelineConfig) -> bool:
-    """True when the stage must start `train.nproc_per_node` ranks itself (no launcher around it)."""
-    return cfg.train.nproc_per_node > 1 and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+def needs_launcher(cfg: PipelineConfig, nproc_per_node: int | None = None) -> bool:
+    """True when the stage must start `nproc_per_node` (None: `train.nproc_per_node`) ranks itself (no launcher
+    around it)."""
+    nproc = nproc_per_node if nproc_per_node is not None else cfg.train.nproc_per_node
+    return nproc > 1 and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
 def world_size(cfg: PipelineConfig) -> int:
@@ -47,13 +49,15 @@ def world_size(cfg: PipelineConfig) -> int:
     return cfg.train.nproc_per_node
 
 
-def relaunch(stage: str, cfg: PipelineConfig, paths: dict[str, str]) -> None:
-    """Runs this stage again under `torchrun --standalone` with `train.nproc_per_node` ranks and the same config."""
+def relaunch(stage: str, cfg: PipelineConfig, paths: dict[str, str], nproc_per_node: int | None = None) -> None:
+    """Runs this stage again under `torchrun --standalone` with `nproc_per_node` ranks (None: `train.nproc_per_node`)
+    and the same config."""
+    nproc = nproc_per_node if nproc_per_node is not None else cfg.train.nproc_per_node
     with tempfile.TemporaryDirectory(prefix=f"{stage}-") as tmp:
         params = save_resolved(cfg, Path(tmp) / "params.yaml")
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={cfg.train.nproc_per_node}", "-m", "components", stage, "--params", str(params),
+            f"--nproc_per_node={nproc}", "-m", "components", stage, "--params", str(params),
             *(arg for name, value in paths.items() for arg in (f"--{name}", value)),
         ]  # fmt: skip
         log.info("relaunching under torchrun: %s", " ".join(cmd))

@@ -15,13 +15,24 @@ grids and gates are logged to MLflow, and the calibration curves as step metrics
 
 Calibration and verification re-embed planted copies with the embed stage's model: the `embed` section must be the
 one that made the embeddings (their fingerprint is compared), and the model is built again here.
+
+Several ranks: `torchrun --nproc_per_node R [--nnodes N --rdzv-*] -m components curate ...`, or `curate.nproc_per_node`
+above 1 (the stage relaunches itself under torchrun, as the training stages do). Every rank reads the embeddings
+through memory maps, indexes the pool shards it owns and exchanges its results with the others over gloo
+(components/curation/sharded.py); rank 0 gates, writes the outputs and logs. The output is the one a single process
+writes. The folder `<out>.partial/work/` keeps every finished per-shard result with a fingerprint of its inputs, so a
+run that was killed (one rank or all) resumes where it stopped, on any number of ranks; it is removed once the
+outputs are in place.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,10 +41,20 @@ from components import gates, storage
 from components.config import PipelineConfig
 from components.curation.calibrate import Calibration
 from components.curation.curate import REMOVED_COLUMNS, CurationResult, ImageAccess, curate, leak_bound
-from components.embedding import build_embedder, load_embeddings, load_failures, read_meta, run_fingerprint
+from components.curation.sharded import Ranks, WorkCache
+from components.embedding import (
+    EmbeddingRows,
+    build_embedder,
+    load_failures,
+    open_embeddings,
+    read_meta,
+    run_fingerprint,
+)
 from components.images import decode_rgb
 from components.jsonio import write_json
 from components.log import get_logger
+from components.runtime import barrier, join_process_group
+from components.stages.common import needs_launcher, relaunch
 from components.stages.embed import read_prepared
 from components.stages.shell import StageRun, stage_run
 from components.synthetic import is_synthetic_world
@@ -43,14 +64,17 @@ log = get_logger(__name__)
 TILE = 72
 
 
-def align(manifest: pd.DataFrame, ids: Sequence[str], x: np.ndarray) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
-    """Manifest rows that have an embedding (with their rows of x, in manifest order) and those that have none."""
+def align(manifest: pd.DataFrame, ids: Sequence[str], x: Any) -> tuple[pd.DataFrame, Any, pd.DataFrame]:
+    """Manifest rows that have an embedding (with their rows of x, in manifest order) and those that have none.
+
+    Rows of lazily read embeddings (`EmbeddingRows`) stay unread: a view in manifest order."""
     position = pd.Series(np.arange(len(ids)), index=pd.Index(ids, dtype=object))
     position = position[~position.index.duplicated()]
     found = manifest["uri"].isin(position.index).to_numpy()
     kept = manifest[found].reset_index(drop=True)
     rows = position.loc[kept["uri"]].to_numpy()
-    return kept, np.asarray(x[rows]), manifest[~found].reset_index(drop=True)
+    feats = x.view(rows) if isinstance(x, EmbeddingRows) else np.asarray(x[rows])
+    return kept, feats, manifest[~found].reset_index(drop=True)
 
 
 CAPTION = 14
@@ -149,67 +173,108 @@ def random_weights_warning(meta: dict, pool_uris: Sequence[str]) -> str | None:
     )
 
 
-def run_curate(cfg: PipelineConfig, *, prepared: str, embeddings: str, out: str, metrics: str) -> None:
-    """Curates the prepared pool with the embed stage's features; see the module docstring for the outputs.
+WORK_FORMAT = 1
+"""Version of the per-shard results kept under `<out>.partial/work/` (part of their fingerprint)."""
 
-    A disk that fills up (or another OS error of a write) stops the stage with a `StorageError` naming it; the
-    partial folder is removed and the previous curated set is as it was.
-    """
+
+def work_fingerprint(cfg: PipelineConfig, meta: dict, kept: pd.DataFrame) -> str:
+    """What every kept per-shard result depends on: the curate config (not how many ranks run it), the seed, the
+    embeddings (their fingerprint and shards) and the manifest rows curated (uri, content, size, source)."""
+    columns = [c for c in ("uri", "sha256", "width", "height", "source") if c in kept.columns]
+    rows = hashlib.sha256(pd.util.hash_pandas_object(kept[columns], index=False).to_numpy().tobytes()).hexdigest()
+    payload = {
+        "v": WORK_FORMAT,
+        "curate": cfg.curate.model_dump(mode="json", exclude={"nproc_per_node", "verify_workers"}),
+        "seed": cfg.seed,
+        "embeddings": [meta.get("fingerprint"), meta.get("shards")],
+        "rows": rows,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_curate(cfg: PipelineConfig, *, prepared: str, embeddings: str, out: str, metrics: str) -> None:
+    """Curates the prepared pool with the embed stage's features; see the module docstring for the outputs."""
+    paths = {"prepared": prepared, "embeddings": embeddings, "out": out, "metrics": metrics}
+    if needs_launcher(cfg, cfg.curate.nproc_per_node):
+        relaunch("curate", cfg, paths, cfg.curate.nproc_per_node)
+        return
+    rank, world = join_process_group("gloo")  # the exchanges are of CPU data, with or without GPUs
     out_dir = Path(out)
     staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    kept = f"the partial folder {staging} is removed and {out_dir} is as it was"
+    if rank == 0:
+        _clear_staging(staging)
+    barrier(world)
+    manifest = read_prepared(prepared)
+    meta = read_meta(embeddings)
+    ids, x = open_embeddings(embeddings)
+    kept, feats, missing = align(manifest, ids, x)
+    work = WorkCache(staging / "work", work_fingerprint(cfg, meta, kept))
+    if rank != 0:  # the other ranks search their shards; rank 0 alone gates, writes and tracks
+        curate(manifest=kept, embeddings=feats, cfg=cfg.curate, seed=cfg.seed, access=_access(cfg, meta),
+               ranks=Ranks.current(), work=work)  # fmt: skip
+        barrier(world, last=True)
+        return
+    kept_note = f"the partial outputs in {staging} are removed and {out_dir} is as it was"
     try:
-        with storage.named_write_errors(staging, what="the curate stage's outputs", kept=kept):
-            staging.mkdir(parents=True)
-            _curate(cfg, prepared=prepared, embeddings=embeddings, out_dir=out_dir, staging=staging, metrics=metrics)
+        with (
+            storage.named_write_errors(staging, what="the curate stage's outputs", kept=kept_note),
+            stage_run("curate", cfg, config_out=staging / "config.yaml", metrics_out=Path(metrics)) as run,
+        ):
+            # The input gate: a NaN or non-unit row (a broken checkpoint, a hand-made folder) stops here, naming its id.
+            run.gate(
+                "embeddings_input",
+                gates.embedding_frame(ids, x),
+                gates.embeddings_suite(dim=int(meta["dim"]), normalized=True),
+                staging / "gates",
+                id_column="id",
+            )
+            missing = _report_missing(missing, embeddings, meta, staging)
+            warning = random_weights_warning(meta, kept.loc[kept["source"] == "pool", "uri"].head(50).tolist())
+            if warning:
+                log.warning("curate: %s", warning)
+            result = curate(manifest=kept, embeddings=feats, cfg=cfg.curate, seed=cfg.seed, access=_access(cfg, meta),
+                            ranks=Ranks.current(), work=work)  # fmt: skip
+            assert result is not None  # rank 0 gets the result
+            report = result.report
+            report["warnings"] = [warning] if warning else []
+            report["counts"]["manifest"] = len(manifest)
+            report["counts"]["missing_embedding"] = len(missing)
+            report["missing_embedding"] = missing[["uri", "reason"]].head(100).to_dict(orient="records")
+            report["embeddings"] = {
+                k: meta.get(k)
+                for k in ("arch", "weights", "random_weights", "dim", "features", "image_size", "fingerprint")
+            }
+            report["ranks"] = world
+            report["removed_images"] = result.removed.head(REPORT_REMOVED).to_dict(orient="records")
+            _gate_outputs(run, cfg, result, staging)
+            _write_outputs(result, staging)
+            shutil.rmtree(staging / "work", ignore_errors=True)  # every result is in the outputs now
+            storage.replace_folder(staging, out_dir)
+            _log_outputs(run, result, out_dir)
     except storage.StorageError:
-        shutil.rmtree(staging, ignore_errors=True)
+        _clear_staging(staging)  # the finished per-shard results (`work/`) stay for the rerun
         raise
+    barrier(world, last=True)
 
 
-def _curate(cfg: PipelineConfig, *, prepared: str, embeddings: str, out_dir: Path, staging: Path, metrics: str) -> None:
-    with stage_run("curate", cfg, config_out=staging / "config.yaml", metrics_out=Path(metrics)) as run:
-        manifest = read_prepared(prepared)
-        meta = read_meta(embeddings)
-        ids, x = load_embeddings(embeddings)
-        # The input gate: a NaN or non-unit row (a broken checkpoint, a hand-made folder) stops here, naming its id.
-        run.gate(
-            "embeddings_input",
-            gates.embedding_frame(ids, x),
-            gates.embeddings_suite(dim=int(meta["dim"]), normalized=True),
-            staging / "gates",
-            id_column="id",
-        )
-        kept, feats, missing = _align_and_report_missing(manifest, ids, x, embeddings, meta, staging)
-        warning = random_weights_warning(meta, kept.loc[kept["source"] == "pool", "uri"].head(50).tolist())
-        if warning:
-            log.warning("curate: %s", warning)
-        result = curate(manifest=kept, embeddings=feats, cfg=cfg.curate, seed=cfg.seed, access=_access(cfg, meta))
-        report = result.report
-        report["warnings"] = [warning] if warning else []
-        report["counts"]["manifest"] = len(manifest)
-        report["counts"]["missing_embedding"] = len(missing)
-        report["missing_embedding"] = missing[["uri", "reason"]].head(100).to_dict(orient="records")
-        report["embeddings"] = {
-            k: meta.get(k)
-            for k in ("arch", "weights", "random_weights", "dim", "features", "image_size", "fingerprint")
-        }
-        report["removed_images"] = result.removed.head(REPORT_REMOVED).to_dict(orient="records")
-        _gate_outputs(run, cfg, result, staging)
-        _write_outputs(result, staging)
-        storage.replace_folder(staging, out_dir)
-        _log_outputs(run, result, out_dir)
+def _clear_staging(staging: Path) -> None:
+    """An empty staging folder, but for the finished per-shard results of an earlier run (`work/`)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    for entry in staging.iterdir():
+        if entry.name == "work":
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 REPORT_REMOVED = 1000
 """Removed images listed in report.json itself; removed.parquet lists them all."""
 
 
-def _align_and_report_missing(
-    manifest: pd.DataFrame, ids: Sequence[str], x: np.ndarray, embeddings: str, meta: dict, staging: Path
-) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
-    kept, feats, missing = align(manifest, ids, x)
+def _report_missing(missing: pd.DataFrame, embeddings: str, meta: dict, staging: Path) -> pd.DataFrame:
+    """Manifest rows with no embedding, with the embed stage's reason, written to `missing.parquet` and logged."""
     failures = load_failures(embeddings).set_index("id")["error"] if meta.get("failed") else pd.Series(dtype=str)
     missing = missing.assign(
         reason=[failures.get(u, "no embedding (not in the embed stage's output)") for u in missing["uri"]]
@@ -217,7 +282,7 @@ def _align_and_report_missing(
     missing.to_parquet(staging / "missing.parquet", index=False)
     for row in missing.itertuples():
         log.warning("curate: %s has no embedding and is left out (%s)", row.uri, row.reason)
-    return kept, feats, missing
+    return missing
 
 
 def calibration_frame(calibrations: dict[str, Calibration]) -> pd.DataFrame:

@@ -12,7 +12,6 @@ recomputes it (see components/embedding.py).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +30,7 @@ from components.embedding import (
     run_fingerprint,
 )
 from components.log import get_logger
+from components.runtime import barrier, join_process_group
 from components.stages.shell import stage_run
 from components.synthetic import is_synthetic_world
 
@@ -61,32 +61,10 @@ def warn_random_weights(embedder: Embedder, manifest: pd.DataFrame) -> bool:
     return True
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) under torchrun, with a process group for barriers; (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
-
-
-def _barrier(world: int, *, last: bool = False) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        if last:
-            dist.destroy_process_group()
-
-
 def run_embed(cfg: PipelineConfig, *, prepared: str, out: str, metrics: str) -> None:
     """Embeds the prepared manifest into `out` (shards, ids, meta.json, failures.parquet, gate results)."""
     out_dir = Path(out)
-    rank, world = _distributed()
+    rank, world = join_process_group()
     manifest = read_prepared(prepared)
     if rank != 0:  # workers embed their slice; rank 0 alone tracks, finalises and gates
         embedder = build_embedder(cfg.embed, cfg.seed)
@@ -94,8 +72,8 @@ def run_embed(cfg: PipelineConfig, *, prepared: str, out: str, metrics: str) -> 
             manifest, cfg.embed.shard_size, run_fingerprint(cfg.embed, cfg.seed, embedder.weights_digest)
         )
         embed_shards(shards, embedder, cfg.embed, out_dir, rank=rank, world_size=world)
-        _barrier(world)  # rank 0 finalises after this one
-        _barrier(world, last=True)
+        barrier(world)  # rank 0 finalises after this one
+        barrier(world, last=True)
         return
     with stage_run("embed", cfg, config_out=out_dir / "config.yaml", metrics_out=Path(metrics)) as run:
         embedder = build_embedder(cfg.embed, cfg.seed)
@@ -104,7 +82,7 @@ def run_embed(cfg: PipelineConfig, *, prepared: str, out: str, metrics: str) -> 
         shards = plan_shards(manifest, cfg.embed.shard_size, run_fp)
         run.set_tags({"embed.fingerprint": run_fp, "embed.device": str(embedder.device), "embed.world_size": world})
         stats = embed_shards(shards, embedder, cfg.embed, out_dir, rank=0, world_size=world)
-        _barrier(world)
+        barrier(world)
         meta = finalize(shards, embedder, cfg.embed, out_dir, run_fp)
         failures = load_failures(out_dir)
         with (
@@ -136,4 +114,4 @@ def run_embed(cfg: PipelineConfig, *, prepared: str, out: str, metrics: str) -> 
             }
         )
         run.set_headline("embedded_images", float(len(ids)))
-    _barrier(world, last=True)
+    barrier(world, last=True)

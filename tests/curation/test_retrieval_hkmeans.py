@@ -87,5 +87,6 @@ def test_resampled_kmeans_recomputes_centroids_from_nearest_points() -> None:
     assert plain.labels.shape == resampled.labels.shape == (1000,)
     assert not np.allclose(plain.centroids, resampled.centroids)
     np.testing.assert_allclose(np.linalg.norm(resampled.centroids, axis=1), 1.0, atol=1e-4)
-    # Every point is assigned to its nearest resampled centroid.
-    assert (np.argmax(x @ resampled.centroids.T, axis=1) == resampled.labels).all()
+    # Every point is assigned to its nearest resampled centroid (up to float rounding between two GEMM kernels).
+    sims = x @ resampled.centroids.T
+    np.testing.assert_allclose(sims[np.arange(len(x)), resampled.labels], sims.max(axis=1), atol=1e-6)

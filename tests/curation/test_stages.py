@@ -55,15 +55,10 @@ def prepared(tiny_world: tuple[Path, dict], tmp_path: Path) -> tuple[Path, Path]
     return _prepare(tiny_world[0], tmp_path)
 
 
-@pytest.fixture(scope="module")
-def embedded(tiny_world: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+@pytest.fixture
+def embedded(tiny_embedded: tuple[Path, Path]) -> tuple[Path, Path]:
     """(prepared folder, embeddings folder) shared by the tests that only read them (copy before modifying)."""
-    with pytest.MonkeyPatch.context() as env:  # module scope: the function-scoped monkeypatch is not available
-        env.setenv("DINOV2_TRACKING", "off")
-        tmp = tmp_path_factory.mktemp("embedded")
-        _, prep = _prepare(tiny_world[0], tmp)
-        embed(config(), prep, tmp)
-    return prep, tmp / "emb"
+    return tiny_embedded
 
 
 def embed(cfg: PipelineConfig, prepared: Path, tmp: Path) -> dict:

@@ -198,10 +198,6 @@ def test_embed_on_two_nodes_equals_one_process(tiny_world: tuple[Path, dict], tm
     np.testing.assert_allclose(x_two.astype(np.float32), x_one.astype(np.float32), rtol=0, atol=1e-3)
 
 
-@pytest.mark.skip(
-    reason="the curate stage runs in one process on this branch (no torchrun path yet: distributed curation is "
-    "issue 26 point 1, on another branch); remove this mark once it accepts torchrun"
-)
 def test_curate_on_two_nodes_equals_one_process(tiny_world: tuple[Path, dict], tmp_path: Path, monkeypatch) -> None:
     import pandas as pd
 

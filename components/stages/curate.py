@@ -193,7 +193,12 @@ def work_fingerprint(cfg: PipelineConfig, meta: dict, kept: pd.DataFrame) -> str
 
 
 def run_curate(cfg: PipelineConfig, *, prepared: str, embeddings: str, out: str, metrics: str) -> None:
-    """Curates the prepared pool with the embed stage's features; see the module docstring for the outputs."""
+    """Curates the prepared pool with the embed stage's features; see the module docstring for the outputs.
+
+    A disk that fills up (or another OS error of a write) stops the stage with a `StorageError` naming it; the
+    partial outputs are removed (the finished per-shard results of `work/` stay for the rerun) and the previous
+    curated set is as it was.
+    """
     paths = {"prepared": prepared, "embeddings": embeddings, "out": out, "metrics": metrics}
     if needs_launcher(cfg, cfg.curate.nproc_per_node):
         relaunch("curate", cfg, paths, cfg.curate.nproc_per_node)
@@ -204,6 +209,21 @@ def run_curate(cfg: PipelineConfig, *, prepared: str, embeddings: str, out: str,
     if rank == 0:
         _clear_staging(staging)
     barrier(world)
+    kept_note = f"the partial outputs in {staging} are removed and {out_dir} is as it was"
+    try:
+        with storage.named_write_errors(staging, what="the curate stage's outputs", kept=kept_note):
+            _curate(cfg, prepared=prepared, embeddings=embeddings, out_dir=out_dir, staging=staging,
+                    metrics=metrics, rank=rank, world=world)  # fmt: skip
+    except storage.StorageError:
+        _clear_staging(staging)
+        raise
+    barrier(world, last=True)
+
+
+def _curate(
+    cfg: PipelineConfig, *, prepared: str, embeddings: str, out_dir: Path, staging: Path, metrics: str, rank: int,
+    world: int,
+) -> None:  # fmt: skip
     manifest = read_prepared(prepared)
     meta = read_meta(embeddings)
     ids, x = open_embeddings(embeddings)
@@ -212,49 +232,39 @@ def run_curate(cfg: PipelineConfig, *, prepared: str, embeddings: str, out: str,
     if rank != 0:  # the other ranks search their shards; rank 0 alone gates, writes and tracks
         curate(manifest=kept, embeddings=feats, cfg=cfg.curate, seed=cfg.seed, access=_access(cfg, meta),
                ranks=Ranks.current(), work=work)  # fmt: skip
-        barrier(world, last=True)
         return
-    kept_note = f"the partial outputs in {staging} are removed and {out_dir} is as it was"
-    try:
-        with (
-            storage.named_write_errors(staging, what="the curate stage's outputs", kept=kept_note),
-            stage_run("curate", cfg, config_out=staging / "config.yaml", metrics_out=Path(metrics)) as run,
-        ):
-            # The input gate: a NaN or non-unit row (a broken checkpoint, a hand-made folder) stops here, naming its id.
-            run.gate(
-                "embeddings_input",
-                gates.embedding_frame(ids, x),
-                gates.embeddings_suite(dim=int(meta["dim"]), normalized=True),
-                staging / "gates",
-                id_column="id",
-            )
-            missing = _report_missing(missing, embeddings, meta, staging)
-            warning = random_weights_warning(meta, kept.loc[kept["source"] == "pool", "uri"].head(50).tolist())
-            if warning:
-                log.warning("curate: %s", warning)
-            result = curate(manifest=kept, embeddings=feats, cfg=cfg.curate, seed=cfg.seed, access=_access(cfg, meta),
-                            ranks=Ranks.current(), work=work)  # fmt: skip
-            assert result is not None  # rank 0 gets the result
-            report = result.report
-            report["warnings"] = [warning] if warning else []
-            report["counts"]["manifest"] = len(manifest)
-            report["counts"]["missing_embedding"] = len(missing)
-            report["missing_embedding"] = missing[["uri", "reason"]].head(100).to_dict(orient="records")
-            report["embeddings"] = {
-                k: meta.get(k)
-                for k in ("arch", "weights", "random_weights", "dim", "features", "image_size", "fingerprint")
-            }
-            report["ranks"] = world
-            report["removed_images"] = result.removed.head(REPORT_REMOVED).to_dict(orient="records")
-            _gate_outputs(run, cfg, result, staging)
-            _write_outputs(result, staging)
-            shutil.rmtree(staging / "work", ignore_errors=True)  # every result is in the outputs now
-            storage.replace_folder(staging, out_dir)
-            _log_outputs(run, result, out_dir)
-    except storage.StorageError:
-        _clear_staging(staging)  # the finished per-shard results (`work/`) stay for the rerun
-        raise
-    barrier(world, last=True)
+    with stage_run("curate", cfg, config_out=staging / "config.yaml", metrics_out=Path(metrics)) as run:
+        # The input gate: a NaN or non-unit row (a broken checkpoint, a hand-made folder) stops here, naming its id.
+        run.gate(
+            "embeddings_input",
+            gates.embedding_frame(ids, x),
+            gates.embeddings_suite(dim=int(meta["dim"]), normalized=True),
+            staging / "gates",
+            id_column="id",
+        )
+        missing = _report_missing(missing, embeddings, meta, staging)
+        warning = random_weights_warning(meta, kept.loc[kept["source"] == "pool", "uri"].head(50).tolist())
+        if warning:
+            log.warning("curate: %s", warning)
+        result = curate(manifest=kept, embeddings=feats, cfg=cfg.curate, seed=cfg.seed, access=_access(cfg, meta),
+                        ranks=Ranks.current(), work=work)  # fmt: skip
+        assert result is not None  # rank 0 gets the result
+        report = result.report
+        report["warnings"] = [warning] if warning else []
+        report["counts"]["manifest"] = len(manifest)
+        report["counts"]["missing_embedding"] = len(missing)
+        report["missing_embedding"] = missing[["uri", "reason"]].head(100).to_dict(orient="records")
+        report["embeddings"] = {
+            k: meta.get(k)
+            for k in ("arch", "weights", "random_weights", "dim", "features", "image_size", "fingerprint")
+        }
+        report["ranks"] = world
+        report["removed_images"] = result.removed.head(REPORT_REMOVED).to_dict(orient="records")
+        _gate_outputs(run, cfg, result, staging)
+        _write_outputs(result, staging)
+        shutil.rmtree(staging / "work", ignore_errors=True)  # every result is in the outputs now
+        storage.replace_folder(staging, out_dir)
+        _log_outputs(run, result, out_dir)
 
 
 def _clear_staging(staging: Path) -> None:

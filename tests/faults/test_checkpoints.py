@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from components import storage
+from components.config import load_config
 from components.training import checkpoint
 from components.training.checkpoint import CheckpointDamagedError, CheckpointManager
 
@@ -208,10 +209,12 @@ def test_a_full_disk_in_the_curate_stage_leaves_the_previous_curated_set(tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(curate, "_curate", fills_up)
+    cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml")
     with pytest.raises(storage.OutOfSpaceError) as err:
-        curate.run_curate(None, prepared="p", embeddings="e", out=str(out), metrics=str(tmp_path / "m.json"))
+        curate.run_curate(cfg, prepared="p", embeddings="e", out=str(out), metrics=str(tmp_path / "m.json"))
     assert "curate stage" in str(err.value) and str(out) in str(err.value)
-    assert (out / "manifest.parquet").read_bytes() == b"previous" and not (tmp_path / "curated.partial").exists()
+    assert (out / "manifest.parquet").read_bytes() == b"previous"
+    assert not (tmp_path / "curated.partial" / "manifest.parquet").exists()  # only finished shard work may stay
 
 
 SMALL_FS_SCRIPT = """

@@ -198,6 +198,7 @@ def test_embed_on_two_nodes_equals_one_process(tiny_world: tuple[Path, dict], tm
     np.testing.assert_allclose(x_two.astype(np.float32), x_one.astype(np.float32), rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow  # the 2-rank equality runs by default in tests/curation/test_curate_distributed.py
 def test_curate_on_two_nodes_equals_one_process(tiny_world: tuple[Path, dict], tmp_path: Path, monkeypatch) -> None:
     import pandas as pd
 

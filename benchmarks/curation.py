@@ -9,8 +9,9 @@ Data: N float16 embeddings of dimension D (384, a ViT-S/14's), L2-normalised, dr
 Measured, in one process:
 - `dedup_s`: self-deduplication of all N (index build, k = 64 neighbours of every row, edges above 0.6, union-find),
   with the index the stage would use at this size (`--kind`, default ivf_pq) and `planted_pair_recall`;
-- `kmeans_s`: faiss k-means, `--clusters` centroids, `--kmeans-iters` Lloyd iterations, then all N assigned (faiss
-  fits on at most 256 points per centroid, `kmeans_train_points` says how many);
+- `kmeans_s`: the stage's k-means (components/curation/sharded.py: Lloyd with Hamerly's bounds, bfloat16 products
+  re-scored in float32), `--clusters` centroids, `--kmeans-iters` iterations, then all N assigned (fitted on at
+  most 256 points per centroid, `kmeans_train_points` says how many);
 - on a random subset of `--subset` rows: the same deduplication and k-means, and scikit-learn doing the same work
   (`NearestNeighbors` brute-force cosine kNN + scipy connected components; `KMeans` with random init, 1 init, the same
   number of Lloyd iterations, tol 0). scikit-learn's kNN is exact, so its pairs above the threshold are the reference
@@ -20,6 +21,15 @@ Measured, in one process:
   (components/curation/verify.py) of candidate pairs of real photographs (scikit-image's sample images, cut into
   512 px pictures, each with planted copies), wall and CPU milliseconds per pair, features included, and what
   verifying `verify_k` candidates of every one of the N images would cost at that rate.
+
+Scaling (`--scale 1000000,2000000,4000000,8000000 --ranks 1,2 --data-dir DIR`): for every size the embeddings are
+written once to DIR as a float16 .npy, then the curate stage's distributed code (components/curation/sharded.py)
+runs on them on 1 and 2 ranks (torchrun, gloo; shards of `--shard-size` rows, so both rank counts search the same
+shards): the kNN graph above the threshold and k-means, each rank reading its rows through memory maps opened per
+read. One JSON object per (size, ranks) on stderr as it finishes, then one object on stdout: the points (wall and CPU
+seconds, peak resident memory of every rank, recall of the graph's edges against an exact search of
+`--recall-queries` sampled rows over all N), the load average before each point, and the exponent b of
+time = a N^b fitted on each rank count.
 """
 
 from __future__ import annotations
@@ -36,8 +46,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the checkout
 
+from components.curation import sharded  # noqa: E402
 from components.curation.dedup import connected_components, self_deduplicate  # noqa: E402
-from components.curation.search import SearchParams, kmeans  # noqa: E402
+from components.curation.search import KINDS, SearchParams  # noqa: E402
 
 
 def at_least(value: float | None, goal: float) -> bool | None:
@@ -137,6 +148,133 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux reports KiB
 
 
+def write_embeddings(path: Path, num: int, dim: int, *, num_centers: int, dup_fraction: float, seed: int) -> Path:
+    """The synthetic embeddings of `num` rows as a float16 .npy (written aside, then renamed); kept if present."""
+    if path.is_file() and np.load(path, mmap_mode="r").shape == (num, dim):
+        return path
+    x, _, _ = synthetic_embeddings(num, dim, num_centers=num_centers, dup_fraction=dup_fraction, seed=seed)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, x)
+    tmp.rename(path)
+    return path
+
+
+def exact_edges(rows_of: object, queries: np.ndarray, num: int, k: int, threshold: float, chunk: int = 262_144) -> set:
+    """(query, row) pairs of the exact kNN graph for the sampled `queries`: their k nearest other rows at or above
+    `threshold`, by brute force over all `num` rows read in chunks."""
+    q = rows_of[queries].astype(np.float32)  # (Q, D)
+    sims = np.full((len(q), k + 1), -np.inf, np.float32)
+    ids = np.full((len(q), k + 1), -1, np.int64)
+    for start in range(0, num, chunk):
+        block = rows_of[np.arange(start, min(num, start + chunk))].astype(np.float32)
+        s = q @ block.T  # (Q, chunk)
+        both_s, both_i = np.concatenate([sims, s], 1), np.concatenate([ids, np.arange(start, start + len(block))[None]
+                                                                         .repeat(len(q), 0)], 1)  # fmt: skip
+        best = np.argsort(-both_s, axis=1, kind="stable")[:, : k + 1]
+        sims, ids = np.take_along_axis(both_s, best, 1), np.take_along_axis(both_i, best, 1)
+    return {(int(a), int(b)) for a, row, srow in zip(queries, ids, sims, strict=True) for b, v in zip(row, srow,
+            strict=True) if b != a and v >= threshold}  # fmt: skip
+
+
+def scale_worker(args: argparse.Namespace) -> None:
+    """One point of the scaling run, on every rank of a torchrun launch (or alone): prints rank 0's JSON."""
+    from components.curation import sharded
+    from components.embedding import EmbeddingRows
+    from components.runtime import join_process_group
+
+    rank, world = join_process_group("gloo")
+    ranks = sharded.Ranks.current()
+    shape = np.load(args.data, mmap_mode="r").shape
+    rows = EmbeddingRows([Path(args.data)], [shape[0]], shape[1])
+    vectors = sharded.Vectors(sharded.shard_bounds(shape[0], args.shard_size), lambda r: rows[r].astype(np.float32),
+                              shape[1])  # fmt: skip
+    params = SearchParams(kind=args.kind, nprobe=args.nprobe, refine_factor=args.refine_factor, seed=args.seed)
+    out: dict = {"num_vectors": shape[0], "ranks": world, "shard_size": args.shard_size, "kind": args.kind}
+    start, cpu = time.perf_counter(), cpu_s()
+    src, dst, _ = sharded.self_edges(vectors, args.k, args.threshold, params, ranks=ranks)
+    out["dedup_s"] = round(time.perf_counter() - start, 2)
+    out["dedup_cpu_s_per_rank"] = ranks.gather(round(cpu_s() - cpu, 2))
+    out["dedup_edges"] = len(src)
+    out["peak_rss_gib_dedup_per_rank"] = ranks.gather(round(peak_rss_gib(), 3))
+    start, cpu = time.perf_counter(), cpu_s()
+    km = sharded.kmeans(vectors, args.clusters, niter=args.kmeans_iters, seed=args.seed, params=params, ranks=ranks)
+    out["kmeans_s"] = round(time.perf_counter() - start, 2)
+    out["kmeans_cpu_s_per_rank"] = ranks.gather(round(cpu_s() - cpu, 2))
+    out["kmeans_train_points"] = km.train_size
+    out["kmeans_searched_share"] = round(km.recomputed_share, 3)
+    out["peak_rss_gib_per_rank"] = ranks.gather(round(peak_rss_gib(), 3))
+    if rank == 0:
+        queries = np.sort(np.random.default_rng(args.seed + 7).choice(shape[0], args.recall_queries, replace=False))
+        exact = exact_edges(rows, queries, shape[0], args.k, args.threshold)
+        mine = np.isin(src, queries)
+        found = set(zip(src[mine].tolist(), dst[mine].tolist(), strict=True))
+        out["recall_queries"] = len(queries)
+        out["exact_edges_of_queries"] = len(exact)
+        out["dedup_recall_vs_exact"] = round(len(exact & found) / max(len(exact), 1), 4)
+        out["dedup_precision_vs_exact"] = round(len(exact & found) / max(len(found), 1), 4)
+        out["threads_per_rank"] = faiss_threads()
+        print(json.dumps(out), flush=True)
+
+
+def faiss_threads() -> int:
+    import faiss
+
+    return int(faiss.omp_get_max_threads())
+
+
+def fit_exponent(sizes: list[int], seconds: list[float]) -> float | None:
+    """b of seconds = a N^b, least squares in log-log (None with fewer than two sizes)."""
+    if len(sizes) < 2:
+        return None
+    return round(float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0]), 3)
+
+
+def scale(args: argparse.Namespace) -> dict:
+    """Every (size, ranks) point in its own process(es), big sizes last; the fitted exponents."""
+    import subprocess
+
+    data_dir = Path(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sizes = [int(v) for v in args.scale.split(",")]
+    rank_counts = [int(v) for v in args.ranks.split(",")]
+    points = []
+    for num in sorted(sizes):
+        path = write_embeddings(data_dir / f"emb-{num}-{args.dim}.npy", num, args.dim, num_centers=args.num_centers,
+                                dup_fraction=args.dup_fraction, seed=args.seed)  # fmt: skip
+        for world in rank_counts:
+            load = round(os.getloadavg()[0], 2)
+            launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                            "--standalone", f"--nproc_per_node={world}"]  # fmt: skip
+            passed = [a for a in (argv_of(args)) if a]
+            threads = str(max(1, (os.cpu_count() or 1) // world))  # the cores shared out, never oversubscribed
+            env = {**os.environ, "OMP_NUM_THREADS": threads}
+            proc = subprocess.run([*launcher, __file__, "--worker", "--data", str(path), *passed], capture_output=True,
+                                  text=True, check=False, env=env)  # fmt: skip
+            if proc.returncode:
+                raise RuntimeError(f"{num} vectors on {world} ranks failed:\n{proc.stderr[-3000:]}")
+            point = json.loads(proc.stdout.strip().splitlines()[-1])
+            point["load_average_1m_before"] = load
+            print(json.dumps(point), file=sys.stderr, flush=True)
+            points.append(point)
+    fits = {}
+    for world in rank_counts:
+        mine = [p for p in points if p["ranks"] == world]
+        for key in ("dedup_s", "kmeans_s"):
+            fits[f"{key}_exponent_{world}_ranks"] = fit_exponent(
+                [p["num_vectors"] for p in mine], [p[key] for p in mine]
+            )
+    out = {"points": points, "fits": fits, "faiss_threads_per_rank": faiss_threads()}
+    print(json.dumps(out))
+    return out
+
+
+def argv_of(args: argparse.Namespace) -> list[str]:
+    """The knobs a worker needs, as command-line arguments."""
+    keys = ("dim", "k", "threshold", "kind", "nprobe", "refine_factor", "clusters", "kmeans_iters", "seed",
+            "shard_size", "recall_queries")  # fmt: skip
+    return [item for key in keys for item in (f"--{key.replace('_', '-')}", str(getattr(args, key)))]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-vectors", type=int, default=1_000_000)
@@ -145,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dup-fraction", type=float, default=0.1)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--threshold", type=float, default=0.6)
-    parser.add_argument("--kind", default="ivf_pq", choices=["flat", "ivf_flat", "ivf_pq"])
+    parser.add_argument("--kind", default="ivf_gemm", choices=[k for k in KINDS if k != "auto"])
     parser.add_argument("--nprobe", type=int, default=SearchParams.nprobe)
     parser.add_argument("--refine-factor", type=int, default=SearchParams.refine_factor)
     parser.add_argument("--clusters", type=int, default=1000)
@@ -155,7 +293,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verify-pairs", type=int, default=2000, help="pairs for the verification cost (0: skip)")
     parser.add_argument("--verify-k", type=int, default=8, help="candidates verified per image, for the estimate")
+    parser.add_argument("--scale", help="comma-separated sizes: the scaling run (see the module docstring)")
+    parser.add_argument("--ranks", default="1,2", help="scaling run: comma-separated rank counts")
+    parser.add_argument("--data-dir", default="/tmp/curation-scale", help="scaling run: where the embeddings go")
+    parser.add_argument("--shard-size", type=int, default=524_288, help="scaling run: pool rows per shard")
+    parser.add_argument("--recall-queries", type=int, default=200, help="scaling run: rows checked against exact")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        scale_worker(args)
+        return {}
+    if args.scale:
+        return scale(args)
 
     import faiss
 
@@ -180,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     del result
 
     start, cpu = time.perf_counter(), cpu_s()
-    km = kmeans(x, args.clusters, niter=args.kmeans_iters, seed=args.seed)
+    km = sharded.kmeans(sharded.in_memory(x), args.clusters, niter=args.kmeans_iters, seed=args.seed)
     out["kmeans_s"] = round(time.perf_counter() - start, 2)
     out["kmeans_cpu_s"] = round(cpu_s() - cpu, 2)
     out["kmeans_train_points"] = km.train_size
@@ -196,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     ours = self_deduplicate(xs16, np.ones(len(xs), np.int64), k=args.k, threshold=args.threshold, params=params)
     sub["dedup_s"] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
-    kmeans(xs16, args.clusters, niter=args.kmeans_iters, seed=args.seed, max_points_per_centroid=len(xs))
+    sharded.kmeans(sharded.in_memory(xs16), args.clusters, niter=args.kmeans_iters, seed=args.seed,
+                   max_points_per_centroid=len(xs))  # fmt: skip
     sub["kmeans_s"] = round(time.perf_counter() - start, 2)
     ours_pairs = pair_set(ours.edges.src, ours.edges.dst)
     labels_check = connected_components(len(xs), ours.edges.src, ours.edges.dst)

@@ -668,16 +668,22 @@ class CurateConfig(Section):
     """Resampling rounds per level (each centroid recomputed from its nearest points)."""
     source_share_bounds: dict[str, tuple[float, float]] = {}
     """Gate: [min, max] share of the curated set per `source` (e.g. pool, seeds/<set>); a missing source has share 0."""
-    index: Literal["auto", "flat", "ivf_flat", "ivf_pq"] = "auto"
-    """faiss index: flat (exact), ivf_flat, ivf_pq (4-bit fast-scan PQ + exact re-ranking), auto by pool size."""
+    index: Literal["auto", "flat", "ivf_flat", "ivf_pq", "ivf_gemm"] = "auto"
+    """Similarity index: flat (exact), ivf_flat, ivf_pq (faiss 4-bit fast-scan PQ + exact re-ranking), ivf_gemm (cells
+    scanned by bfloat16 matrix products, candidates re-scored exactly; components/curation/cells.py), auto by pool
+    size."""
     exact_max: int = Field(50_000, ge=1)
-    """index auto: exact search up to this many database vectors, ivf_pq above."""
+    """index auto: exact search up to this many database vectors, ivf_gemm above."""
     nlist: int | None = Field(None, ge=1)
-    """IVF inverted lists; null: about 4 sqrt(N)."""
+    """IVF inverted lists (cells); null: about 4 sqrt(N), 2 sqrt(N) for ivf_gemm."""
     nprobe: int = Field(16, ge=1)
-    """IVF lists scanned per query."""
+    """ivf_flat, ivf_pq: lists scanned per query."""
+    gemm_probes: int = Field(4, ge=1)
+    """ivf_gemm: cells scanned for each cell a query is placed in (that cell's nearest, itself first)."""
+    spill: int = Field(2, ge=1)
+    """ivf_gemm: cells each query is placed in (its nearest; 2 lets a query near a cell border see both sides)."""
     refine_factor: int = Field(2, ge=1)
-    """ivf_pq: candidates per wanted neighbour that are re-ranked with exact similarities."""
+    """ivf_pq, ivf_gemm: candidates per wanted neighbour that are re-ranked with exact similarities."""
     nproc_per_node: int = Field(1, ge=1)
     """Processes per node; above 1 (and no launcher around the stage) the stage relaunches itself under torchrun
     with this many ranks, each indexing its share of the pool shards (components/curation/sharded.py)."""

@@ -68,12 +68,14 @@ cosine similarity; `matched_uri` the image of the edge that put it there (its st
 
 
 def search_params(cfg: CurateConfig, seed: int) -> SearchParams:
-    """The faiss knobs of the `curate` section."""
+    """The similarity-search knobs of the `curate` section."""
     return SearchParams(
         kind=cfg.index,
         exact_max=cfg.exact_max,
         nlist=cfg.nlist,
         nprobe=cfg.nprobe,
+        gemm_probes=cfg.gemm_probes,
+        spill=cfg.spill,
         refine_factor=cfg.refine_factor,
         seed=seed,
     )

@@ -1,7 +1,7 @@
-"""The one faiss module: build an inner-product index, search it in bounded chunks, run k-means.
+"""The one faiss module: train and fill inner-product indexes, search them in bounded chunks.
 
 Every similarity in curation is a cosine similarity between L2-normalised embeddings, i.e. an inner product
-(`METRIC_INNER_PRODUCT`). Three index kinds, picked by `SearchParams.kind`:
+(`METRIC_INNER_PRODUCT`). Four index kinds, picked by `SearchParams.kind`:
 
 - `flat`: exact search (`IndexFlatIP`). Cost N_q x N_b x D per search; the right choice while the pool is small
   (the embedded demo) or on a GPU up to a few million vectors.
@@ -10,9 +10,14 @@ Every similarity in curation is a cosine similarity between L2-normalised embedd
 - `ivf_pq`: the inverted file with product-quantised codes (`IVF<nlist>,PQ<m>x4fs`, 4-bit fast-scan codes, D / 8
   bytes per vector for m = D / 4) and an exact re-ranking (`Refine(SQfp16)`) of the best `k * refine_factor`
   candidates on float16 copies of the vectors. The embeddings are stored as float16, so the re-ranked similarities
-  are exact. This is the kind that keeps a billion-image pool searchable (docs/curation_at_scale.md).
+  are exact.
+- `ivf_gemm` (components/curation/cells.py): the same inverted file, its cells scanned by bfloat16 matrix products
+  (each cell's queries against the vectors of its `nprobe` nearest cells at once), the kept candidates re-scored
+  exactly in float32. Stores the vectors as bfloat16 (2 D bytes, as `ivf_pq`'s re-ranking copy). On a CPU with AMX
+  or on a GPU it is several times faster than `ivf_pq` at the same recall (benchmarks/curation.py); runs on torch,
+  not faiss.
 
-`auto` picks `flat` up to `exact_max` database vectors and `ivf_pq` above. On a machine with faiss-gpu and a GPU the
+`auto` picks `flat` up to `exact_max` database vectors and `ivf_gemm` above. On a machine with faiss-gpu and a GPU the
 index is moved to the GPUs (`flat`, `ivf_flat`; `ivf_pq` uses 8-bit PQ codes there, as GPU faiss has no fast-scan
 codes); elsewhere everything runs on the CPU with faiss's OpenMP threads.
 
@@ -34,7 +39,8 @@ from components.log import get_logger
 
 log = get_logger(__name__)
 
-IndexKind = Literal["auto", "flat", "ivf_flat", "ivf_pq"]
+IndexKind = Literal["auto", "flat", "ivf_flat", "ivf_pq", "ivf_gemm"]
+KINDS = ("auto", "flat", "ivf_flat", "ivf_pq", "ivf_gemm")
 
 
 @dataclass(frozen=True)
@@ -42,17 +48,24 @@ class SearchParams:
     """How a similarity index is built and searched (params.yaml `curate.search`)."""
 
     kind: IndexKind = "auto"
-    """`flat` (exact), `ivf_flat`, `ivf_pq`, or `auto` (exact up to `exact_max` vectors, `ivf_pq` above)."""
+    """`flat` (exact), `ivf_flat`, `ivf_pq`, `ivf_gemm`, or `auto` (exact up to `exact_max` vectors, `ivf_gemm`
+    above)."""
     exact_max: int = 50_000
-    """`auto` switches from exact search to `ivf_pq` above this many database vectors."""
+    """`auto` switches from exact search to `ivf_gemm` above this many database vectors."""
     nlist: int | None = None
-    """Inverted lists (coarse k-means cells); None: about 4 sqrt(N), at least 1 and at most N / 39."""
+    """Inverted lists (coarse k-means cells); None: about 4 sqrt(N) (`ivf_gemm`: 2 sqrt(N)), at least 1 and at most
+    N / 39."""
     nprobe: int = 16
     """Cells scanned per query; recall grows with it, time linearly."""
     pq_m: int | None = None
     """Sub-quantizers of `ivf_pq` (the code is m / 2 bytes at 4 bits); None: D / 4 (2 dimensions per byte)."""
+    gemm_probes: int = 4
+    """`ivf_gemm`: cells scanned for each cell a query is placed in (that cell's nearest, itself first)."""
+    spill: int = 2
+    """`ivf_gemm`: cells each query is placed in, its nearest (2: a query near a border sees both sides)."""
     refine_factor: int = 2
-    """`ivf_pq`: the best k x this many PQ candidates are re-ranked with exact float16 inner products."""
+    """`ivf_pq`: the best k x this many PQ candidates are re-ranked with exact float16 inner products; `ivf_gemm`:
+    the best k x this many by bfloat16 products are re-scored in float32."""
     train_per_list: int = 16
     """Training vectors per inverted list for the coarse quantizer and PQ (sampled without replacement)."""
     train_iters: int = 10
@@ -65,9 +78,10 @@ class SearchParams:
     """Seed of the training samples and of the quantizers' k-means."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("auto", "flat", "ivf_flat", "ivf_pq"):
-            raise ValueError(f"kind = {self.kind!r}: expected auto, flat, ivf_flat or ivf_pq")
-        for name in ("exact_max", "nprobe", "refine_factor", "train_per_list", "train_iters", "chunk_size"):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind = {self.kind!r}: expected one of {', '.join(KINDS)}")
+        names = ("exact_max", "nprobe", "gemm_probes", "spill", "refine_factor", "train_per_list", "train_iters")
+        for name in (*names, "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be at least 1")
         if self.nlist is not None and self.nlist < 1:
@@ -94,12 +108,14 @@ def resolve_kind(params: SearchParams, num_vectors: int) -> str:
     """The concrete index kind for a database of `num_vectors`."""
     if params.kind != "auto":
         return params.kind
-    return "flat" if num_vectors <= params.exact_max else "ivf_pq"
+    return "flat" if num_vectors <= params.exact_max else "ivf_gemm"
 
 
-def default_nlist(num_vectors: int) -> int:
-    """About 4 sqrt(N) cells (faiss's guideline is 4 to 16 sqrt(N)), and at least 39 training points per cell."""
-    return int(max(1, min(round(4 * math.sqrt(max(num_vectors, 1))), num_vectors // 39)))
+def default_nlist(num_vectors: int, kind: str = "ivf_pq") -> int:
+    """About 4 sqrt(N) cells (faiss's guideline is 4 to 16 sqrt(N)), and at least 39 training points per cell;
+    `ivf_gemm`: 2 sqrt(N), cells of sqrt(N) / 2 vectors, so that a cell's product is hundreds by thousands."""
+    per_root = 2 if kind == "ivf_gemm" else 4
+    return int(max(1, min(round(per_root * math.sqrt(max(num_vectors, 1))), num_vectors // 39)))
 
 
 def _as_f32(x: np.ndarray) -> np.ndarray:
@@ -168,6 +184,8 @@ class SearchIndex:
         if num_queries == 0 or k_eff == 0:
             return sims, ids
         _check_dim(queries, self.dim, "queries")
+        if self.kind == "ivf_gemm":
+            return self.index.search(queries, k, self.params.refine_factor, self.params.spill)
         search_params = self._search_params(k_eff)
         for start, end in _chunks(num_queries, self.params.chunk_size):
             if search_params is None:
@@ -247,7 +265,7 @@ class TrainedIndex:
     """
 
     index: object
-    """The CPU faiss index, trained (flat kinds need no training), with no vectors."""
+    """The CPU faiss index, trained (flat kinds need no training), with no vectors; `ivf_gemm`: its `Cells`."""
     kind: str
     dim: int
     params: SearchParams
@@ -259,7 +277,7 @@ def training_rows(num_vectors: int, params: SearchParams) -> np.ndarray:
     """The database rows an index over `num_vectors` vectors is trained on (none for the flat kind)."""
     if resolve_kind(params, num_vectors) == "flat":
         return np.zeros(0, np.int64)
-    nlist = min(params.nlist or default_nlist(num_vectors), max(num_vectors, 1))
+    nlist = min(params.nlist or default_nlist(num_vectors, resolve_kind(params, num_vectors)), max(num_vectors, 1))
     return sample_rows(num_vectors, params.train_per_list * nlist, params.seed)
 
 
@@ -272,10 +290,16 @@ def train_index(train: np.ndarray, num_vectors: int, dim: int, params: SearchPar
         dim: D.
         params: Index kind and its knobs.
     """
-    faiss = _faiss()
     kind = resolve_kind(params, num_vectors)
+    nlist = min(params.nlist or default_nlist(num_vectors, kind), max(num_vectors, 1))
+    if kind == "ivf_gemm":
+        from components.curation.cells import train_cells
+
+        _check_dim(train, dim, "training vectors")
+        cells = train_cells(_as_f32(train), nlist, params.gemm_probes, niter=params.train_iters, seed=params.seed)
+        return TrainedIndex(cells, kind, dim, params, params.use_gpu and cells_on_gpu())
+    faiss = _faiss()
     gpu = params.use_gpu and num_gpus() > 0
-    nlist = min(params.nlist or default_nlist(num_vectors), max(num_vectors, 1))
     pq_m = params.pq_m or max(1, dim // 4)
     if kind == "ivf_pq" and dim % pq_m:
         raise ValueError(f"pq_m = {pq_m} must divide the embedding dimension {dim}")
@@ -294,27 +318,49 @@ def train_index(train: np.ndarray, num_vectors: int, dim: int, params: SearchPar
     return TrainedIndex(index, kind, dim, params, gpu)
 
 
-def to_bytes(trained: TrainedIndex) -> tuple[np.ndarray, str, int, SearchParams, bool]:
-    """The trained index as plain data (its faiss bytes and fields), to send to other ranks or keep on disk."""
-    return np.asarray(_faiss().serialize_index(trained.index)), trained.kind, trained.dim, trained.params, trained.gpu
+def cells_on_gpu() -> bool:
+    """Whether `ivf_gemm` runs on a GPU (torch sees one)."""
+    from components.curation.cells import device
+
+    return device().type == "cuda"
 
 
-def from_bytes(data: tuple[np.ndarray, str, int, SearchParams, bool]) -> TrainedIndex:
+def to_bytes(trained: TrainedIndex) -> tuple[Any, str, int, SearchParams, bool]:
+    """The trained index as plain data (its faiss bytes, or `ivf_gemm`'s arrays, and fields), to send to other ranks
+    or keep on disk."""
+    raw = trained.index if trained.kind == "ivf_gemm" else np.asarray(_faiss().serialize_index(trained.index))
+    return raw, trained.kind, trained.dim, trained.params, trained.gpu
+
+
+def from_bytes(data: tuple[Any, str, int, SearchParams, bool]) -> TrainedIndex:
     """The `TrainedIndex` that `to_bytes` described."""
     raw, kind, dim, params, gpu = data
-    return TrainedIndex(_faiss().deserialize_index(np.asarray(raw, np.uint8)), kind, dim, params, gpu)
+    index = raw if kind == "ivf_gemm" else _faiss().deserialize_index(np.asarray(raw, np.uint8))
+    return TrainedIndex(index, kind, dim, params, gpu)
 
 
-def fill_index(trained: TrainedIndex, num: int, read: Callable[[int, int], np.ndarray]) -> SearchIndex:
+def fill_index(
+    trained: TrainedIndex, num: int, take: Callable[[np.ndarray], np.ndarray], labels: np.ndarray | None = None
+) -> SearchIndex:
     """A searchable copy of `trained` holding `num` vectors, read `chunk_size` rows at a time.
 
     Args:
         trained: From `train_index`.
         num: Vectors to add; they get ids 0 .. num - 1.
-        read: (start, end) -> rows start .. end - 1 of the vectors (float16 or float32).
+        take: Sorted rows (0 .. num - 1) -> those vectors (float16 or float32).
+        labels: `ivf_gemm`: the cell of every row when already known (`cells.nearest_cells`).
     """
-    faiss = _faiss()
     params = trained.params
+    if trained.kind == "ivf_gemm":
+        from components.curation.cells import CellIndex
+
+        cell_index = CellIndex(trained.index, num, take, params.chunk_size, labels)
+        return SearchIndex(cell_index, trained.kind, trained.dim, params, trained.gpu)
+    faiss = _faiss()
+
+    def read(start: int, end: int) -> np.ndarray:
+        return take(np.arange(start, end))
+
     index = faiss.clone_index(trained.index)
     if trained.gpu:
         index = _to_gpu(index, trained.kind)
@@ -345,7 +391,7 @@ def build_index(database: np.ndarray, params: SearchParams = DEFAULT_SEARCH) -> 
     num, dim = database.shape
     rows = training_rows(num, params)
     trained = train_index(_as_f32(database[rows]) if len(rows) else database[:0], num, dim, params)
-    index = fill_index(trained, num, lambda start, end: database[start:end])
+    index = fill_index(trained, num, lambda rows: database[rows])
     log.debug(
         "faiss index %s over %d x %d vectors (%s%s)",
         index.kind,
@@ -394,96 +440,3 @@ def max_similarity(
     """For every query, its highest similarity to any database row and that row (-inf and -1 if none)."""
     sims, ids = knn(queries, database, 1, params)
     return sims[:, 0], ids[:, 0]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# k-means
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KMeansResult:
-    """Centroids and the assignment of every input vector."""
-
-    centroids: np.ndarray
-    """C-by-D float32 centroids (unit norm with spherical k-means)."""
-    labels: np.ndarray
-    """(N,) int64 cluster of every vector."""
-    similarity: np.ndarray
-    """(N,) float32 inner product of every vector with its centroid."""
-    train_size: int
-    """Vectors the centroids were fitted on (faiss samples `max_points_per_centroid` x C of them)."""
-
-
-def kmeans(
-    x: np.ndarray,
-    num_clusters: int,
-    *,
-    niter: int = 20,
-    seed: int = 0,
-    spherical: bool = True,
-    max_points_per_centroid: int = 256,
-    init_centroids: np.ndarray | None = None,
-    use_gpu: bool = True,
-    chunk_size: int = 65_536,
-) -> KMeansResult:
-    """k-means through faiss (Lloyd iterations; GPU when available), then every vector assigned in chunks.
-
-    faiss fits the centroids on at most `max_points_per_centroid * num_clusters` sampled vectors (its default: more
-    points per centroid barely move them); all N vectors are then assigned to their nearest centroid.
-
-    Args:
-        x: N-by-D vectors (float16 or float32).
-        num_clusters: C; clipped to N.
-        niter: Lloyd iterations.
-        seed: Seed of the initialisation and the sample.
-        spherical: Renormalise centroids after each iteration (cosine k-means, as for L2-normalised embeddings).
-        max_points_per_centroid: Training-sample cap per centroid (faiss's own knob).
-        init_centroids: Optional C-by-D starting centroids (used by k-means with resampling).
-        use_gpu: Use a GPU when faiss-gpu and a GPU are present.
-        chunk_size: Rows assigned per call.
-    """
-    faiss = _faiss()
-    _check_dim(x, None, "x")
-    num, dim = x.shape
-    if num == 0:
-        raise ValueError("k-means of an empty set")
-    num_clusters = int(min(num_clusters, num))
-    train = _sample_rows(x, max_points_per_centroid * num_clusters, seed)
-    km = faiss.Kmeans(
-        dim,
-        num_clusters,
-        niter=niter,
-        seed=seed,
-        spherical=spherical,
-        gpu=bool(use_gpu and num_gpus() > 0),
-        max_points_per_centroid=max_points_per_centroid,
-        min_points_per_centroid=1,
-        verbose=False,
-    )
-    km.train(train, init_centroids=None if init_centroids is None else _as_f32(init_centroids))
-    train_size = len(train)
-    del train
-    labels = np.empty(num, np.int64)
-    sims = np.empty(num, np.float32)
-    assigner = faiss.IndexFlatIP(dim) if spherical else faiss.IndexFlatL2(dim)
-    assigner.add(km.centroids)
-    for start, end in _chunks(num, chunk_size):
-        d, i = assigner.search(_as_f32(x[start:end]), 1)
-        labels[start:end] = i[:, 0]
-        sims[start:end] = d[:, 0] if spherical else np.einsum("nd,nd->n", _as_f32(x[start:end]), km.centroids[i[:, 0]])
-    return KMeansResult(centroids=np.array(km.centroids), labels=labels, similarity=sims, train_size=train_size)
-
-
-def assign(x: np.ndarray, centroids: np.ndarray, *, chunk_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (by inner product) of every row of x, in chunks: (labels int64, similarities float32)."""
-    faiss = _faiss()
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(_as_f32(centroids))
-    labels = np.empty(len(x), np.int64)
-    sims = np.empty(len(x), np.float32)
-    for start, end in _chunks(len(x), chunk_size):
-        d, i = index.search(_as_f32(x[start:end]), 1)
-        labels[start:end] = i[:, 0]
-        sims[start:end] = d[:, 0]
-    return labels, sims

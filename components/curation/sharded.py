@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from components.curation.search import (
     DEFAULT_SEARCH,
@@ -318,7 +319,22 @@ def shared_training(vectors: Vectors, params: SearchParams, ranks: Ranks) -> Tra
 def shard_index(vectors: Vectors, trained: TrainedIndex, s: int) -> SearchIndex:
     """An index over shard s of `vectors` (ids are rows within the shard)."""
     first, last = vectors.shard(s)
-    return fill_index(trained, last - first, lambda a, b: vectors.read(first + a, first + b))
+    return fill_index(trained, last - first, lambda rows: vectors.take(first + rows))
+
+
+def cell_labels(vectors: Vectors, trained: TrainedIndex, ranks: Ranks) -> np.ndarray:
+    """`ivf_gemm`: the `spill` cells of every row, nearest first (N-by-spill int64), each rank placing the rows of its
+    shards (a fixed grid of chunks), every rank receiving all of them."""
+    from components.curation.cells import nearest_cells
+
+    centroids = torch.from_numpy(trained.index.centroids).to(torch.bfloat16)
+    spill = min(trained.params.spill, len(centroids))
+
+    def compute(s: int, _: Any) -> Result:
+        parts = [nearest_cells(vectors.read(a, b), centroids, spill) for a, b in vectors.chunks(s)]
+        return {"labels": np.concatenate(parts) if parts else np.zeros((0, spill), np.int64)}
+
+    return concat(map_chunks(ranks, vectors.num_shards, compute, name="cells"), "labels", np.int64, spill)
 
 
 def merge_top_k(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -391,10 +407,20 @@ def self_edges(
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     k_search = min(k + 1, num)
 
-    def compute(s: int, trained: TrainedIndex) -> Result:
+    def prepare() -> tuple[TrainedIndex, np.ndarray | None]:
+        trained = shared_training(vectors, params, ranks)
+        return trained, cell_labels(vectors, trained, ranks) if trained.kind == "ivf_gemm" else None
+
+    def compute(s: int, state: tuple[TrainedIndex, np.ndarray | None]) -> Result:
+        trained, labels = state
         first, last = vectors.shard(s)
         src, dst, sim = [], [], []
-        if last > first:
+        if last > first and labels is not None:  # ivf_gemm: every cell's queries against the shard at once
+            index = fill_index(trained, last - first, lambda rows: vectors.take(first + rows), labels[first:last, 0])
+            q, i, v = index.index.scan(vectors.take, labels, k_search * params.refine_factor, threshold)
+            keep = v >= threshold
+            src, dst, sim = [q[keep]], [i[keep] + first], [v[keep]]
+        elif last > first:
             index = shard_index(vectors, trained, s)
             for start, end in vectors.all_chunks():
                 sims, ids = index.search(vectors.read(start, end), min(k_search, last - first))
@@ -409,8 +435,7 @@ def self_edges(
         }
 
     parts = map_chunks(ranks, vectors.num_shards, compute, cache=cache, name=name,
-                       inputs=f"k={k_search},threshold={threshold!r}",
-                       prepare=lambda: shared_training(vectors, params, ranks))  # fmt: skip
+                       inputs=f"k={k_search},threshold={threshold!r}", prepare=prepare)  # fmt: skip
     src, dst, sim = concat(parts, "src", np.int64), concat(parts, "dst", np.int64), concat(parts, "sim", np.float32)
     order = np.lexsort((dst, -sim, src))  # per source row: most similar first, then the smaller row
     src, dst, sim = src[order], dst[order], sim[order]
@@ -498,12 +523,21 @@ def _centroids(sums: np.ndarray, counts: np.ndarray, previous: np.ndarray) -> np
     return out.astype(np.float32)
 
 
-def _nearest_two(x: np.ndarray, centroids: np.ndarray, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
-    """The two most similar centroids of every row: (sims, ids), N-by-min(2, C).
+BF16_ERROR = 0.0125
+"""Bound on |bf16 similarity - exact similarity| for unit vectors: inputs rounded to bfloat16 (8 significant bits,
+relative error 2^-8 each) give at most (2 2^-8 + 2^-16) sum |x_i c_i| <= 0.0079 (Cauchy-Schwarz), the product rounded
+to bfloat16 adds 2^-8, and the float32 accumulation a few 1e-5."""
 
-    On the CPU a plain matrix product whose every row is computed the same way however many rows are searched
-    together (faiss switches kernels below 20 queries, and numpy below 2 rows), so the rows a rank searches give the
-    numbers the one-process run gives them.
+
+def _nearest_two(x: np.ndarray, centroids: np.ndarray, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+    """The two most similar centroids of every row: (sims, ids), N-by-min(2, C); the second similarity may be an
+    upper bound (all Hamerly's bound needs), the first is exact.
+
+    On the CPU the similarity matrix is a bfloat16 product (AMX or AVX-512 BF16 where the CPU has them: 3x the float32
+    rate here), then each row's two best centroids are scored again in float32, row by row. The bfloat16 best is the
+    exact best whenever its exact score beats the runner-up's bfloat16 score by `BF16_ERROR`; other rows are scored
+    exactly against every centroid. So the assignment is the exact one, and exact scores, computed per row, do not
+    depend on which rows are searched together (on how many ranks).
     """
     from components.curation.search import build_index, num_gpus
 
@@ -511,22 +545,39 @@ def _nearest_two(x: np.ndarray, centroids: np.ndarray, params: SearchParams) -> 
     if params.use_gpu and num_gpus() > 0:
         flat = SearchParams(kind="flat", chunk_size=params.chunk_size, use_gpu=True)
         return build_index(centroids, flat).search(x, k)
+    import torch
+
     sims_out = np.empty((len(x), k), np.float32)
     ids_out = np.empty((len(x), k), np.int64)
-    rows_per_block = max(2, (1 << 24) // max(len(centroids), 1))  # a block's similarity matrix: 64 MB at most
-    c_t = np.ascontiguousarray(centroids.T, np.float32)
+    c32 = np.ascontiguousarray(centroids, np.float32)
+    if k < 2:
+        sims_out[:] = np.einsum("nd,d->n", np.asarray(x, np.float32), c32[0])[:, None]
+        ids_out[:] = 0
+        return sims_out, ids_out
+    c_bf = torch.from_numpy(c32).to(torch.bfloat16).T.contiguous()  # (D, C)
+    rows_per_block = max(2, min(8192, (1 << 25) // len(centroids)))
     for start in range(0, len(x), rows_per_block):
-        block = np.asarray(x[start : start + rows_per_block], np.float32)
-        single = len(block) == 1
-        sims = (np.concatenate([block, block]) @ c_t)[:1] if single else block @ c_t  # (n, C)
-        best = np.argmax(sims, axis=1)
-        ids_out[start : start + len(block), 0] = best
-        sims_out[start : start + len(block), 0] = sims[np.arange(len(block)), best]
-        if k == 2:
-            sims[np.arange(len(block)), best] = -np.inf
-            second = np.argmax(sims, axis=1)
-            ids_out[start : start + len(block), 1] = second
-            sims_out[start : start + len(block), 1] = sims[np.arange(len(block)), second]
+        block = np.ascontiguousarray(x[start : start + rows_per_block], np.float32)  # (n, D)
+        approx = torch.from_numpy(block).to(torch.bfloat16) @ c_bf  # (n, C)
+        top_vals, top_ids = torch.topk(approx, 2, dim=1)  # (n, 2), best first
+        cand = top_ids.numpy()
+        exact = np.einsum("nd,nmd->nm", block, c32[cand])  # (n, 2) float32, row by row
+        # No centroid but the bfloat16 best scores above the runner-up's bfloat16 score plus the error.
+        outside = top_vals[:, 1].float().numpy().astype(np.float64) + BF16_ERROR
+        unsure = np.flatnonzero(exact[:, 0] <= outside)
+        rows = slice(start, start + len(block))
+        ids_out[rows, 0], sims_out[rows, 0] = cand[:, 0], exact[:, 0]
+        ids_out[rows, 1], sims_out[rows, 1] = cand[:, 1], np.maximum(exact[:, 1], outside)
+        if len(unsure):  # the bfloat16 scores cannot rule out another best: every centroid in float32, row by row
+            rows_unsure = block[unsure] if len(unsure) > 1 else np.concatenate([block[unsure]] * 2)
+            full = (rows_unsure @ c32.T)[: len(unsure)]  # (u, C); two rows at least: one BLAS kernel for all
+            first = np.argmax(full, axis=1)
+            ids_out[start + unsure, 0] = first
+            sims_out[start + unsure, 0] = full[np.arange(len(unsure)), first]
+            full[np.arange(len(unsure)), first] = -np.inf
+            second = np.argmax(full, axis=1)
+            ids_out[start + unsure, 1] = second
+            sims_out[start + unsure, 1] = full[np.arange(len(unsure)), second]
     return sims_out, ids_out
 
 
@@ -689,21 +740,17 @@ def assign(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid (by inner product) of every row: (labels int64, similarities float32), each shard on its
     rank."""
-    from components.curation.search import build_index
-
-    flat = SearchParams(kind="flat", chunk_size=params.chunk_size, use_gpu=params.use_gpu)
     digest = hashlib.sha256(np.ascontiguousarray(centroids, np.float32).tobytes()).hexdigest()[:16]
 
-    def compute(s: int, index: SearchIndex) -> Result:
+    def compute(s: int, _: Any) -> Result:
         labels, sims = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
         for start, end in vectors.chunks(s):
-            d, i = index.search(vectors.read(start, end), 1)
+            d, i = _nearest_two(vectors.read(start, end), centroids, params)
             labels.append(i[:, 0])
             sims.append(d[:, 0])
         return {"labels": np.concatenate(labels).astype(np.int64), "sims": np.concatenate(sims).astype(np.float32)}
 
-    parts = map_chunks(ranks, vectors.num_shards, compute, cache=cache, name=name, inputs=f"centroids={digest}",
-                       prepare=lambda: build_index(centroids, flat))  # fmt: skip
+    parts = map_chunks(ranks, vectors.num_shards, compute, cache=cache, name=name, inputs=f"centroids={digest}")
     return concat(parts, "labels", np.int64), concat(parts, "sims", np.float32)
 
 

@@ -28,7 +28,9 @@ from tests.curation.test_curate import BASE, world
 from tests.curation.test_stages import FAST
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARDS = {"curate.shard_size": 8, "curate.calibration_images": 24}
+SHARDS = {"curate.shard_size": 8, "curate.calibration_images": 24, "curate.index": "ivf_gemm", "curate.nlist": 4}
+"""Shards of 8 images, searched with the index the stage picks at scale (`ivf_gemm`: trained once, its cells shared
+by every shard), so that both rank counts run the distributed path of a large pool."""
 COSTS = {"wall_s", "cpu_s", "ms_per_pair", "cpu_ms_per_pair", "workers", "ranks"}
 """Report entries that measure how the run went (time, threads, ranks), not what it found."""
 

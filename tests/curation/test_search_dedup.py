@@ -7,8 +7,8 @@ import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
 
-from components.curation import dedup
-from components.curation.search import SearchParams, build_index, default_nlist, kmeans, knn, resolve_kind
+from components.curation import dedup, sharded
+from components.curation.search import SearchParams, build_index, default_nlist, knn, resolve_kind
 from tests.curation.vectors import planted, unit
 
 
@@ -30,12 +30,12 @@ def test_k_beyond_database_is_padded() -> None:
 
 def test_auto_kind_and_nlist() -> None:
     assert resolve_kind(SearchParams(exact_max=100), 100) == "flat"
-    assert resolve_kind(SearchParams(exact_max=100), 101) == "ivf_pq"
+    assert resolve_kind(SearchParams(exact_max=100), 101) == "ivf_gemm"
     assert default_nlist(1_000_000) == 4000
     assert default_nlist(10) == 1
 
 
-@pytest.mark.parametrize("kind", ["ivf_flat", "ivf_pq"])
+@pytest.mark.parametrize("kind", ["ivf_flat", "ivf_pq", "ivf_gemm"])
 def test_ivf_indexes_find_planted_duplicates(kind: str) -> None:
     x, groups = planted(3000, dim=32, num_groups=100)
     params = SearchParams(kind=kind, nlist=32, nprobe=8, pq_m=8, chunk_size=1000)
@@ -51,10 +51,30 @@ def test_ivf_indexes_find_planted_duplicates(kind: str) -> None:
 
 def test_kmeans_assigns_every_vector() -> None:
     x, _ = planted(500, dim=16)
-    result = kmeans(x, 10, niter=5, seed=0)
+    result = sharded.kmeans(sharded.in_memory(x, shard_size=128), 10, niter=5, seed=0)
     assert result.centroids.shape == (10, 16)
     assert result.labels.shape == (500,) and set(result.labels.tolist()) <= set(range(10))
     np.testing.assert_allclose(np.linalg.norm(result.centroids, axis=1), 1.0, atol=1e-4)  # spherical
+    # The assignment is the exact nearest centroid (bfloat16 products re-scored in float32), with its similarity.
+    sims = x @ result.centroids.T
+    np.testing.assert_allclose(sims[np.arange(len(x)), result.labels], sims.max(axis=1), atol=1e-6)
+    np.testing.assert_allclose(result.similarity, sims.max(axis=1), atol=1e-5)
+
+
+def test_kmeans_matches_plain_lloyd() -> None:
+    """Hamerly's bounds and the bfloat16 products skip work, not results: plain float64 Lloyd from the same start."""
+    rng = np.random.default_rng(3)
+    x = unit(rng.standard_normal((600, 24)) + 2.0 * unit(rng.standard_normal((6, 24)))[rng.integers(0, 6, 600)])
+    result = sharded.kmeans(sharded.in_memory(x, shard_size=100), 6, niter=8, seed=1)
+    init = np.sort(np.random.default_rng(1).choice(600, size=6, replace=False))
+    centroids = x[init].astype(np.float64)
+    labels = np.argmax(x @ centroids.T, axis=1)
+    for _ in range(8):  # 8 updates, each followed by an assignment
+        sums = np.stack([x[labels == c].sum(0) if (labels == c).any() else centroids[c] for c in range(6)])
+        centroids = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+        labels = np.argmax(x @ centroids.T, axis=1)
+    np.testing.assert_allclose(result.centroids, centroids, atol=1e-5)
+    assert (result.labels == np.argmax(x @ centroids.T, axis=1)).all()
 
 
 def test_union_find_matches_scipy() -> None:

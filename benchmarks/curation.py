@@ -24,8 +24,8 @@ Measured, in one process:
 
 Scaling (`--scale 1000000,2000000,4000000,8000000 --ranks 1,2 --data-dir DIR`): for every size the embeddings are
 written once to DIR as a float16 .npy, then the curate stage's distributed code (components/curation/sharded.py)
-runs on them on 1 and 2 ranks (torchrun, gloo; shards of `--shard-size` rows, so both rank counts search the same
-shards): the kNN graph above the threshold and k-means, each rank reading its rows through memory maps opened per
+runs on them on 1 and 2 ranks (torchrun, gloo; `--shards` shards of N / shards rows, so both rank counts search the
+same shards): the kNN graph above the threshold and k-means, each rank reading its rows through memory maps opened per
 read. One JSON object per (size, ranks) on stderr as it finishes, then one object on stdout: the points (wall and CPU
 seconds, peak resident memory of every rank, recall of the graph's edges against an exact search of
 `--recall-queries` sampled rows over all N), the load average before each point, and the exponent b of
@@ -159,21 +159,22 @@ def write_embeddings(path: Path, num: int, dim: int, *, num_centers: int, dup_fr
     return path
 
 
-def exact_edges(rows_of: object, queries: np.ndarray, num: int, k: int, threshold: float, chunk: int = 262_144) -> set:
+def exact_edges(rows_of: object, queries: np.ndarray, num: int, k: int, threshold: float, chunk: int = 131_072) -> set:
     """(query, row) pairs of the exact kNN graph for the sampled `queries`: their k nearest other rows at or above
-    `threshold`, by brute force over all `num` rows read in chunks."""
-    q = rows_of[queries].astype(np.float32)  # (Q, D)
-    sims = np.full((len(q), k + 1), -np.inf, np.float32)
-    ids = np.full((len(q), k + 1), -1, np.int64)
+    `threshold`, by brute force (float32 products) over all `num` rows read in chunks."""
+    import torch
+
+    q = torch.from_numpy(np.asarray(rows_of[queries], np.float32))  # (Q, D)
+    sims = torch.full((len(q), k + 1), -torch.inf)
+    ids = torch.full((len(q), k + 1), -1, dtype=torch.int64)
     for start in range(0, num, chunk):
-        block = rows_of[np.arange(start, min(num, start + chunk))].astype(np.float32)
-        s = q @ block.T  # (Q, chunk)
-        both_s, both_i = np.concatenate([sims, s], 1), np.concatenate([ids, np.arange(start, start + len(block))[None]
-                                                                         .repeat(len(q), 0)], 1)  # fmt: skip
-        best = np.argsort(-both_s, axis=1, kind="stable")[:, : k + 1]
-        sims, ids = np.take_along_axis(both_s, best, 1), np.take_along_axis(both_i, best, 1)
-    return {(int(a), int(b)) for a, row, srow in zip(queries, ids, sims, strict=True) for b, v in zip(row, srow,
-            strict=True) if b != a and v >= threshold}  # fmt: skip
+        block = torch.from_numpy(np.asarray(rows_of[np.arange(start, min(num, start + chunk))], np.float32))
+        s = torch.cat([sims, q @ block.T], 1)  # (Q, k + 1 + chunk)
+        i = torch.cat([ids, torch.arange(start, start + len(block)).expand(len(q), -1)], 1)
+        sims, best = torch.topk(s, k + 1, dim=1)
+        ids = torch.gather(i, 1, best)
+    return {(int(a), int(b)) for a, row, srow in zip(queries, ids.tolist(), sims.tolist(), strict=True)
+            for b, v in zip(row, srow, strict=True) if b != a and v >= threshold}  # fmt: skip
 
 
 def scale_worker(args: argparse.Namespace) -> None:
@@ -188,7 +189,7 @@ def scale_worker(args: argparse.Namespace) -> None:
     rows = EmbeddingRows([Path(args.data)], [shape[0]], shape[1])
     vectors = sharded.Vectors(sharded.shard_bounds(shape[0], args.shard_size), lambda r: rows[r].astype(np.float32),
                               shape[1])  # fmt: skip
-    params = SearchParams(kind=args.kind, nprobe=args.nprobe, refine_factor=args.refine_factor, seed=args.seed)
+    params = search_params(args)
     out: dict = {"num_vectors": shape[0], "ranks": world, "shard_size": args.shard_size, "kind": args.kind}
     start, cpu = time.perf_counter(), cpu_s()
     src, dst, _ = sharded.self_edges(vectors, args.k, args.threshold, params, ranks=ranks)
@@ -245,6 +246,7 @@ def scale(args: argparse.Namespace) -> dict:
             load = round(os.getloadavg()[0], 2)
             launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                             "--standalone", f"--nproc_per_node={world}"]  # fmt: skip
+            args.shard_size = -(-num // args.shards)  # the same shard grid on every rank count
             passed = [a for a in (argv_of(args)) if a]
             threads = str(max(1, (os.cpu_count() or 1) // world))  # the cores shared out, never oversubscribed
             env = {**os.environ, "OMP_NUM_THREADS": threads}
@@ -275,6 +277,10 @@ def argv_of(args: argparse.Namespace) -> list[str]:
     return [item for key in keys for item in (f"--{key.replace('_', '-')}", str(getattr(args, key)))]
 
 
+def search_params(args: argparse.Namespace) -> SearchParams:
+    return SearchParams(kind=args.kind, nprobe=args.nprobe, refine_factor=args.refine_factor, seed=args.seed)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-vectors", type=int, default=1_000_000)
@@ -296,8 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale", help="comma-separated sizes: the scaling run (see the module docstring)")
     parser.add_argument("--ranks", default="1,2", help="scaling run: comma-separated rank counts")
     parser.add_argument("--data-dir", default="/tmp/curation-scale", help="scaling run: where the embeddings go")
-    parser.add_argument("--shard-size", type=int, default=524_288, help="scaling run: pool rows per shard")
-    parser.add_argument("--recall-queries", type=int, default=200, help="scaling run: rows checked against exact")
+    parser.add_argument("--shards", type=int, default=2, help="scaling run: shards per size (one per rank at 2 ranks)")
+    parser.add_argument("--shard-size", type=int, default=0, help=argparse.SUPPRESS)  # the worker's, from --shards
+    parser.add_argument("--recall-queries", type=int, default=2000, help="scaling run: rows checked against exact")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -316,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.num_vectors, args.dim, num_centers=args.num_centers, dup_fraction=args.dup_fraction, seed=args.seed
     )
     out["generate_s"] = round(time.perf_counter() - start, 2)
-    params = SearchParams(kind=args.kind, nprobe=args.nprobe, refine_factor=args.refine_factor, seed=args.seed)
+    params = search_params(args)
     pixels = np.ones(len(x), np.int64)
 
     start, cpu = time.perf_counter(), cpu_s()

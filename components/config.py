@@ -677,11 +677,7 @@ class CurateConfig(Section):
     nlist: int | None = Field(None, ge=1)
     """IVF inverted lists (cells); null: about 4 sqrt(N), 2 sqrt(N) for ivf_gemm."""
     nprobe: int = Field(16, ge=1)
-    """ivf_flat, ivf_pq: lists scanned per query."""
-    gemm_probes: int = Field(4, ge=1)
-    """ivf_gemm: cells scanned for each cell a query is placed in (that cell's nearest, itself first)."""
-    spill: int = Field(2, ge=1)
-    """ivf_gemm: cells each query is placed in (its nearest; 2 lets a query near a cell border see both sides)."""
+    """IVF lists (cells) scanned per query, its nearest."""
     refine_factor: int = Field(2, ge=1)
     """ivf_pq, ivf_gemm: candidates per wanted neighbour that are re-ranked with exact similarities."""
     nproc_per_node: int = Field(1, ge=1)

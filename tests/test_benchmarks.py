@@ -111,13 +111,13 @@ def test_curation_scaling_runs_each_size_on_one_and_two_ranks_and_fits_the_expon
     shard grid for both), peak memory of every rank, recall against the exact search, an exponent per rank count.
     Slow (six processes, two torchrun launches: about 60 s on 2 cores)."""
     record = _run("curation.py", "--scale", "3000,6000", "--ranks", "1,2", "--data-dir", str(tmp_path), "--kind",
-                  "flat", "--shard-size", "2000", "--num-centers", "100", "--clusters", "10", "--kmeans-iters", "3",
-                  "--recall-queries", "40")  # fmt: skip
+                  "ivf_gemm", "--shards", "3", "--num-centers", "100", "--clusters", "10", "--kmeans-iters", "3",
+                  "--recall-queries", "200")  # fmt: skip
     points = {(p["num_vectors"], p["ranks"]): p for p in record["points"]}
     assert set(points) == {(3000, 1), (3000, 2), (6000, 1), (6000, 2)}
     for (num, ranks), point in points.items():
         assert len(point["peak_rss_gib_per_rank"]) == ranks and point["dedup_s"] > 0
-        assert point["dedup_recall_vs_exact"] == 1.0  # flat: exact, whatever the shards
-        assert point["dedup_edges"] == points[(num, 1)]["dedup_edges"] > 0
+        assert point["dedup_recall_vs_exact"] >= 0.95 and point["exact_edges_of_queries"] > 10
+        assert point["dedup_edges"] == points[(num, 1)]["dedup_edges"] > 0  # one shard grid: the same graph
     assert set(record["fits"]) == {f"{k}_exponent_{r}_ranks" for k in ("dedup_s", "kmeans_s") for r in (1, 2)}
     assert all(isinstance(v, float) for v in record["fits"].values())

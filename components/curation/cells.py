@@ -1,26 +1,21 @@
 """The `ivf_gemm` index: an inverted file whose cells are scanned by bfloat16 matrix products, candidates re-scored
 exactly.
 
-The pool is cut into `nlist` cells by spherical k-means (the coarse quantizer of an IVF index). Every cell knows the
-`probes` cells whose centroids are nearest its own (itself first). A query is placed in its `spill` nearest cells and
-compared with every vector of those cells' probe cells; all queries placed in one cell share these candidates, so a
-cell's queries against its candidates is one matrix product (hundreds of queries by thousands of candidates), the
-shape where a CPU with AMX or any GPU runs bfloat16 products at its peak. A self-join of N vectors thus costs about
-N x spill x probes x N / nlist x 2 D multiply-adds in nlist products, instead of N small searches.
+The vectors are cut into `nlist` cells by spherical k-means (the coarse quantizer of an IVF index). A query is placed
+in its `nprobe` nearest cells and compared with every vector of those cells, as in faiss's IVF-Flat; but the work is
+done cell by cell, not query by query: all queries placed in one cell against that cell's vectors is one matrix
+product (thousands of queries by hundreds of vectors at a million), the shape where a CPU with AMX or any GPU runs
+bfloat16 products at its peak. A self-join of N vectors costs about N x nprobe x N / nlist x 2 D multiply-adds in
+nlist products, instead of N small searches.
 
-The bfloat16 products only choose: every pair kept (above the search floor, among a query's best `k x refine_factor`)
-is scored again in float32 from the float16 vectors, so the similarities handed on are exact, as with `ivf_pq`'s
-re-ranking. A bfloat16 product of unit vectors is within 2^-8 of the exact one, and the floor is lowered by
-`BF16_MARGIN` so no pair above the threshold is lost to rounding.
+The bfloat16 products only choose: every pair kept (above the search floor, among a query's best `k x refine_factor`
+of the cell) is scored again in float32 from the vectors themselves, so the similarities handed on are exact, as with
+`ivf_pq`'s re-ranking. A bfloat16 product of unit vectors is within about 2^-8 of the exact one, and the floor is
+lowered by `BF16_MARGIN` so that no pair above the threshold is lost to rounding.
 
-Probing by the query's cells rather than by the query itself (faiss's IVF) would lose the neighbours of a query that
-sits near a cell's border, in a cell whose centroid is far from its neighbours' cells: placing every query in its two
-nearest cells (`spill`) brings them back (tests/curation/test_search_dedup.py; `benchmarks/curation.py` measures
-recall against exact search). Results depend only on the data and the
-trained cells (every product's shape follows from them), never on how many ranks share the shards.
-
-Memory: the indexed vectors as float16 (2 D bytes each, the float16 re-ranking copy `ivf_pq` keeps too) sorted by
-cell, plus one cell's product at a time. Runs on a GPU when torch sees one.
+Results depend only on the data and the trained cells (every product's shape follows from them), never on how many
+ranks share the shards. Memory: the indexed vectors as bfloat16 (2 D bytes each, what `ivf_pq`'s float16 re-ranking
+copy takes) sorted by cell, plus one cell's product at a time. Runs on a GPU when torch sees one.
 """
 
 from __future__ import annotations
@@ -30,6 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+READ_ROWS = 16_384
+"""Query rows read (as float32) at a time while a block of them is turned into bfloat16."""
 
 BF16_MARGIN = 0.01
 """How far below a threshold the bfloat16 similarities are kept before the exact re-scoring (the rounding error of a
@@ -62,17 +60,14 @@ class Cells:
 
     centroids: np.ndarray
     """(nlist, D) float32 unit-norm centroids."""
-    probes: np.ndarray
-    """(nlist, probes) int64: the cells scanned for a query placed in each cell, itself first."""
 
     @property
     def nlist(self) -> int:
         return len(self.centroids)
 
 
-def train_cells(train: np.ndarray, nlist: int, probes: int, *, niter: int = 10, seed: int = 0) -> Cells:
-    """Spherical k-means of `train` (L2-normalised rows) into `nlist` cells with bfloat16 products, and each cell's
-    `probes` nearest cells."""
+def train_cells(train: np.ndarray, nlist: int, *, niter: int = 10, seed: int = 0) -> Cells:
+    """Spherical k-means of `train` (L2-normalised rows) into `nlist` cells, with bfloat16 products."""
     dev = device()
     nlist = int(max(1, min(nlist, len(train))))
     rng = np.random.default_rng(seed)
@@ -84,15 +79,7 @@ def train_cells(train: np.ndarray, nlist: int, probes: int, *, niter: int = 10, 
         sums = torch.zeros_like(centroids).index_add_(0, labels, x)
         norms = sums.norm(dim=1, keepdim=True)
         centroids = torch.where(norms > 0, sums / norms.clamp_min(1e-30), centroids)  # an empty cell stays put
-    c = centroids.cpu().numpy().astype(np.float32)
-    probes = int(max(1, min(probes, nlist)))
-    near = torch.topk(torch.from_numpy(c) @ torch.from_numpy(c).T, probes, dim=1).indices.numpy()
-    # Itself first (a duplicated centroid could outrank it in a tie), then the others in order.
-    lists = np.empty((nlist, probes), np.int64)
-    for a in range(nlist):
-        others = near[a][near[a] != a]
-        lists[a] = np.concatenate([[a], others])[:probes]
-    return Cells(c, lists)
+    return Cells(centroids.cpu().numpy().astype(np.float32))
 
 
 ROW_STEP, COLUMN_STEP = 32, 256
@@ -139,8 +126,21 @@ def _best(scores: torch.Tensor, keep: int, low: float) -> tuple[np.ndarray, np.n
     return rows, cols
 
 
+class _Rows:
+    """A reusable bfloat16 buffer of rows, grown when a cell needs more."""
+
+    def __init__(self, dim: int, dev: torch.device) -> None:
+        self.held = torch.empty((0, dim), dtype=torch.bfloat16, device=dev)
+
+    def take(self, num: int) -> torch.Tensor:
+        if len(self.held) < num:
+            self.held = torch.empty((max(num, 2 * len(self.held)), self.held.shape[1]), dtype=torch.bfloat16,
+                                    device=self.held.device)  # fmt: skip
+        return self.held[:num]
+
+
 class CellIndex:
-    """The vectors of one shard, sorted by cell (bfloat16), searched cell block by cell block.
+    """The vectors of one shard, sorted by cell (bfloat16), searched cell by cell.
 
     Ids are rows of the shard (0 .. ntotal - 1); exact similarities are computed from the rows `take` returns.
     """
@@ -154,96 +154,128 @@ class CellIndex:
         labels: np.ndarray | None = None,
     ) -> None:
         """Reads the `num` rows through `take` (sorted rows -> float32 rows), `chunk_size` at a time; `labels`: their
-        cells when already known (`nearest_cells`), else computed here."""
+        nearest cells when already known (`nearest_cells`), else computed here."""
         self.cells = cells
         self.take = take
         self.dev = device()
         self.centroids = _bf16(cells.centroids, self.dev)
-        known = labels is not None
-        labels = np.asarray(labels, np.int64) if known else np.empty(num, np.int64)
-        data = torch.empty((num, cells.centroids.shape[1]), dtype=torch.bfloat16)
-        for start in range(0, num, chunk_size):
-            rows = np.arange(start, min(num, start + chunk_size))
-            chunk = _bf16(np.asarray(take(rows), np.float32), torch.device("cpu"))
-            data[start : start + len(rows)] = chunk
-            if not known:
-                labels[rows] = nearest_cells(chunk, self.centroids)[:, 0]
+        dim = cells.centroids.shape[1]
+        if labels is None:  # a first pass to place every row
+            labels = np.empty(num, np.int64)
+            for start in range(0, num, chunk_size):
+                rows = np.arange(start, min(num, start + chunk_size))
+                labels[rows] = nearest_cells(np.asarray(take(rows), np.float32), self.centroids)[:, 0]
+        labels = np.asarray(labels, np.int64)
         self.order = np.argsort(labels, kind="stable")  # shard rows, cell by cell
         self.offsets = np.searchsorted(labels[self.order], np.arange(cells.nlist + 1))
-        self.data = data[torch.from_numpy(self.order)].to(self.dev)
-        del data
+        position = torch.from_numpy(np.argsort(self.order))  # where each row goes
+        # A cell's block is a view of this array, read padded to COLUMN_STEP rows: the padding rows past the end
+        # are zeros (any rows would do: their scores are cut away).
+        data = torch.zeros((num + COLUMN_STEP, dim), dtype=torch.bfloat16)
+        for start in range(0, num, chunk_size):
+            rows = np.arange(start, min(num, start + chunk_size))
+            data[position[rows]] = _bf16(np.asarray(take(rows), np.float32), torch.device("cpu"))
+        self.data = data.to(self.dev)
 
     @property
     def ntotal(self) -> int:
         return len(self.order)
 
-    def candidates(self, cell: int) -> np.ndarray:
-        """Positions (in cell order) of the vectors in `cell`'s probe cells."""
-        spans = [np.arange(self.offsets[c], self.offsets[c + 1]) for c in self.cells.probes[cell]]
-        return np.concatenate(spans) if spans else np.zeros(0, np.int64)
-
     def scan(
-        self, take: Callable[[np.ndarray], np.ndarray], query_cells: np.ndarray, keep: int, floor: float
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For every query, its best `keep` candidates above `floor`, scored exactly.
+        self, queries: torch.Tensor, query_cells: np.ndarray, keep: int, floor: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate pairs: for every query, its best `keep` vectors of each cell it is placed in, above `floor`, by
+        their bfloat16 similarity.
 
         Args:
-            take: Sorted query positions -> their Q-by-D float32 (or float16) rows, L2-normalised.
-            query_cells: (Q,) or (Q, t): the cell(s) each query is placed in (`nearest_cells`); a query placed in t
-                cells is compared with the vectors of all their probe cells (a pair may then come back twice).
-            keep: At most this many candidates per query and cell, chosen by their bfloat16 similarity.
+            queries: Q-by-D bfloat16 rows (on this index's device), L2-normalised.
+            query_cells: (Q, nprobe) the cells each query is placed in (`nearest_cells`), distinct per query.
+            keep: At most this many candidates per query and cell.
             floor: Candidates whose bfloat16 similarity is below `floor - BF16_MARGIN` are dropped (-inf: none).
 
         Returns:
-            (query, id, similarity): query positions, shard rows and exact float32 similarities, unsorted.
+            (query, id): query positions and shard rows, each pair once, unsorted.
         """
-        qs, ids, sims = [], [], []
+        qs, ids = [], []
         query_cells = query_cells.reshape(len(query_cells), -1)
         flat = query_cells.reshape(-1)
         order = np.argsort(flat, kind="stable")
         bounds = np.searchsorted(flat[order], np.arange(self.cells.nlist + 1))
         order = order // query_cells.shape[1]  # the query of each placement, ascending within a cell
         low = floor - BF16_MARGIN
-        dim = self.data.shape[1]
-        for cell in np.flatnonzero(np.diff(bounds)):
-            pos = self.candidates(cell)
-            if not len(pos):
-                continue
+        block = _Rows(self.data.shape[1], self.dev)
+        for cell in np.flatnonzero((np.diff(bounds) > 0) & (np.diff(self.offsets) > 0)):  # queries and vectors
+            first, size = int(self.offsets[cell]), int(self.offsets[cell + 1] - self.offsets[cell])
             members = order[bounds[cell] : bounds[cell + 1]]
-            q32 = np.asarray(take(members), np.float32)
-            queries = torch.zeros((_padded(len(members), ROW_STEP), dim), dtype=torch.bfloat16, device=self.dev)
-            queries[: len(members)] = _bf16(q32, self.dev)
-            block = torch.zeros((_padded(len(pos), COLUMN_STEP), dim), dtype=torch.bfloat16, device=self.dev)
-            torch.index_select(self.data, 0, torch.from_numpy(pos).to(self.dev), out=block[: len(pos)])
-            scores = (queries @ block.T)[: len(members), : len(pos)]
+            rows = block.take(_padded(len(members), ROW_STEP))
+            torch.index_select(queries, 0, torch.from_numpy(members).to(self.dev), out=rows[: len(members)])
+            # Both sides padded: a handful of product shapes, whatever the cell sizes; the padding is cut away.
+            scores = (rows @ self.data[first : first + _padded(size, COLUMN_STEP)].T)[: len(members), :size]
             qi, ci = _best(scores, keep, low)
-            if not len(qi):
-                continue
-            rows = self.order[pos[ci]]
-            unique, where = np.unique(rows, return_inverse=True)
-            exact = np.einsum("nd,nd->n", q32[qi], np.asarray(self.take(unique), np.float32)[where])
             qs.append(members[qi])
-            ids.append(rows)
-            sims.append(exact)
+            ids.append(self.order[first + ci])
+        if not qs:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(qs), np.concatenate(ids)
+
+    def rescore(self, take: Callable[[np.ndarray], np.ndarray], query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact float32 similarities of pairs (query positions read through `take`, shard rows)."""
+        if not len(query):
+            return np.zeros(0, np.float32)
+        q_rows, q_where = np.unique(query, return_inverse=True)
+        d_rows, d_where = np.unique(ids, return_inverse=True)
+        q = np.asarray(take(q_rows), np.float32)
+        d = np.asarray(self.take(d_rows), np.float32)
+        return np.einsum("nd,nd->n", q[q_where], d[d_where]).astype(np.float32)
+
+    def join(
+        self,
+        take: Callable[[np.ndarray], np.ndarray],
+        blocks: list[tuple[int, int]],
+        query_cells: np.ndarray,
+        keep: int,
+        floor: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`scan` of many queries (a whole pool), a block of rows at a time: each block is read once and held as
+        bfloat16 (2 D bytes a row), then every cell's share of it is searched; the kept pairs are scored exactly.
+
+        Args:
+            take: Sorted query rows -> their float32 vectors.
+            blocks: (start, end) query rows, the blocks to read, in order.
+            query_cells: (N_q, nprobe) the cells of every query row.
+            keep, floor: As in `scan`.
+
+        Returns:
+            (query, id, similarity): query rows, shard rows and exact similarities at or above `floor`.
+        """
+        qs, ids, sims = [], [], []
+        for start, end in blocks:
+            queries = torch.empty((end - start, self.data.shape[1]), dtype=torch.bfloat16)
+            for a in range(start, end, READ_ROWS):
+                b = min(end, a + READ_ROWS)
+                queries[a - start : b - start] = _bf16(np.asarray(take(np.arange(a, b)), np.float32), queries.device)
+            q, i = self.scan(queries.to(self.dev), query_cells[start:end], keep, floor)
+            v = self.rescore(lambda rows, first=start: take(first + rows), q, i)
+            above = v >= floor
+            qs.append(q[above] + start)
+            ids.append(i[above])
+            sims.append(v[above])
         if not qs:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        q, i, v = np.concatenate(qs), np.concatenate(ids), np.concatenate(sims).astype(np.float32)
-        if query_cells.shape[1] > 1:  # a pair seen from two of its query's cells: once
-            _, first = np.unique(q * max(self.ntotal, 1) + i, return_index=True)
-            q, i, v = q[first], i[first], v[first]
-        return q, i, v
+        return np.concatenate(qs), np.concatenate(ids), np.concatenate(sims)
 
-    def search(self, queries: np.ndarray, k: int, refine_factor: int, spill: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int, refine_factor: int) -> tuple[np.ndarray, np.ndarray]:
         """The k most similar rows of every query (Q-by-k float32 exact similarities and int64 ids, best first, then
-        the smaller id; -inf / -1 where fewer were found), from the best `k x refine_factor` by bfloat16 products, each
-        query placed in its `spill` nearest cells."""
+        the smaller id; -inf / -1 where fewer were found), each query placed in its `nprobe` nearest cells, from the
+        best `k x refine_factor` of each cell by bfloat16 products."""
         num_q = len(queries)
         sims = np.full((num_q, k), -np.inf, np.float32)
         ids = np.full((num_q, k), -1, np.int64)
         if not num_q or not self.ntotal:
             return sims, ids
-        placed = nearest_cells(queries, self.centroids, min(spill, self.cells.nlist))
-        q, i, s = self.scan(lambda r: queries[r], placed, k * refine_factor, -np.inf)
+        placed = nearest_cells(queries, self.centroids, min(nprobe, self.cells.nlist))
+        q, i = self.scan(_bf16(np.asarray(queries, np.float32), self.dev), placed, k * refine_factor, -np.inf)
+        s = self.rescore(lambda rows: queries[rows], q, i)
         order = np.lexsort((i, -s, q))
         q, i, s = q[order], i[order], s[order]
         rank = np.arange(len(q)) - np.searchsorted(q, q, side="left")

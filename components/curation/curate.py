@@ -74,8 +74,6 @@ def search_params(cfg: CurateConfig, seed: int) -> SearchParams:
         exact_max=cfg.exact_max,
         nlist=cfg.nlist,
         nprobe=cfg.nprobe,
-        gemm_probes=cfg.gemm_probes,
-        spill=cfg.spill,
         refine_factor=cfg.refine_factor,
         seed=seed,
     )

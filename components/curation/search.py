@@ -11,8 +11,8 @@ Every similarity in curation is a cosine similarity between L2-normalised embedd
   bytes per vector for m = D / 4) and an exact re-ranking (`Refine(SQfp16)`) of the best `k * refine_factor`
   candidates on float16 copies of the vectors. The embeddings are stored as float16, so the re-ranked similarities
   are exact.
-- `ivf_gemm` (components/curation/cells.py): the same inverted file, its cells scanned by bfloat16 matrix products
-  (each cell's queries against the vectors of its `nprobe` nearest cells at once), the kept candidates re-scored
+- `ivf_gemm` (components/curation/cells.py): the inverted file of `ivf_flat`, scanned cell by cell with bfloat16
+  matrix products (all queries placed in a cell against its vectors at once), the kept candidates re-scored
   exactly in float32. Stores the vectors as bfloat16 (2 D bytes, as `ivf_pq`'s re-ranking copy). On a CPU with AMX
   or on a GPU it is several times faster than `ivf_pq` at the same recall (benchmarks/curation.py); runs on torch,
   not faiss.
@@ -59,10 +59,6 @@ class SearchParams:
     """Cells scanned per query; recall grows with it, time linearly."""
     pq_m: int | None = None
     """Sub-quantizers of `ivf_pq` (the code is m / 2 bytes at 4 bits); None: D / 4 (2 dimensions per byte)."""
-    gemm_probes: int = 4
-    """`ivf_gemm`: cells scanned for each cell a query is placed in (that cell's nearest, itself first)."""
-    spill: int = 2
-    """`ivf_gemm`: cells each query is placed in, its nearest (2: a query near a border sees both sides)."""
     refine_factor: int = 2
     """`ivf_pq`: the best k x this many PQ candidates are re-ranked with exact float16 inner products; `ivf_gemm`:
     the best k x this many by bfloat16 products are re-scored in float32."""
@@ -80,8 +76,7 @@ class SearchParams:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind = {self.kind!r}: expected one of {', '.join(KINDS)}")
-        names = ("exact_max", "nprobe", "gemm_probes", "spill", "refine_factor", "train_per_list", "train_iters")
-        for name in (*names, "chunk_size"):
+        for name in ("exact_max", "nprobe", "refine_factor", "train_per_list", "train_iters", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be at least 1")
         if self.nlist is not None and self.nlist < 1:
@@ -185,7 +180,7 @@ class SearchIndex:
             return sims, ids
         _check_dim(queries, self.dim, "queries")
         if self.kind == "ivf_gemm":
-            return self.index.search(queries, k, self.params.refine_factor, self.params.spill)
+            return self.index.search(queries, k, self.params.nprobe, self.params.refine_factor)
         search_params = self._search_params(k_eff)
         for start, end in _chunks(num_queries, self.params.chunk_size):
             if search_params is None:
@@ -296,7 +291,7 @@ def train_index(train: np.ndarray, num_vectors: int, dim: int, params: SearchPar
         from components.curation.cells import train_cells
 
         _check_dim(train, dim, "training vectors")
-        cells = train_cells(_as_f32(train), nlist, params.gemm_probes, niter=params.train_iters, seed=params.seed)
+        cells = train_cells(_as_f32(train), nlist, niter=params.train_iters, seed=params.seed)
         return TrainedIndex(cells, kind, dim, params, params.use_gpu and cells_on_gpu())
     faiss = _faiss()
     gpu = params.use_gpu and num_gpus() > 0

@@ -323,18 +323,33 @@ def shard_index(vectors: Vectors, trained: TrainedIndex, s: int) -> SearchIndex:
 
 
 def cell_labels(vectors: Vectors, trained: TrainedIndex, ranks: Ranks) -> np.ndarray:
-    """`ivf_gemm`: the `spill` cells of every row, nearest first (N-by-spill int64), each rank placing the rows of its
-    shards (a fixed grid of chunks), every rank receiving all of them."""
+    """`ivf_gemm`: the `nprobe` nearest cells of every row, nearest first (N-by-nprobe int32), each rank placing the
+    rows of its shards (a fixed grid of chunks), every rank receiving all of them."""
     from components.curation.cells import nearest_cells
 
     centroids = torch.from_numpy(trained.index.centroids).to(torch.bfloat16)
-    spill = min(trained.params.spill, len(centroids))
+    nprobe = min(trained.params.nprobe, len(centroids))
 
     def compute(s: int, _: Any) -> Result:
-        parts = [nearest_cells(vectors.read(a, b), centroids, spill) for a, b in vectors.chunks(s)]
-        return {"labels": np.concatenate(parts) if parts else np.zeros((0, spill), np.int64)}
+        parts = [nearest_cells(vectors.read(a, b), centroids, nprobe).astype(np.int32) for a, b in vectors.chunks(s)]
+        return {"labels": np.concatenate(parts) if parts else np.zeros((0, nprobe), np.int32)}
 
-    return concat(map_chunks(ranks, vectors.num_shards, compute, name="cells"), "labels", np.int64, spill)
+    return concat(map_chunks(ranks, vectors.num_shards, compute, name="cells"), "labels", np.int32, nprobe)
+
+
+QUERY_BLOCK_ROWS = 1 << 20
+"""`ivf_gemm` self-join: pool rows read and held (as bfloat16, 2 D bytes a row) at a time on each rank."""
+
+
+def query_blocks(vectors: Vectors, rows: int = QUERY_BLOCK_ROWS) -> list[tuple[int, int]]:
+    """The fixed chunks of `vectors`, joined into consecutive blocks of about `rows` rows (never cut)."""
+    blocks: list[tuple[int, int]] = []
+    for start, end in vectors.all_chunks():
+        if blocks and blocks[-1][1] == start and end - blocks[-1][0] <= rows:
+            blocks[-1] = (blocks[-1][0], end)
+        else:
+            blocks.append((start, end))
+    return blocks
 
 
 def merge_top_k(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -417,9 +432,9 @@ def self_edges(
         src, dst, sim = [], [], []
         if last > first and labels is not None:  # ivf_gemm: every cell's queries against the shard at once
             index = fill_index(trained, last - first, lambda rows: vectors.take(first + rows), labels[first:last, 0])
-            q, i, v = index.index.scan(vectors.take, labels, k_search * params.refine_factor, threshold)
-            keep = v >= threshold
-            src, dst, sim = [q[keep]], [i[keep] + first], [v[keep]]
+            q, i, v = index.index.join(vectors.take, query_blocks(vectors), labels, k_search * params.refine_factor,
+                                       threshold)  # fmt: skip
+            src, dst, sim = [q], [i + first], [v]
         elif last > first:
             index = shard_index(vectors, trained, s)
             for start, end in vectors.all_chunks():
@@ -529,15 +544,20 @@ relative error 2^-8 each) give at most (2 2^-8 + 2^-16) sum |x_i c_i| <= 0.0079 
 to bfloat16 adds 2^-8, and the float32 accumulation a few 1e-5."""
 
 
+NEAR_TIES = 8
+"""Rows whose bfloat16 best and runner-up are within `BF16_ERROR` get their bfloat16 top this-many scored exactly."""
+
+
 def _nearest_two(x: np.ndarray, centroids: np.ndarray, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
-    """The two most similar centroids of every row: (sims, ids), N-by-min(2, C); the second similarity may be an
-    upper bound (all Hamerly's bound needs), the first is exact.
+    """The most similar centroid of every row and a bound for all the others: (sims, ids), N-by-min(2, C). The first
+    column is the best centroid and its exact similarity; the second, the runner-up and an upper bound on the
+    similarity of every other centroid (all Hamerly's lower bound needs).
 
     On the CPU the similarity matrix is a bfloat16 product (AMX or AVX-512 BF16 where the CPU has them: 3x the float32
-    rate here), then each row's two best centroids are scored again in float32, row by row. The bfloat16 best is the
-    exact best whenever its exact score beats the runner-up's bfloat16 score by `BF16_ERROR`; other rows are scored
-    exactly against every centroid. So the assignment is the exact one, and exact scores, computed per row, do not
-    depend on which rows are searched together (on how many ranks).
+    rate here), then each row's bfloat16 best is scored again in float32, row by row. It is the exact best whenever
+    that exact score beats the runner-up's bfloat16 score by `BF16_ERROR`, which then bounds every other centroid;
+    other rows are scored exactly against every centroid. So the assignment is the exact one, and exact scores,
+    computed per row, do not depend on which rows are searched together (on how many ranks).
     """
     from components.curation.search import build_index, num_gpus
 
@@ -545,32 +565,42 @@ def _nearest_two(x: np.ndarray, centroids: np.ndarray, params: SearchParams) -> 
     if params.use_gpu and num_gpus() > 0:
         flat = SearchParams(kind="flat", chunk_size=params.chunk_size, use_gpu=True)
         return build_index(centroids, flat).search(x, k)
-    import torch
-
     sims_out = np.empty((len(x), k), np.float32)
     ids_out = np.empty((len(x), k), np.int64)
-    c32 = np.ascontiguousarray(centroids, np.float32)
+    c32 = torch.from_numpy(np.ascontiguousarray(centroids, np.float32))
     if k < 2:
-        sims_out[:] = np.einsum("nd,d->n", np.asarray(x, np.float32), c32[0])[:, None]
+        sims_out[:] = (torch.from_numpy(np.asarray(x, np.float32)) @ c32[0]).numpy()[:, None]
         ids_out[:] = 0
         return sims_out, ids_out
-    c_bf = torch.from_numpy(c32).to(torch.bfloat16).T.contiguous()  # (D, C)
+    c_bf = c32.to(torch.bfloat16).T.contiguous()  # (D, C)
     rows_per_block = max(2, min(8192, (1 << 25) // len(centroids)))
     for start in range(0, len(x), rows_per_block):
-        block = np.ascontiguousarray(x[start : start + rows_per_block], np.float32)  # (n, D)
-        approx = torch.from_numpy(block).to(torch.bfloat16) @ c_bf  # (n, C)
+        block = torch.from_numpy(np.ascontiguousarray(x[start : start + rows_per_block], np.float32))  # (n, D)
+        approx = block.to(torch.bfloat16) @ c_bf  # (n, C)
         top_vals, top_ids = torch.topk(approx, 2, dim=1)  # (n, 2), best first
-        cand = top_ids.numpy()
-        exact = np.einsum("nd,nmd->nm", block, c32[cand])  # (n, 2) float32, row by row
-        # No centroid but the bfloat16 best scores above the runner-up's bfloat16 score plus the error.
-        outside = top_vals[:, 1].float().numpy().astype(np.float64) + BF16_ERROR
-        unsure = np.flatnonzero(exact[:, 0] <= outside)
+        best = (block * c32[top_ids[:, 0]]).sum(dim=1)  # float32, row by row
+        outside = top_vals[:, 1].float() + BF16_ERROR  # no centroid but the best scores above this
         rows = slice(start, start + len(block))
-        ids_out[rows, 0], sims_out[rows, 0] = cand[:, 0], exact[:, 0]
-        ids_out[rows, 1], sims_out[rows, 1] = cand[:, 1], np.maximum(exact[:, 1], outside)
-        if len(unsure):  # the bfloat16 scores cannot rule out another best: every centroid in float32, row by row
-            rows_unsure = block[unsure] if len(unsure) > 1 else np.concatenate([block[unsure]] * 2)
-            full = (rows_unsure @ c32.T)[: len(unsure)]  # (u, C); two rows at least: one BLAS kernel for all
+        ids_out[rows] = top_ids.numpy()
+        sims_out[rows, 0] = best.numpy()
+        sims_out[rows, 1] = outside.numpy()
+        unsure = torch.nonzero(best <= outside)[:, 0]
+        if len(unsure) and len(centroids) > NEAR_TIES:  # near ties: the best of the bfloat16 top few, in float32
+            vals, cand = torch.topk(approx[unsure], NEAR_TIES + 1, dim=1)
+            exact = (block[unsure, None, :] * c32[cand[:, :NEAR_TIES]]).sum(dim=2)  # (u, NEAR_TIES)
+            order = torch.argsort(-exact, dim=1, stable=True)
+            first, runner = cand.gather(1, order[:, :1])[:, 0], cand.gather(1, order[:, 1:2])[:, 0]
+            first_sim = exact.gather(1, order[:, :1])[:, 0]
+            bound = torch.maximum(exact.gather(1, order[:, 1:2])[:, 0], vals[:, NEAR_TIES].float() + BF16_ERROR)
+            sure = first_sim > vals[:, NEAR_TIES].float() + BF16_ERROR
+            done = unsure[sure].numpy()
+            ids_out[start + done, 0], ids_out[start + done, 1] = first[sure].numpy(), runner[sure].numpy()
+            sims_out[start + done, 0], sims_out[start + done, 1] = first_sim[sure].numpy(), bound[sure].numpy()
+            unsure = unsure[~sure]
+        unsure = unsure.numpy()
+        if len(unsure):  # the bfloat16 scores cannot rule out another best: every centroid in float32
+            rows_unsure = block[unsure].numpy() if len(unsure) > 1 else np.concatenate([block[unsure].numpy()] * 2)
+            full = (rows_unsure @ c32.numpy().T)[: len(unsure)]  # (u, C); two rows at least: one BLAS kernel for all
             first = np.argmax(full, axis=1)
             ids_out[start + unsure, 0] = first
             sims_out[start + unsure, 0] = full[np.arange(len(unsure)), first]
@@ -710,8 +740,9 @@ def _lloyd(
         upper += drift[labels] + BOUND_MARGIN
         lower -= np.where(labels == top, drift[second], drift[top]) + BOUND_MARGIN
         check = np.flatnonzero(upper > lower)
-        if len(check):  # tighten the upper bound first: the exact distance to the own centroid
-            upper[check] = _distance(np.einsum("nd,nd->n", x[check], centroids[labels[check]]))
+        if len(check):  # tighten the upper bound first: the exact distance to the own centroid, row by row
+            own = torch.from_numpy(x[check]) * torch.from_numpy(centroids[labels[check]])
+            upper[check] = _distance(own.sum(dim=1).numpy())
             check = check[upper[check] > lower[check]]
         if not len(check):
             continue

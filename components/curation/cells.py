@@ -26,6 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+RESCORE_PAIRS = 65_536
+"""Candidate pairs re-scored in float32 at a time."""
+
 READ_ROWS = 16_384
 """Query rows read (as float32) at a time while a block of them is turned into bfloat16."""
 
@@ -219,14 +222,17 @@ class CellIndex:
         return np.concatenate(qs), np.concatenate(ids)
 
     def rescore(self, take: Callable[[np.ndarray], np.ndarray], query: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Exact float32 similarities of pairs (query positions read through `take`, shard rows)."""
-        if not len(query):
-            return np.zeros(0, np.float32)
-        q_rows, q_where = np.unique(query, return_inverse=True)
-        d_rows, d_where = np.unique(ids, return_inverse=True)
-        q = np.asarray(take(q_rows), np.float32)
-        d = np.asarray(self.take(d_rows), np.float32)
-        return np.einsum("nd,nd->n", q[q_where], d[d_where]).astype(np.float32)
+        """Exact float32 similarities of pairs (query positions read through `take`, shard rows), `RESCORE_PAIRS`
+        pairs at a time (memory stays bounded however many pairs there are)."""
+        out = np.empty(len(query), np.float32)
+        for start in range(0, len(query), RESCORE_PAIRS):
+            part = slice(start, start + RESCORE_PAIRS)
+            q_rows, q_where = np.unique(query[part], return_inverse=True)
+            d_rows, d_where = np.unique(ids[part], return_inverse=True)
+            q = np.asarray(take(q_rows), np.float32)
+            d = np.asarray(self.take(d_rows), np.float32)
+            out[part] = np.einsum("nd,nd->n", q[q_where], d[d_where])
+        return out
 
     def join(
         self,

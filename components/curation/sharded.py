@@ -106,7 +106,7 @@ class Ranks:
         import torch
         import torch.distributed as dist
 
-        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+        tensor = torch.tensor(np.asarray(values, dtype=np.int64))  # a copy: all_reduce works in place
         dist.all_reduce(tensor)
         return tensor.numpy()
 

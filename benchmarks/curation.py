@@ -382,12 +382,12 @@ def main(argv: list[str] | None = None) -> dict:
     out["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     out["faiss"] = faiss.__version__
     out["goals_met"] = {
-        "dedup_under_300s": out["dedup_s"] < 300,
+        "dedup_under_60s": out["dedup_s"] < 60,
         "peak_rss_under_4gib": out["peak_rss_gib"] < 4,
         # Measured against the exact sklearn search only: null when --skip-sklearn left it out.
-        "recall_at_least_0.95": at_least(out.get("dedup_recall_vs_exact"), 0.95),
+        "recall_at_least_0.97": at_least(out.get("dedup_recall_vs_exact"), 0.97),
         "dedup_5x_sklearn": at_least(out.get("speedup_dedup_vs_sklearn"), 5),
-        "kmeans_not_slower": at_least(out.get("speedup_kmeans_vs_sklearn"), 1),
+        "kmeans_2x_sklearn": at_least(out.get("speedup_kmeans_vs_sklearn"), 2),
     }
     print(json.dumps(out))
     return out

@@ -410,7 +410,9 @@ class QueuedTracker(Tracker):
             return self._delivered >= last
 
     def close(self, wait_s: float = CLOSE_WAIT_S) -> Path | None:
-        """Ends the queue: waits up to `wait_s` for a reachable server to take what is queued, never for an absent one.
+        """Ends the queue: waits for a reachable server to take what is queued as long as it keeps taking records (up
+        to `wait_s` without a delivery: a loaded server taking a run's artifacts one by one is waited for), never for
+        an absent one.
 
         Returns:
             The spill file holding what was not delivered (named in a warning with the replay command), or None.
@@ -419,10 +421,13 @@ class QueuedTracker(Tracker):
             self._closing = True
             self._cond.notify_all()
         deadline = time.monotonic() + wait_s
+        delivered = self._delivered
         while self._worker.is_alive() and time.monotonic() < deadline:
             if self.away and not self._probe():  # gone, not merely slow: what is left stays in the spill file
                 break
             self._worker.join(0.5)
+            if self._delivered > delivered:  # progress: the server answers, give it another `wait_s`
+                delivered, deadline = self._delivered, time.monotonic() + wait_s
         with self._cond:
             left = self._next_seq - 1 - self._delivered
             if self._worker.is_alive():  # away, or too slow: what is left stays in the spill file

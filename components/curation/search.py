@@ -1,4 +1,5 @@
-"""The one faiss module: train and fill inner-product indexes, search them in bounded chunks.
+"""The similarity indexes of curation: train and fill inner-product indexes (faiss, or `ivf_gemm` on torch), search
+them in bounded chunks.
 
 Every similarity in curation is a cosine similarity between L2-normalised embeddings, i.e. an inner product
 (`METRIC_INNER_PRODUCT`). Four index kinds, picked by `SearchParams.kind`:
@@ -19,7 +20,7 @@ Every similarity in curation is a cosine similarity between L2-normalised embedd
 
 `auto` picks `flat` up to `exact_max` database vectors and `ivf_gemm` above. On a machine with faiss-gpu and a GPU the
 index is moved to the GPUs (`flat`, `ivf_flat`; `ivf_pq` uses 8-bit PQ codes there, as GPU faiss has no fast-scan
-codes); elsewhere everything runs on the CPU with faiss's OpenMP threads.
+codes), and `ivf_gemm` runs on torch's GPU; elsewhere everything runs on the CPU (faiss's OpenMP threads, torch's).
 
 Memory stays bounded: vectors are added and queried `chunk_size` rows at a time (float16 -> float32 per chunk), a
 search returns N_q x k results and a thresholded search returns only the edges above its threshold. Nothing here ever

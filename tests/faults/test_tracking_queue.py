@@ -233,3 +233,31 @@ def test_a_slow_server_that_still_answers_gets_the_run_end_at_close(tmp_path):
     threading.Timer(1.0, client.stall.set).start()  # it answers again a second later
     assert tracker.close(wait_s=10.0) is None
     assert [status for status, _ in client.terminated] == ["FINISHED"] and len(client.metrics) == 1
+
+
+class SlowClient(FlakyClient):
+    """A loaded server: it answers every call, each after `delay_s`."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def _check(self) -> None:
+        time.sleep(self.delay_s)
+        super()._check()
+
+
+def test_close_waits_for_a_loaded_server_while_it_keeps_taking_records(tmp_path):
+    """A run's artifacts taken one by one by a loaded server can outlast `wait_s` in all: close waits as long as
+    records keep arriving (up to `wait_s` between two), so the run ends FINISHED, not in the spill file."""
+    client = SlowClient(delay_s=0.15)
+    tracker = _tracker(tmp_path, client)
+    for i in range(12):
+        artifact = tmp_path / f"a{i}.txt"
+        artifact.write_text(str(i))
+        tracker.log_artifact(artifact)
+    tracker.terminate("FINISHED")
+    start = time.monotonic()
+    assert tracker.close(wait_s=0.5) is None  # about 1.9 s of deliveries, never 0.5 s without one
+    assert time.monotonic() - start > 0.5
+    assert len(client.artifacts) == 12 and [status for status, _ in client.terminated] == ["FINISHED"]

@@ -22,10 +22,14 @@ client's retries is logged as an error and dropped, and the process waits at exi
 
 The spill file (`<spool dir>/<run name>-<run id>.spool.jsonl`, JSON lines): a header (tracking URI, run id), then one
 record per line: `seq` (order), `kind` (`params`, `metrics`, `tags`, `dataset`, `artifact`, `terminate`), `time_ms`
-and the payload. `<file>.delivered` holds the `seq` of the last record delivered from it; an artifact is kept as a
-hard link (or a copy) under `<file stem>.files/<seq>/` from the moment it is logged, so the file delivered is the one
-logged even if the stage writes another under the same name later. Spill files live in `.tracking/` of the working
-directory (`DINOV2_TRACKING_SPOOL` moves it), outside every DVC output: a replay must not change an output's hash.
+and the payload. `<file>.delivered` holds the `seq` of the last record delivered from it; an artifact is kept under
+`<file stem>.files/<seq>/` from the moment it is logged, so the file delivered is the one logged even if the stage
+writes the same name again later: a copy, or a hard link for a file of `LINK_MIN_BYTES` or more (checkpoints and
+tables, which the stages write aside and rename: the linked file never changes). Smaller files are copied because
+libraries rewrite theirs in place (Great Expectations' Data Docs, on every gate): a linked file rewritten while it is
+uploaded sends fewer bytes than announced, and the server waits for the rest. Spill files live in `.tracking/` of
+the working directory (`DINOV2_TRACKING_SPOOL` moves it), outside every DVC output: a replay must not change an
+output's hash.
 """
 
 from __future__ import annotations
@@ -160,21 +164,28 @@ class Spool:
         shutil.rmtree(self.files, ignore_errors=True)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """`target` as a hard link to `source` (instant; the stage's atomic renames never change a linked file), or a
-    copy on another filesystem."""
+LINK_MIN_BYTES = 64 * 2**20
+"""Artifacts this large are hard-linked into the queue rather than copied (see the module's docstring)."""
+
+
+def _keep(source: Path, target: Path) -> None:
+    """`target` as the queue's own copy of the file or folder `source` (see `_keep_file`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if source.is_dir():
-        shutil.copytree(source, target, copy_function=_link_or_copy_file)
+        shutil.copytree(source, target, copy_function=_keep_file)
     else:
-        _link_or_copy_file(source, target)
+        _keep_file(source, target)
 
 
-def _link_or_copy_file(source: str | Path, target: str | Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+def _keep_file(source: str | Path, target: str | Path) -> None:
+    """A copy of `source`, or a hard link when it is `LINK_MIN_BYTES` or larger (a copy on another filesystem)."""
+    if os.path.getsize(source) >= LINK_MIN_BYTES:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copy2(source, target)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -350,7 +361,7 @@ class QueuedTracker(Tracker):
         self._put("dataset", dataset={**fields, "columns": dict(dataset.columns)})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Queues a file or folder: linked (or copied) into the queue's files now, uploaded later."""
+        """Queues a file or folder: copied (or linked, when large) into the queue's files now, uploaded later."""
         path = Path(path)
         if not path.exists():
             return
@@ -358,7 +369,7 @@ class QueuedTracker(Tracker):
         with self._cond:  # the seq taken and the record queued at once: records stay in seq order
             name = f"{self._next_seq}/{path.name}"
             try:
-                _link_or_copy(path, self.spool.files / name)
+                _keep(path, self.spool.files / name)
             except OSError as err:
                 log.warning("tracking: %s not queued for MLflow (%s)", path, err)
                 return

@@ -53,7 +53,8 @@ class FlakyClient:
 
     def log_artifacts(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
         self._check()
-        self.artifacts.append((Path(path).name, artifact_path, ""))
+        files = sorted(f for f in Path(path).rglob("*") if f.is_file())
+        self.artifacts.append((Path(path).name, artifact_path, "|".join(f.read_text() for f in files)))
 
     def set_terminated(self, run_id: str, status: str, end_time: int | None = None) -> None:
         self._check()
@@ -93,6 +94,47 @@ def test_records_arrive_in_order_with_their_steps_and_times(tmp_path):
     assert client.params == {"lr": "0.1"} and client.artifacts == [("curve.csv", "plots", "step,loss\n1,1.0\n")]
     assert client.terminated[0][0] == "FINISHED"
     assert not list((tmp_path / "spool").glob("*")) or not any((tmp_path / "spool").rglob("*.jsonl"))
+
+
+def test_a_file_rewritten_in_place_after_logging_is_delivered_as_logged(tmp_path):
+    """Great Expectations rewrites its Data Docs pages in place on every gate: the queue delivers each file as it was
+    when logged (a hard link would change with it, and a file shrinking while it is uploaded stalls the upload)."""
+    client = FlakyClient()
+    client.stall.clear()  # nothing is delivered until both files have been rewritten
+    tracker = _tracker(tmp_path, client, stall_s=60)
+    page, docs = tmp_path / "report.html", tmp_path / "docs"
+    page.write_text("first gate")
+    (docs / "validations").mkdir(parents=True)
+    (docs / "validations" / "a.html").write_text("first gate")
+    tracker.log_artifact(page, "gates")
+    tracker.log_artifact(docs, "gates/docs")
+    for written in (page, docs / "validations" / "a.html"):
+        with open(written, "w") as f:  # in place: same inode, truncated, then rewritten
+            f.write("second")
+    client.stall.set()
+    tracker.terminate("FINISHED")
+    assert tracker.close() is None
+    assert client.artifacts == [("report.html", "gates", "first gate"), ("docs", "gates/docs", "first gate")]
+
+
+def test_a_large_artifact_is_linked_not_copied(tmp_path, monkeypatch):
+    import components.tracking_queue as queue
+
+    monkeypatch.setattr(queue, "LINK_MIN_BYTES", 8)
+    client = FlakyClient()
+    client.stall.clear()
+    tracker = _tracker(tmp_path, client, stall_s=60)
+    small, large = tmp_path / "small.json", tmp_path / "model.bin"
+    small.write_text("{}")
+    large.write_text("0123456789")
+    tracker.log_artifact(small)
+    tracker.log_artifact(large)
+    kept = {p.name: p for p in tracker.spool.files.rglob("*") if p.is_file()}
+    assert kept["model.bin"].stat().st_ino == large.stat().st_ino
+    assert kept["small.json"].stat().st_ino != small.stat().st_ino
+    client.stall.set()
+    tracker.terminate("FINISHED")
+    assert tracker.close() is None and len(client.artifacts) == 2
 
 
 def test_an_outage_never_blocks_logging_warns_twice_and_delivers_everything_in_order(tmp_path, caplog):

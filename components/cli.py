@@ -23,8 +23,15 @@ EXIT_CONFIG_ERROR = 2
 EXIT_GATE_FAILED = 3
 EXIT_BAD_INPUT = 4
 """A benchmark folder that is not its publisher's layout (the message names the file and what was expected)."""
-EXIT_FAULT = 4
+EXIT_FAULT = 5
 """A fault of the machine the stage ran on, named: out of space, no intact checkpoint."""
+EXIT_REASONS = {
+    EXIT_CONFIG_ERROR: "bad configuration",
+    EXIT_GATE_FAILED: "a quality gate failed",
+    EXIT_BAD_INPUT: "bad input",
+    EXIT_FAULT: "out of space or no intact checkpoint",
+}
+"""What each named exit code means; the message printed before it gives the file, key or value."""
 
 
 def build_parser() -> argparse.ArgumentParser:

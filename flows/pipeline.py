@@ -29,6 +29,7 @@ minutes of outage), and artifacts that still cannot be published are skipped wit
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.runtime import flow_run
 
 from components import pipeline_record
-from components.cli import EXIT_CONFIG_ERROR, EXIT_GATE_FAILED, STAGES
+from components.cli import EXIT_REASONS, STAGES
 from components.config import (
     DEFAULT_PARAMS,
     Arch,
@@ -59,9 +60,27 @@ from components.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, Tracker, dvc_lock_
 SUMMARY_PATH = Path("reports/pipeline_summary.json")
 StageName = Literal[tuple(STAGES)]  # a drop-down of dvc.yaml's stages in the Prefect UI's run form
 NETWORK_STAGES = frozenset({"prepare", "embed", "report"})
-"""Stages that may read S3 or talk to a registry: retried on failures other than bad input."""
-EXIT_BAD_INPUT = (EXIT_CONFIG_ERROR, EXIT_GATE_FAILED)
-"""Exit codes of `python -m components` for bad input and a failed gate: retrying cannot help."""
+"""Stages that may read S3 or talk to a registry: retried, unless their command exited with a named code."""
+
+
+class StageFailedError(RuntimeError):
+    """A stage's command failed: the message names the stage, its exit code and, for a named code, what it means
+    (`components.cli.EXIT_REASONS`)."""
+
+
+def _exit_code(err: BaseException) -> int | None:
+    """The exit code of the stage command behind a DVC error (the first one named along its causes)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        match = re.search(r"exited with (-?\d+)", str(current))
+        if match:
+            return int(match.group(1))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 FLOW_CLIENT_RETRIES = 9
 """Tries of the flow's Prefect API calls after the first (pauses of 2, 4, ..., 512 s: about 17 minutes in all), so that
 a Prefect server restart does not crash a flow whose stages went on without it."""
@@ -137,12 +156,16 @@ def collect_overrides(
     return merged
 
 
-def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
-    """Retries a network stage unless it failed on bad input (config error or failed gate)."""
+def _retry_unless_named(task: Any, task_run: Any, state: Any) -> bool:
+    """Retries a network stage unless its command exited with a named code (bad configuration or input, a failed
+    gate, a named fault): those fail the same way again."""
     try:
         state.result()
-    except Exception as err:  # noqa: BLE001 - we only inspect the message
-        return not any(f"exited with {code}" in str(err) for code in EXIT_BAD_INPUT)
+    except StageFailedError as err:
+        match = re.search(r"exit code (-?\d+)", str(err))
+        return not (match and int(match.group(1)) in EXIT_REASONS)
+    except Exception:  # noqa: BLE001 - anything else (a lost connection) may pass on a second try
+        return True
     return False
 
 
@@ -163,7 +186,14 @@ def run_stage(stage: str, root: str) -> dict[str, Any]:
     metrics_path = pipeline_record.stage_metrics_path(Path(root), stage)
     # DVC resolves paths (its run cache included) against the working directory, so it must be the checkout
     with chdir(root), Repo(root) as repo:
-        ran = repo.reproduce(_target(Path(root), stage), single_item=True)
+        try:
+            ran = repo.reproduce(_target(Path(root), stage), single_item=True)
+        except Exception as err:
+            code = _exit_code(err)
+            if code is None:
+                raise
+            reason = f": {EXIT_REASONS[code]}" if code in EXIT_REASONS else ""
+            raise StageFailedError(f"stage {stage} failed (exit code {code}{reason})") from err
     duration = time.monotonic() - start
     status = "completed" if ran else "skipped"
     report = _read_json(metrics_path)
@@ -275,7 +305,7 @@ def pipeline(
         try:
             for name in stages:
                 options = {"retries": 2} if name in NETWORK_STAGES else {}
-                runner = run_stage.with_options(retry_condition_fn=_retry_unless_bad_input, **options)
+                runner = run_stage.with_options(retry_condition_fn=_retry_unless_named, **options)
                 outcomes.append(runner(name, str(root)))
         except BaseException:  # a failed run is summarised too: which stage failed, what ran before it
             _finish(root, cfg, parent, outcomes, stages, failed=stages[len(outcomes)])

@@ -104,3 +104,19 @@ READ: dict[str, str] = {}
 def reads_an_undeclared_section(cfg, **_):
     """A stage whose code reads a section (`model`) its spec does not list."""
     READ["model"] = cfg.model.arch
+
+
+def fills_the_disk(cfg, **_):
+    from components.storage import OutOfSpaceError
+
+    raise OutOfSpaceError("checkpoints/step_4", "needs 2.0 GiB, 0.1 GiB free; the last checkpoint is intact")
+
+
+def test_each_named_failure_has_its_own_exit_code(monkeypatch, capsys):
+    from components import cli
+    from components.stages.specs import StageSpec
+
+    assert len(set(cli.EXIT_REASONS)) == len(cli.EXIT_REASONS) == 4 and 0 not in cli.EXIT_REASONS
+    monkeypatch.setitem(cli.STAGES, "synth", StageSpec("x", f"{__name__}:fills_the_disk", ("seed",), ()))
+    assert cli.main(["synth", "--params", str(ROOT / "params.yaml")]) == cli.EXIT_FAULT
+    assert "checkpoints/step_4: needs 2.0 GiB" in capsys.readouterr().err

@@ -84,6 +84,9 @@ def test_pipeline_logs_to_the_mlflow_server_with_artifacts_in_s3(stack: Any, pip
     for child in children:
         assert child.info.status == "FINISHED", child.info.run_name
         assert child.data.metrics, f"stage run {child.info.run_name} logged no metric"
+        assert child.data.params, f"stage run {child.info.run_name} logged no params"
+        assert child.data.tags.get("git_commit"), f"stage run {child.info.run_name} has no git commit tag"
+        assert any(k.startswith("dvc.out.") for k in child.data.tags), f"{child.info.run_name} has no DVC hash tags"
         files = _artifact_files(client, child.info.run_id)
         assert files, f"stage run {child.info.run_name} logged no artifact"
         # The artifact lives in the S3 bucket behind the server's artifact proxy ...
@@ -290,6 +293,8 @@ def test_pipeline_runs_compare_side_by_side_in_mlflow(
     assert {r["stage"]: r["status"] for r in second_stages} == {
         s: "completed" if s == "report" else "skipped" for s in second_pipeline_run.stages
     }
+    status = run([sys.executable, "-m", "dvc", "status"], pipeline_run.project, client_env(stack))
+    assert "up to date" in status, status  # nothing left for DVC to do
 
     ranked = client.search_runs(
         [first.info.experiment_id], filter_string="tags.kind = 'pipeline'", order_by=["metrics.`knn.top1` DESC"]

@@ -91,7 +91,7 @@ def test_gram_step_beside_the_same_step_without_gram(in_process_training, monkey
 
 
 def test_curation_reports_its_goals_against_the_exact_search_or_leaves_them_unmeasured():
-    small = ("--num-vectors", "20000", "--num-centers", "200", "--subset", "5000", "--clusters", "20",
+    small = ("--num-vectors", "8000", "--num-centers", "100", "--subset", "3000", "--clusters", "20",
              "--kmeans-iters", "5", "--kind", "flat")  # fmt: skip
     record = _run("curation.py", *small, "--verify-pairs", "20")
     # A flat index finds every pair the exact search finds, and every planted copy.

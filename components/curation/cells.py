@@ -10,8 +10,8 @@ nlist products, instead of N small searches.
 
 The bfloat16 products only choose: every pair kept (above the search floor, among a query's best `k x refine_factor`
 of the cell) is scored again in float32 from the vectors themselves, so the similarities handed on are exact, as with
-`ivf_pq`'s re-ranking. A bfloat16 product of unit vectors is within about 2^-8 of the exact one, and the floor is
-lowered by `BF16_MARGIN` so that no pair above the threshold is lost to rounding.
+`ivf_pq`'s re-ranking. A bfloat16 product of unit vectors is within `BF16_ERROR` of the exact one, and the floor is
+lowered by as much, so that no pair above the threshold is lost to rounding.
 
 Results depend only on the data and the trained cells (every product's shape follows from them), never on how many
 ranks share the shards. Memory: the indexed vectors as bfloat16 (2 D bytes each, what `ivf_pq`'s float16 re-ranking
@@ -32,9 +32,13 @@ RESCORE_PAIRS = 65_536
 READ_ROWS = 16_384
 """Query rows read (as float32) at a time while a block of them is turned into bfloat16."""
 
-BF16_MARGIN = 0.01
-"""How far below a threshold the bfloat16 similarities are kept before the exact re-scoring (the rounding error of a
-bfloat16 product of two unit vectors is at most about 2^-8)."""
+BF16_ERROR = 0.0125
+"""Bound on |bfloat16 similarity - exact similarity| for unit vectors: inputs rounded to bfloat16 (8 significant
+bits, relative error 2^-8 each) give at most (2 2^-8 + 2^-16) sum |x_i c_i| <= 0.0079 (Cauchy-Schwarz), the product
+rounded to bfloat16 adds 2^-8, and the float32 accumulation a few 1e-5. Candidates are kept this far below a
+threshold before their exact re-scoring; k-means trusts a bfloat16 ranking only beyond it."""
+
+INT16_MIN = np.iinfo(np.int16).min
 
 
 def device() -> torch.device:
@@ -111,6 +115,40 @@ def _above(scores: torch.Tensor, low: float) -> tuple[np.ndarray, np.ndarray]:
     hit = (scores.max(dim=1).values >= low).nonzero()[:, 0]
     rows, cols = (scores[hit] >= low).nonzero(as_tuple=True)
     return hit[rows].cpu().numpy(), cols.cpu().numpy()
+
+
+def _bits_to_float(bits: np.ndarray) -> np.ndarray:
+    """The float32 values of bfloat16 numbers given by their bits (int16)."""
+    return (bits.astype(np.int32) << 16).view(np.float32)
+
+
+def top_two(scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's best column of the bfloat16 `scores`, its score, and the best score of all its other columns:
+    (columns int64, best float32, others float32; others is -inf with one column).
+
+    On a CPU, as in `_above`, the maxima are taken on the bits read as int16 (the order of non-negative numbers;
+    negative ones sort below them): several times faster than torch's bfloat16 `topk`. A row whose best is negative
+    (every score negative, where int16 order is reversed) is settled by `topk`.
+    """
+    if scores.device.type != "cpu" or scores.shape[1] < 2:
+        k = min(2, scores.shape[1])
+        vals, cols = torch.topk(scores, k, dim=1)
+        others = vals[:, 1].float() if k == 2 else torch.full((len(scores),), -torch.inf)
+        return cols[:, 0].cpu().numpy(), vals[:, 0].float().cpu().numpy(), others.cpu().numpy()
+    bits = scores.view(torch.int16).numpy()
+    rows = np.arange(len(bits))
+    first = bits.argmax(axis=1)
+    top = bits[rows, first]
+    bits[rows, first] = INT16_MIN  # the best set aside (and put back): the maximum of the others
+    second = torch.from_numpy(bits).amax(dim=1).numpy()
+    bits[rows, first] = top
+    best = _bits_to_float(top)
+    others = np.where(second < 0, np.float32(0.0), _bits_to_float(second))  # a negative maximum: all others < 0
+    negative = np.flatnonzero(top < 0)
+    if len(negative):
+        vals, cols = torch.topk(scores[torch.from_numpy(negative)], 2, dim=1)
+        first[negative], best[negative], others[negative] = cols[:, 0].numpy(), vals[:, 0].float(), vals[:, 1].float()
+    return first.astype(np.int64), best, others
 
 
 def _best(scores: torch.Tensor, keep: int, low: float) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +232,7 @@ class CellIndex:
             queries: Q-by-D bfloat16 rows (on this index's device), L2-normalised.
             query_cells: (Q, nprobe) the cells each query is placed in (`nearest_cells`), distinct per query.
             keep: At most this many candidates per query and cell.
-            floor: Candidates whose bfloat16 similarity is below `floor - BF16_MARGIN` are dropped (-inf: none).
+            floor: Candidates whose bfloat16 similarity is below `floor - BF16_ERROR` are dropped (-inf: none).
 
         Returns:
             (query, id): query positions and shard rows, each pair once, unsorted.
@@ -205,7 +243,7 @@ class CellIndex:
         order = np.argsort(flat, kind="stable")
         bounds = np.searchsorted(flat[order], np.arange(self.cells.nlist + 1))
         order = order // query_cells.shape[1]  # the query of each placement, ascending within a cell
-        low = floor - BF16_MARGIN
+        low = floor - BF16_ERROR
         block = _Rows(self.data.shape[1], self.dev)
         for cell in np.flatnonzero((np.diff(bounds) > 0) & (np.diff(self.offsets) > 0)):  # queries and vectors
             first, size = int(self.offsets[cell]), int(self.offsets[cell + 1] - self.offsets[cell])

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from components.curation.cells import BF16_ERROR, top_two
 from components.curation.search import (
     DEFAULT_SEARCH,
     SearchIndex,
@@ -527,6 +528,9 @@ resolution for the coordinates of a unit vector; the int64 sums hold 8e9 rows be
 
 
 def _fixed(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype == np.float16:  # multiples of 2^-24: exact integers once scaled, in float32 already
+        return (x.astype(np.float32) * np.float32(1 << FIXED_POINT_BITS)).astype(np.int64)
     return np.rint(np.asarray(x, np.float64) * (1 << FIXED_POINT_BITS)).astype(np.int64)
 
 
@@ -538,77 +542,114 @@ def _centroids(sums: np.ndarray, counts: np.ndarray, previous: np.ndarray) -> np
     return out.astype(np.float32)
 
 
-BF16_ERROR = 0.0125
-"""Bound on |bf16 similarity - exact similarity| for unit vectors: inputs rounded to bfloat16 (8 significant bits,
-relative error 2^-8 each) give at most (2 2^-8 + 2^-16) sum |x_i c_i| <= 0.0079 (Cauchy-Schwarz), the product rounded
-to bfloat16 adds 2^-8, and the float32 accumulation a few 1e-5."""
+NEAR_TIES_MAX = 16
+"""A row with more centroids than this within 2 `BF16_ERROR` of its bfloat16 best is scored against every centroid in
+float32 (rather than against those few)."""
 
 
-NEAR_TIES = 8
-"""Rows whose bfloat16 best and runner-up are within `BF16_ERROR` get their bfloat16 top this-many scored exactly."""
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The inner product of each row of `a` with the same row of `b`, in float32 (each row on its own: the result
+    of a row does not depend on the others)."""
+    return torch.einsum("nd,nd->n", a, b)
 
 
-def _nearest_two(x: np.ndarray, centroids: np.ndarray, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
-    """The most similar centroid of every row and a bound for all the others: (sims, ids), N-by-min(2, C). The first
-    column is the best centroid and its exact similarity; the second, the runner-up and an upper bound on the
-    similarity of every other centroid (all Hamerly's lower bound needs).
+def _float32_rows(x: np.ndarray) -> torch.Tensor:
+    """Rows (float16 or float32, possibly a read-only memory map) as a float32 tensor, read-only use (it shares the
+    memory of a writable float32 array). Torch converts float16 several times faster than numpy."""
+    rows = np.asarray(x)
+    if not (rows.flags.writeable and rows.flags.c_contiguous):
+        rows = np.array(rows)
+    tensor = torch.from_numpy(rows)
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
+def _nearest(x: np.ndarray, centroids: np.ndarray, params: SearchParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The most similar centroid of every row, its exact similarity, and an upper bound on the similarity of every
+    other centroid (all Hamerly's lower bound needs): (ids int64, sims float32, others float32), each (N,).
 
     On the CPU the similarity matrix is a bfloat16 product (AMX or AVX-512 BF16 where the CPU has them: 3x the float32
-    rate here), then each row's bfloat16 best is scored again in float32, row by row. It is the exact best whenever
-    that exact score beats the runner-up's bfloat16 score by `BF16_ERROR`, which then bounds every other centroid;
-    other rows are scored exactly against every centroid. So the assignment is the exact one, and exact scores,
-    computed per row, do not depend on which rows are searched together (on how many ranks).
+    rate here) and each row's bfloat16 best is scored again in float32. It is the exact best whenever that exact
+    score beats the others' bfloat16 maximum by `BF16_ERROR`, which then bounds every other centroid. Any other row
+    (a near tie) has its few centroids within 2 `BF16_ERROR` of its bfloat16 best scored in float32 (no centroid
+    outside them can be the best), or all of them when they are many (`NEAR_TIES_MAX`). So the assignment is the
+    exact one, and exact scores, computed row by row, do not depend on which rows are searched together (on how many
+    ranks).
     """
     from components.curation.search import build_index, num_gpus
 
-    k = min(2, len(centroids))
+    num = len(x)
     if params.use_gpu and num_gpus() > 0:
         flat = SearchParams(kind="flat", chunk_size=params.chunk_size, use_gpu=True)
-        return build_index(centroids, flat).search(x, k)
-    sims_out = np.empty((len(x), k), np.float32)
-    ids_out = np.empty((len(x), k), np.int64)
+        sims, ids = build_index(centroids, flat).search(x, min(2, len(centroids)))
+        others = sims[:, 1] if sims.shape[1] > 1 else np.full(num, -np.inf, np.float32)
+        return ids[:, 0].astype(np.int64), sims[:, 0].astype(np.float32), others.astype(np.float32)
+    ids_out, sims_out = np.empty(num, np.int64), np.empty(num, np.float32)
+    others_out = np.full(num, -np.inf, np.float32)
     c32 = torch.from_numpy(np.ascontiguousarray(centroids, np.float32))
-    if k < 2:
-        sims_out[:] = (torch.from_numpy(np.asarray(x, np.float32)) @ c32[0]).numpy()[:, None]
+    if len(centroids) < 2:
+        sims_out[:] = (_float32_rows(x) @ c32[0]).numpy()
         ids_out[:] = 0
-        return sims_out, ids_out
+        return ids_out, sims_out, others_out
     c_bf = c32.to(torch.bfloat16).T.contiguous()  # (D, C)
     rows_per_block = max(2, min(8192, (1 << 25) // len(centroids)))
-    for start in range(0, len(x), rows_per_block):
-        block = torch.from_numpy(np.ascontiguousarray(x[start : start + rows_per_block], np.float32))  # (n, D)
+    for start in range(0, num, rows_per_block):
+        block = _float32_rows(x[start : start + rows_per_block])  # (n, D)
         approx = block.to(torch.bfloat16) @ c_bf  # (n, C)
-        top_vals, top_ids = torch.topk(approx, 2, dim=1)  # (n, 2), best first
-        best = (block * c32[top_ids[:, 0]]).sum(dim=1)  # float32, row by row
-        outside = top_vals[:, 1].float() + BF16_ERROR  # no centroid but the best scores above this
-        rows = slice(start, start + len(block))
-        ids_out[rows] = top_ids.numpy()
-        sims_out[rows, 0] = best.numpy()
-        sims_out[rows, 1] = outside.numpy()
-        unsure = torch.nonzero(best <= outside)[:, 0]
-        if len(unsure) and len(centroids) > NEAR_TIES:  # near ties: the best of the bfloat16 top few, in float32
-            vals, cand = torch.topk(approx[unsure], NEAR_TIES + 1, dim=1)
-            exact = (block[unsure, None, :] * c32[cand[:, :NEAR_TIES]]).sum(dim=2)  # (u, NEAR_TIES)
-            order = torch.argsort(-exact, dim=1, stable=True)
-            first, runner = cand.gather(1, order[:, :1])[:, 0], cand.gather(1, order[:, 1:2])[:, 0]
-            first_sim = exact.gather(1, order[:, :1])[:, 0]
-            bound = torch.maximum(exact.gather(1, order[:, 1:2])[:, 0], vals[:, NEAR_TIES].float() + BF16_ERROR)
-            sure = first_sim > vals[:, NEAR_TIES].float() + BF16_ERROR
-            done = unsure[sure].numpy()
-            ids_out[start + done, 0], ids_out[start + done, 1] = first[sure].numpy(), runner[sure].numpy()
-            sims_out[start + done, 0], sims_out[start + done, 1] = first_sim[sure].numpy(), bound[sure].numpy()
-            unsure = unsure[~sure]
-        unsure = unsure.numpy()
-        if len(unsure):  # the bfloat16 scores cannot rule out another best: every centroid in float32
-            rows_unsure = block[unsure].numpy() if len(unsure) > 1 else np.concatenate([block[unsure].numpy()] * 2)
-            full = (rows_unsure @ c32.numpy().T)[: len(unsure)]  # (u, C); two rows at least: one BLAS kernel for all
-            first = np.argmax(full, axis=1)
-            ids_out[start + unsure, 0] = first
-            sims_out[start + unsure, 0] = full[np.arange(len(unsure)), first]
-            full[np.arange(len(unsure)), first] = -np.inf
-            second = np.argmax(full, axis=1)
-            ids_out[start + unsure, 1] = second
-            sims_out[start + unsure, 1] = full[np.arange(len(unsure)), second]
-    return sims_out, ids_out
+        first, top, others = top_two(approx)
+        best = _row_dots(block, c32.index_select(0, torch.from_numpy(first))).numpy()  # float32, row by row
+        outside = others + BF16_ERROR  # no centroid but the best scores above this
+        done = slice(start, start + len(block))
+        ids_out[done], sims_out[done], others_out[done] = first, best, outside
+        unsure = np.flatnonzero(best <= outside)
+        if len(unsure):
+            rows, ids, sims, bound = _near_ties(block, approx, c32, unsure, top[unsure])
+            ids_out[start + rows], sims_out[start + rows], others_out[start + rows] = ids, sims, bound
+    return ids_out, sims_out, others_out
+
+
+def _near_ties(
+    block: torch.Tensor, approx: torch.Tensor, c32: torch.Tensor, rows: np.ndarray, top: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The exact best centroid of `rows` of `block` whose bfloat16 best (`top`) is not clear, with the bound on the
+    others: (rows, ids, sims, others).
+
+    A centroid scoring below `top - 2 BF16_ERROR` in bfloat16 scores below `top - BF16_ERROR` exactly, and the
+    bfloat16 best scores at least that: the exact best is among the centroids above that floor, found by the bits of
+    the bfloat16 scores (a non-negative floor, rounded down). Those are scored in float32, row by row; the others stay
+    below `top - BF16_ERROR`. Rows with a negative floor or more than `NEAR_TIES_MAX` such centroids: every centroid
+    in float32.
+    """
+    floor = top - 2 * BF16_ERROR
+    few = rows[floor >= 0]
+    floor_bits = (floor[floor >= 0].astype(np.float32).view(np.int32) >> 16).astype(np.int16)  # rounded down
+    within = approx.view(torch.int16).numpy()[few] >= floor_bits[:, None]  # (u, C)
+    counts = within.sum(axis=1)
+    small = counts <= NEAR_TIES_MAX
+    at, cols = np.nonzero(within[small])  # row by row, each row's centroids in order
+    pair_rows = few[small][at]
+    scores = _row_dots(block[torch.from_numpy(pair_rows)], c32[torch.from_numpy(cols)]).numpy()
+    order = np.lexsort((cols, -scores, at))  # each row's pairs, best first (ties: the lower id)
+    heads = np.cumsum(counts[small]) - counts[small]  # where each row's pairs start
+    firsts, seconds = order[heads], order[np.minimum(heads + 1, len(order) - 1)]
+    has_second = counts[small] > 1
+    beyond = (top[floor >= 0][small] - BF16_ERROR).astype(np.float32)
+    out_rows = few[small]
+    out_ids, out_sims = cols[firsts], scores[firsts]
+    out_others = np.where(has_second, np.maximum(scores[seconds], beyond), beyond)
+    full = np.concatenate([rows[floor < 0], few[~small]])
+    if len(full):  # every centroid in float32
+        rows_full = block[torch.from_numpy(full)].numpy()
+        rows_full = rows_full if len(full) > 1 else np.concatenate([rows_full] * 2)
+        scores_full = (rows_full @ c32.numpy().T)[: len(full)]  # (f, C); two rows at least: one BLAS kernel for all
+        picked = np.argmax(scores_full, axis=1)
+        at_full = np.arange(len(full))
+        picked_sims = scores_full[at_full, picked]
+        scores_full[at_full, picked] = -np.inf
+        out_rows = np.concatenate([out_rows, full])
+        out_ids = np.concatenate([out_ids, picked])
+        out_sims = np.concatenate([out_sims, picked_sims])
+        out_others = np.concatenate([out_others, scores_full.max(axis=1)])
+    return out_rows, out_ids, out_sims, out_others.astype(np.float32)
 
 
 def _segment_sums(labels: np.ndarray, x: np.ndarray, num_clusters: int, sign: int = 1) -> np.ndarray:
@@ -721,10 +762,9 @@ def _lloyd(
     """Lloyd iterations over this rank's rows `x`; returns the centroids every rank agrees on and the share of
     searches the bounds did not skip."""
     num_c = len(centroids)
-    sims, ids = _nearest_two(x, centroids, params)
-    labels = ids[:, 0].copy()
-    upper = _distance(sims[:, 0])  # distance to the own centroid, at most
-    lower = _distance(sims[:, 1]) if num_c > 1 else np.full(len(x), np.inf)  # to any other centroid, at least
+    labels, sims, others = _nearest(x, centroids, params)
+    upper = _distance(sims)  # distance to the own centroid, at most
+    lower = _distance(others) if num_c > 1 else np.full(len(x), np.inf)  # to any other centroid, at least
     sums = _segment_sums(labels, x, num_c)
     counts = np.bincount(labels, minlength=num_c).astype(np.int64)
     searched = possible = len(x)
@@ -741,21 +781,22 @@ def _lloyd(
         lower -= np.where(labels == top, drift[second], drift[top]) + BOUND_MARGIN
         check = np.flatnonzero(upper > lower)
         if len(check):  # tighten the upper bound first: the exact distance to the own centroid, row by row
-            own = torch.from_numpy(x[check]) * torch.from_numpy(centroids[labels[check]])
-            upper[check] = _distance(own.sum(dim=1).numpy())
+            own_centroids = torch.from_numpy(centroids).index_select(0, torch.from_numpy(labels[check]))
+            own = _row_dots(_float32_rows(x[check]), own_centroids)
+            upper[check] = _distance(own.numpy())
             check = check[upper[check] > lower[check]]
         if not len(check):
             continue
         searched += len(check)
-        sims, ids = _nearest_two(x[check], centroids, params)
-        moved = ids[:, 0] != labels[check]
+        ids, sims, others = _nearest(x[check], centroids, params)
+        moved = ids != labels[check]
         rows = check[moved]
         sums -= _segment_sums(labels[rows], x[rows], num_c)  # exact: the integer sums follow every move
-        sums += _segment_sums(ids[moved, 0], x[rows], num_c)
-        counts += np.bincount(ids[moved, 0], minlength=num_c) - np.bincount(labels[rows], minlength=num_c)
-        labels[check] = ids[:, 0]
-        upper[check] = _distance(sims[:, 0])
-        lower[check] = _distance(sims[:, 1]) if num_c > 1 else np.inf
+        sums += _segment_sums(ids[moved], x[rows], num_c)
+        counts += np.bincount(ids[moved], minlength=num_c) - np.bincount(labels[rows], minlength=num_c)
+        labels[check] = ids
+        upper[check] = _distance(sims)
+        lower[check] = _distance(others) if num_c > 1 else np.inf
     searched_all, possible_all = ranks.sum_exact(np.array([searched, possible], np.int64)).tolist()
     return centroids, searched_all / max(possible_all, 1)
 
@@ -776,9 +817,9 @@ def assign(
     def compute(s: int, _: Any) -> Result:
         labels, sims = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
         for start, end in vectors.chunks(s):
-            d, i = _nearest_two(vectors.read(start, end), centroids, params)
-            labels.append(i[:, 0])
-            sims.append(d[:, 0])
+            ids, best, _ = _nearest(vectors.read(start, end), centroids, params)
+            labels.append(ids)
+            sims.append(best)
         return {"labels": np.concatenate(labels).astype(np.int64), "sims": np.concatenate(sims).astype(np.float32)}
 
     parts = map_chunks(ranks, vectors.num_shards, compute, cache=cache, name=name, inputs=f"centroids={digest}")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from components.curation import dedup, sharded
-from components.curation.cells import BF16_MARGIN, _above, _best
+from components.curation.cells import BF16_ERROR, _above, _best, top_two
 from components.curation.search import SearchParams, build_index
 from tests.curation.vectors import planted, unit
 
@@ -54,7 +54,7 @@ def test_scores_above_a_floor_read_from_the_bfloat16_bits() -> None:
         rows, cols = _above(scores, low)
         want = np.nonzero(scores.float().numpy() >= float(torch.tensor(low).to(torch.bfloat16).float()) - 1e-9)
         if float(torch.tensor(low).to(torch.bfloat16)) > low:  # rounded up: the value just below counts too
-            want = np.nonzero(scores.float().numpy() >= low - 2 ** -8)
+            want = np.nonzero(scores.float().numpy() >= low - 2**-8)
         got = set(zip(rows.tolist(), cols.tolist(), strict=True))
         assert got >= {(r, c) for r, c in zip(*want, strict=True) if scores[r, c].float() >= low}
         assert all(float(scores[r, c]) >= low - 2**-7 for r, c in got)  # nothing below the floor's neighbourhood
@@ -64,7 +64,7 @@ def test_a_crowded_row_keeps_its_best() -> None:
     scores = torch.full((3, 50), -0.5).to(torch.bfloat16)
     scores[0, :20] = torch.linspace(0.7, 0.9, 20).to(torch.bfloat16)  # 20 above the floor, 4 kept
     scores[2, [3, 9]] = 0.8
-    rows, cols = _best(scores, 4, 0.6 - BF16_MARGIN)
+    rows, cols = _best(scores, 4, 0.6 - BF16_ERROR)
     got = {(r, c) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)}
     assert got == {(0, 16), (0, 17), (0, 18), (0, 19), (2, 3), (2, 9)}
     rows, cols = _best(scores, 2, -np.inf)  # no floor: every row's best 2
@@ -80,9 +80,64 @@ def test_kmeans_near_ties_are_settled_exactly() -> None:
     exact = x.astype(np.float64) @ centroids.T.astype(np.float64)
     top2 = np.sort(exact, axis=1)[:, -2:]
     assert np.median(top2[:, 1] - top2[:, 0]) < 2**-8  # the two best are closer than bfloat16 can tell apart
-    sims, ids = sharded._nearest_two(x, centroids, SearchParams(use_gpu=False))
-    chosen = exact[np.arange(len(x)), ids[:, 0]]
+    ids, sims, bound = sharded._nearest(x, centroids, SearchParams(use_gpu=False))
+    chosen = exact[np.arange(len(x)), ids]
     np.testing.assert_allclose(chosen, exact.max(axis=1), atol=1e-6)  # the best, up to float32 rounding
-    np.testing.assert_allclose(sims[:, 0], chosen, atol=1e-6)
-    others = np.where(np.arange(64)[None] == ids[:, :1], -np.inf, exact).max(axis=1)
-    assert (sims[:, 1] >= others - 1e-6).all()  # an upper bound on every other centroid
+    np.testing.assert_allclose(sims, chosen, atol=1e-6)
+    others = np.where(np.arange(64)[None] == ids[:, None], -np.inf, exact).max(axis=1)
+    assert (bound >= others - 1e-6).all()  # an upper bound on every other centroid
+
+
+def test_kmeans_near_ties_between_a_few_centroids_are_settled_among_them() -> None:
+    """Rows halfway between two or three of many centroids: the exact best among the few within bfloat16's error,
+    and a bound that holds for every other centroid."""
+    rng = np.random.default_rng(5)
+    centroids = unit(rng.standard_normal((500, 64))).astype(np.float32)
+    groups = np.stack([rng.choice(500, 3, replace=False) for _ in range(900)])
+    weights = np.where(np.arange(900)[:, None] % 2 == 0, [1.0, 1.0, 0.0], [1.0, 1.0, 1.0])  # 2 or 3 centroids
+    mixed = (centroids[groups] * weights[:, :, None]).sum(axis=1)
+    x = unit(mixed + 1e-4 * rng.standard_normal((900, 64))).astype(np.float32)
+    exact = x.astype(np.float64) @ centroids.T.astype(np.float64)
+    top2 = np.sort(exact, axis=1)[:, -2:]
+    assert np.median(top2[:, 1] - top2[:, 0]) < 2**-8  # closer than bfloat16 can tell apart
+    ids, sims, bound = sharded._nearest(x, centroids, SearchParams(use_gpu=False))
+    chosen = exact[np.arange(len(x)), ids]
+    np.testing.assert_allclose(chosen, exact.max(axis=1), atol=1e-6)
+    np.testing.assert_allclose(sims, chosen, atol=1e-6)
+    others = np.where(np.arange(500)[None] == ids[:, None], -np.inf, exact).max(axis=1)
+    assert (bound >= others - 1e-6).all()
+    assert (bound < sims + 3 * BF16_ERROR).all()  # settled among the few: the bound stays close
+
+
+def test_top_two_reads_bfloat16_bits_as_the_numbers_sort() -> None:
+    """The int16 reading of bfloat16 scores gives torch's float answer, rows of negative scores included."""
+    rng = np.random.default_rng(3)
+    values = rng.uniform(-1, 1, (300, 50)).astype(np.float32)
+    values[:40] = -np.abs(values[:40])  # every score negative
+    values[40:60, 0], values[40:60, 1:] = np.abs(values[40:60, 0]), -np.abs(values[40:60, 1:])  # one non-negative
+    values[60:70, 0] = -0.0
+    scores = torch.from_numpy(values).to(torch.bfloat16)
+    kept = scores.clone()
+    cols, best, others = top_two(scores)
+    assert torch.equal(scores.view(torch.int16), kept.view(torch.int16))  # the scores are left as they were
+    as_float = kept.float()
+    expected_best = as_float.max(dim=1).values.numpy()
+    np.testing.assert_array_equal(best, expected_best)
+    np.testing.assert_array_equal(as_float.numpy()[np.arange(300), cols], expected_best)
+    rest = as_float.clone()
+    rest[np.arange(300), cols] = -np.inf
+    assert (others >= rest.max(dim=1).values.numpy()).all()  # an upper bound on every other column
+    exact_rows = np.r_[0:40, 70:300]  # where some other column is non-negative, or all are negative: the very value
+    np.testing.assert_array_equal(others[exact_rows], rest.max(dim=1).values.numpy()[exact_rows])
+
+
+def test_exact_row_scores_do_not_depend_on_the_rows_scored_together() -> None:
+    """k-means re-scores each row's best centroid in float32 in blocks whose size depends on how the rows are shared
+    out: a row's score must come out the same bits in any block (so 1 rank and 2 ranks agree)."""
+    rng = np.random.default_rng(4)
+    a = torch.from_numpy(rng.standard_normal((3000, 384)).astype(np.float32))
+    b = torch.from_numpy(rng.standard_normal((3000, 384)).astype(np.float32))
+    whole = sharded._row_dots(a, b)
+    for size in (1, 7, 1000):
+        parts = torch.cat([sharded._row_dots(a[i : i + size], b[i : i + size]) for i in range(0, len(a), size)])
+        assert torch.equal(parts, whole), size

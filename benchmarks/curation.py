@@ -181,7 +181,7 @@ def scale_worker(args: argparse.Namespace) -> None:
     """One point of the scaling run, on every rank of a torchrun launch (or alone): prints rank 0's JSON."""
     from components.curation import sharded
     from components.embedding import EmbeddingRows
-    from components.runtime import join_process_group
+    from components.runtime import barrier, join_process_group
 
     rank, world = join_process_group("gloo")
     ranks = sharded.Ranks.current()
@@ -215,6 +215,7 @@ def scale_worker(args: argparse.Namespace) -> None:
         out["dedup_precision_vs_exact"] = round(len(exact & found) / max(len(found), 1), 4)
         out["threads_per_rank"] = faiss_threads()
         print(json.dumps(out), flush=True)
+    barrier(world, last=True)  # the process group left before exit: gloo's threads must not outlive it
 
 
 def faiss_threads() -> int:

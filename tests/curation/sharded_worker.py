@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from components.curation import sharded  # noqa: E402
 from components.curation.search import SearchParams  # noqa: E402
-from components.runtime import join_process_group  # noqa: E402
+from components.runtime import barrier, join_process_group  # noqa: E402
 from tests.curation.vectors import planted  # noqa: E402
 
 
@@ -28,6 +28,7 @@ def main(out: str) -> None:
     if rank == 0:
         np.savez(out, src=src, dst=dst, sim=sim, sims=sims, ids=ids, centroids=km.centroids, labels=km.labels,
                  similarity=km.similarity, searched=np.array(km.recomputed_share), world=np.array(world))  # fmt: skip
+    barrier(world, last=True)  # the process group left before exit: gloo's threads must not outlive it
 
 
 if __name__ == "__main__":

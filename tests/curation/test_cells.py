@@ -88,9 +88,9 @@ def test_kmeans_near_ties_are_settled_exactly() -> None:
     assert (bound >= others - 1e-6).all()  # an upper bound on every other centroid
 
 
-def test_kmeans_near_ties_between_a_few_centroids_are_settled_among_them() -> None:
-    """Rows halfway between two or three of many centroids: the exact best among the few within bfloat16's error,
-    and a bound that holds for every other centroid."""
+def test_kmeans_near_ties_between_two_or_three_of_many_centroids_are_settled_exactly() -> None:
+    """Rows halfway between two or three of many centroids: the exact best, and a bound that holds for every other
+    centroid and stays close (the exact runner-up)."""
     rng = np.random.default_rng(5)
     centroids = unit(rng.standard_normal((500, 64))).astype(np.float32)
     groups = np.stack([rng.choice(500, 3, replace=False) for _ in range(900)])
@@ -106,7 +106,7 @@ def test_kmeans_near_ties_between_a_few_centroids_are_settled_among_them() -> No
     np.testing.assert_allclose(sims, chosen, atol=1e-6)
     others = np.where(np.arange(500)[None] == ids[:, None], -np.inf, exact).max(axis=1)
     assert (bound >= others - 1e-6).all()
-    assert (bound < sims + 3 * BF16_ERROR).all()  # settled among the few: the bound stays close
+    assert (bound < sims + 3 * BF16_ERROR).all()
 
 
 def test_top_two_reads_bfloat16_bits_as_the_numbers_sort() -> None:
@@ -141,3 +141,9 @@ def test_exact_row_scores_do_not_depend_on_the_rows_scored_together() -> None:
     for size in (1, 7, 1000):
         parts = torch.cat([sharded._row_dots(a[i : i + size], b[i : i + size]) for i in range(0, len(a), size)])
         assert torch.equal(parts, whole), size
+    centroids = b[:500]
+    whole = sharded._exact_rows(a, centroids)
+    for size in (1, 2, 7, 1000):
+        parts = [sharded._exact_rows(a[i : i + size], centroids) for i in range(0, len(a), size)]
+        for got, expected in zip(map(np.concatenate, zip(*parts, strict=True)), whole, strict=True):
+            np.testing.assert_array_equal(got, expected, err_msg=str(size))

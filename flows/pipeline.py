@@ -67,6 +67,14 @@ class StageFailedError(RuntimeError):
     """A stage's command failed: the message names the stage, its exit code and, for a named code, what it means
     (`components.cli.EXIT_REASONS`)."""
 
+    def __init__(self, stage: str, exit_code: int) -> None:
+        reason = f": {EXIT_REASONS[exit_code]}" if exit_code in EXIT_REASONS else ""
+        super().__init__(f"stage {stage} failed (exit code {exit_code}{reason})")
+        self.stage, self.exit_code = stage, exit_code
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled with its fields (Prefect may persist a failed task's result)
+        return type(self), (self.stage, self.exit_code)
+
 
 def _exit_code(err: BaseException) -> int | None:
     """The exit code of the stage command behind a DVC error (the first one named along its causes)."""
@@ -162,8 +170,7 @@ def _retry_unless_named(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
     except StageFailedError as err:
-        match = re.search(r"exit code (-?\d+)", str(err))
-        return not (match and int(match.group(1)) in EXIT_REASONS)
+        return err.exit_code not in EXIT_REASONS
     except Exception:  # noqa: BLE001 - anything else (a lost connection) may pass on a second try
         return True
     return False
@@ -192,8 +199,7 @@ def run_stage(stage: str, root: str) -> dict[str, Any]:
             code = _exit_code(err)
             if code is None:
                 raise
-            reason = f": {EXIT_REASONS[code]}" if code in EXIT_REASONS else ""
-            raise StageFailedError(f"stage {stage} failed (exit code {code}{reason})") from err
+            raise StageFailedError(stage, code) from err
     duration = time.monotonic() - start
     status = "completed" if ran else "skipped"
     report = _read_json(metrics_path)

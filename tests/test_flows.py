@@ -9,6 +9,7 @@ runs, its summary and a second run that DVC skips: tests/services/test_pipeline_
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,9 @@ def test_named_exit_codes_are_not_retried_other_failures_are():
 
     assert _exit_code(dvc_error(3)) == 3 and _exit_code(RuntimeError("no exit")) is None
     for code, retried in ((1, True), (2, False), (3, False), (4, False), (5, False), (-9, True)):
-        failed = _FailedState(StageFailedError(f"stage embed failed (exit code {code})"))
+        failed = _FailedState(StageFailedError("embed", code))
         assert _retry_unless_named(None, None, failed) is retried, code
     assert _retry_unless_named(None, None, _FailedState(ConnectionError("S3 went away"))) is True
+    assert str(pickle.loads(pickle.dumps(StageFailedError("embed", 3)))) == (
+        "stage embed failed (exit code 3: a quality gate failed)"
+    )
